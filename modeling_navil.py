@@ -1,0 +1,1100 @@
+"""NaViL: a native multimodal LLM (OpenGVLab, NeurIPS 2025) as transformers remote code.
+
+Notable features of the architecture, all reproduced here:
+
+* Native-resolution ViT: 16-px patches, no absolute positions, a 2D rotary embedding (row and
+  column halves), pre-norm blocks with layer scale. Every image is fed at several scales at once
+  ("visual multi-scale packing"); all scales of all images form ONE packed sequence whose segments
+  (`cu_seqlens`) are the image scales (full-attention layers) or windows of
+  `window_size x window_size` patches (the other layers). No backend ever builds an N x N mask.
+* The encoder reorders patches window by window before its first layer and never restores raster
+  order, so visual features reach the LLM in window order (SPEC §8.1; checkpoints depend on it).
+* Connector: 2x2 patch merge -> LayerNorm -> Linear -> GELU -> Linear.
+* LLM with modality experts: every layer has separate q/k/v/o projections (+ q/k norms) and FFN
+  for visual tokens (`<IMG_CONTEXT>` and `<img>`), routed by token type, no gate. Tokens are
+  sorted by modality once per forward; the residual stream stays in that order and is permuted
+  only around the (shared, causal) attention, so each expert runs on its own tokens with two
+  gathers per layer. A text-only step (decode) runs the plain dense path.
+* The 12 special tokens take their *prompt* embeddings from a separate table; generated tokens use
+  the plain embedding (SPEC §8.3).
+
+Attention backends are functions selected by `attn_implementation` (`eager`, `sdpa`,
+`flash_attention_2`); flash-attn is optional and imported inside `try`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, TextIteratorStreamer
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+try:  # remote code: a package of sibling files
+    from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
+except ImportError:  # the installed top-level modules
+    from configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
+
+try:  # optional kernel: only on CUDA machines that built flash-attn
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # noqa: BLE001 -- any import failure means "not available"
+    flash_attn_varlen_func = None
+
+try:  # torch's own varlen flash attention (CUDA only), torch >= 2.9
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except Exception:  # noqa: BLE001
+    torch_varlen_attn = None
+
+logger = logging.get_logger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+class NaViLRMSNorm(nn.Module):
+    """RMSNorm computed in float32, weight applied in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _is_flash(attn_implementation: str | None) -> bool:
+    return bool(attn_implementation) and attn_implementation.startswith("flash_attention")
+
+
+# --------------------------------------------------------------------------------------------
+# Vision encoder: packed segments and their attention backends
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedSegments:
+    """Segments of one packed sequence, described for every backend.
+
+    `cu_seqlens` feeds the varlen kernels. `groups` feeds the per-segment sdpa / eager paths:
+    segments of equal length are stacked into one batch, `(index [n_segments, length])`, so a
+    thousand 64-token windows cost one sdpa call, and no tensor of size tokens^2 is ever built.
+    """
+
+    cu_seqlens: torch.Tensor  # int32 [S + 1]
+    max_seqlen: int
+    groups: list[torch.Tensor]
+
+    @classmethod
+    def from_lengths(cls, lengths: np.ndarray, device: torch.device) -> PackedSegments:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        groups = []
+        for length in np.unique(lengths):
+            seg_starts = starts[lengths == length]
+            index = seg_starts[:, None] + np.arange(length)[None, :]
+            groups.append(torch.from_numpy(index).to(device))
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return cls(torch.from_numpy(cu).to(device), int(lengths.max()), groups)
+
+    def is_single(self, total: int) -> bool:
+        return len(self.groups) == 1 and self.groups[0].shape[0] == 1 and self.groups[0].shape[1] == total
+
+
+def _grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: PackedSegments, scale: float, kernel
+) -> torch.Tensor:
+    """Runs `kernel(q, k, v, scale)` on [n, H, len, D] batches of equal-length segments."""
+    total = query.shape[0]
+    if segments.is_single(total):  # one segment: no gather at all
+        out = kernel(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), scale)
+        return out.squeeze(0).transpose(0, 1)
+    out = torch.empty_like(query)
+    for index in segments.groups:
+        flat = index.reshape(-1)
+        q, k, v = (t.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2) for t in (query, key, value))
+        out.index_copy_(0, flat, kernel(q, k, v, scale).transpose(1, 2).flatten(0, 1))
+    return out
+
+
+def _eager_kernel(q, k, v, scale):  # [n, H, len, D]
+    weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
+def _sdpa_kernel(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def vision_eager_attention(query, key, value, segments: PackedSegments, scale: float) -> torch.Tensor:
+    """Reference: explicit softmax(q k^T) per segment. q/k/v: [N, H, D] packed."""
+    return _grouped_attention(query, key, value, segments, scale, _eager_kernel)
+
+
+def vision_sdpa_attention(query, key, value, segments: PackedSegments, scale: float) -> torch.Tensor:
+    """`scaled_dot_product_attention` per segment (equal-length segments batched)."""
+    return _grouped_attention(query, key, value, segments, scale, _sdpa_kernel)
+
+
+def vision_flash_attention(query, key, value, segments: PackedSegments, scale: float) -> torch.Tensor:
+    """Varlen flash attention: flash-attn if installed, else torch's varlen kernel, else sdpa."""
+    if query.is_cuda and flash_attn_varlen_func is not None:
+        cu, m = segments.cu_seqlens, segments.max_seqlen
+        return flash_attn_varlen_func(query, key, value, cu, cu, m, m, softmax_scale=scale)
+    if query.is_cuda and torch_varlen_attn is not None and query.dtype in (torch.float16, torch.bfloat16):
+        cu, m = segments.cu_seqlens, segments.max_seqlen
+        return torch_varlen_attn(query, key, value, cu, cu, m, m, scale=scale)
+    return vision_sdpa_attention(query, key, value, segments, scale)
+
+
+VISION_ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "eager": vision_eager_attention,
+    "sdpa": vision_sdpa_attention,
+    "flash_attention_2": vision_flash_attention,
+}
+
+
+def vision_attention_function(attn_implementation: str | None) -> Callable:
+    if attn_implementation is None:
+        return vision_sdpa_attention
+    if _is_flash(attn_implementation):
+        return vision_flash_attention
+    return VISION_ATTENTION_FUNCTIONS.get(attn_implementation, vision_sdpa_attention)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision encoder: layout of the packed sequence (host-side, once per forward)
+# --------------------------------------------------------------------------------------------
+
+
+def merge_block_positions(grid_h: int, grid_w: int, merge: int = 2) -> np.ndarray:
+    """(row, col) of every patch in merge-block order (block rows, block cols, 2x2 inside)."""
+    rows = np.arange(grid_h).reshape(grid_h // merge, merge, 1, 1)
+    cols = np.arange(grid_w).reshape(1, 1, grid_w // merge, merge)
+    rows = np.broadcast_to(rows, (grid_h // merge, merge, grid_w // merge, merge)).transpose(0, 2, 1, 3)
+    cols = np.broadcast_to(cols, (grid_h // merge, merge, grid_w // merge, merge)).transpose(0, 2, 1, 3)
+    return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)
+
+
+def window_block_order(merged_h: int, merged_w: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge blocks of a `merged_h x merged_w` grid, window by window (windows row-major, blocks
+    row-major inside a window; edge windows smaller). Returns (block order, blocks per window)."""
+    pad_h, pad_w = -merged_h % window, -merged_w % window
+    ids = np.pad(np.arange(merged_h * merged_w).reshape(merged_h, merged_w), ((0, pad_h), (0, pad_w)), constant_values=-1)
+    n_h, n_w = ids.shape[0] // window, ids.shape[1] // window
+    ids = ids.reshape(n_h, window, n_w, window).transpose(0, 2, 1, 3).reshape(n_h * n_w, window * window)
+    valid = ids >= 0
+    return ids[valid], valid.sum(axis=1)
+
+
+@dataclass
+class VisionLayout:
+    """Everything the encoder needs about the packed images, computed once per forward."""
+
+    patch_order: torch.Tensor  # [N] window order of patches (indexes merge-block order)
+    positions: torch.Tensor  # [N, 2] (row, col) of every patch, in window order
+    full: PackedSegments  # one segment per image scale
+    windowed: PackedSegments  # one segment per window
+
+
+def vision_layout(grid_thw: torch.Tensor | np.ndarray, window_size: int, merge: int, device) -> VisionLayout:
+    grids = np.asarray(grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(-1, 3)
+    unit = merge * merge
+    window = window_size // merge
+    orders, positions, scale_lengths, window_lengths = [], [], [], []
+    offset = 0
+    for t, h, w in grids:
+        if h % merge or w % merge:
+            raise ValueError(f"image grid {h}x{w} patches is not a multiple of the {merge}x{merge} merge")
+        pos = merge_block_positions(h, w, merge)
+        blocks, per_window = window_block_order(h // merge, w // merge, window)
+        patch = (blocks[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+        for frame in range(t):
+            orders.append(patch + offset)
+            positions.append(pos[patch])
+            scale_lengths.append(h * w)
+            window_lengths.append(per_window * unit)
+            offset += h * w
+    order = np.concatenate(orders)
+    return VisionLayout(
+        patch_order=torch.from_numpy(order).to(device),
+        positions=torch.from_numpy(np.concatenate(positions)).to(device),
+        full=PackedSegments.from_lengths(np.array(scale_lengths), device),
+        windowed=PackedSegments.from_lengths(np.concatenate(window_lengths), device),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Vision encoder: modules
+# --------------------------------------------------------------------------------------------
+
+
+class NaViLVisionRotaryEmbedding(nn.Module):
+    """2D RoPE: head_dim/2 angles per patch, [row * f, col * f] with f = theta^(-2i / (head_dim/2))."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.dim = head_dim // 2
+        self.theta = theta
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=positions.device) / self.dim)
+        )
+        angles = (positions.to(torch.float32)[..., None] * inv_freq).flatten(-2)  # [N, head_dim/2]
+        emb = torch.cat((angles, angles), dim=-1)  # [N, head_dim]
+        return emb.cos(), emb.sin()
+
+
+def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, H, D]; rotation in float32 (as the original), result in x's dtype."""
+    xf = x.float()
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def _vision_norm(config: NaViLVisionConfig, dim: int) -> nn.Module:
+    if config.norm_type == "rms_norm":
+        return NaViLRMSNorm(dim, eps=config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+
+class NaViLVisionAttention(nn.Module):
+    def __init__(self, config: NaViLVisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        if config.qk_normalization:  # full-width RMSNorm of q and k (SPEC §8.4)
+            self.q_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.k_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, rotary: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments):
+        n = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).view(n, 3, -1).unbind(1)  # each [N, C]
+        if self.config.qk_normalization:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.reshape(n, self.num_heads, self.head_dim) for t in (q, k, v))  # [N, H, D]
+        q, k = apply_vision_rotary(q, *rotary), apply_vision_rotary(k, *rotary)
+        attention = vision_attention_function(self.config._attn_implementation)
+        out = attention(q, k, v, segments, self.scale)  # [N, H, D]
+        return self.proj(out.reshape(n, -1))
+
+
+class NaViLVisionMLP(nn.Module):
+    def __init__(self, config: NaViLVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class NaViLVisionBlock(nn.Module):
+    def __init__(self, config: NaViLVisionConfig, layer_idx: int):
+        super().__init__()
+        full = config.fullatt_block_indexes
+        self.full_attention = full is None or layer_idx in full
+        self.norm1 = _vision_norm(config, config.hidden_size)
+        self.attn = NaViLVisionAttention(config)
+        self.norm2 = _vision_norm(config, config.hidden_size)
+        self.mlp = NaViLVisionMLP(config)
+        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+
+    def forward(self, hidden_states, rotary, layout: VisionLayout):
+        segments = layout.full if self.full_attention else layout.windowed
+        hidden_states = hidden_states + self.ls1 * self.attn(self.norm1(hidden_states), rotary, segments)
+        return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states))
+
+
+class NaViLVisionModel(nn.Module):
+    """Native-resolution ViT over one packed sequence of image scales.
+
+    Input `pixel_values` [N, 3, 16, 16] in merge-block order, `grid_thw` [S, 3].
+    Output [N, C] in window order (SPEC §8.1).
+    """
+
+    def __init__(self, config: NaViLVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.rotary = NaViLVisionRotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
+        self.layers = nn.ModuleList([NaViLVisionBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        n = pixel_values.shape[0]
+        expected = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
+        if expected != n:
+            raise ValueError(f"image_grid_thw describes {expected} patches but pixel_values has {n}")
+        weight = self.patch_embed.weight
+        # A 16x16 conv with stride 16 on a 16x16 patch is one matrix product.
+        hidden = F.linear(pixel_values.to(weight.dtype).reshape(n, -1), weight.reshape(weight.shape[0], -1), self.patch_embed.bias)
+        layout = vision_layout(grid_thw, self.config.window_size, self.config.spatial_merge_size, hidden.device)
+        hidden = hidden.index_select(0, layout.patch_order)  # window order, kept to the end
+        cos, sin = self.rotary(layout.positions)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, (cos, sin), layout, use_reentrant=False)
+            else:
+                hidden = layer(hidden, (cos, sin), layout)
+        return hidden
+
+
+class NaViLConnector(nn.Module):
+    """2x2 merge (4 consecutive patches -> one token) -> LayerNorm -> Linear -> GELU -> Linear."""
+
+    def __init__(self, config: NaViLConfig):
+        super().__init__()
+        merged = config.vision_config.hidden_size * config.vision_config.spatial_merge_size**2
+        self.norm = nn.LayerNorm(merged)
+        self.linear_1 = nn.Linear(merged, config.text_config.hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        x = vision_features.reshape(-1, self.norm.normalized_shape[0])  # [N/4, 4C]
+        return self.linear_2(self.act(self.linear_1(self.norm(x))))
+
+
+# --------------------------------------------------------------------------------------------
+# Language model with modality experts
+# --------------------------------------------------------------------------------------------
+
+
+class ModalityRouting:
+    """Sorts the tokens of a forward text-first, visual-last, once; every layer reuses it.
+
+    `to_sorted` / `to_natural` are the only data movements: the residual stream lives in sorted
+    order, where `[:n_text]` and `[n_text:]` are plain views for the two experts.
+    """
+
+    def __init__(self, visual_mask: torch.Tensor):
+        flat = visual_mask.reshape(-1).to(torch.bool)
+        self.num_tokens = flat.numel()
+        self.num_visual = int(flat.sum())  # the one host sync of a routed forward
+        self.num_text = self.num_tokens - self.num_visual
+        self.order = self.inverse = None
+        if 0 < self.num_visual < self.num_tokens:
+            self.order = torch.argsort(flat.to(torch.int8), stable=True)
+            self.inverse = torch.empty_like(self.order)
+            self.inverse[self.order] = torch.arange(self.num_tokens, device=flat.device)
+
+    @property
+    def mixed(self) -> bool:
+        return self.order is not None
+
+    @property
+    def all_visual(self) -> bool:
+        return self.num_visual == self.num_tokens and self.num_tokens > 0
+
+    def to_sorted(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, ...] -> [B*L, ...] sorted
+        x = x.flatten(0, 1)
+        return x.index_select(0, self.order) if self.mixed else x
+
+    def to_natural(self, x: torch.Tensor, shape) -> torch.Tensor:  # [B*L, ...] sorted -> [B, L, ...]
+        if self.mixed:
+            x = x.index_select(0, self.inverse)
+        return x.unflatten(0, shape)
+
+    def apply(self, x: torch.Tensor, text_fn: Callable, visual_fn: Callable) -> torch.Tensor:
+        """Runs each expert on its own rows of a sorted [T, ...] tensor."""
+        if not self.mixed:
+            return visual_fn(x) if self.all_visual else text_fn(x)
+        return torch.cat([text_fn(x[: self.num_text]), visual_fn(x[self.num_text :])], dim=0)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention: explicit softmax(q k^T) with GQA expansion. q: [B, H, L, D]."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def text_attention_implementation(requested: str | None) -> str:
+    """The backend the text attention really runs. `flash_attention_2` without flash-attn runs sdpa
+    (which dispatches to torch's own flash kernel on CUDA)."""
+    if requested is None:
+        return "sdpa"
+    if _is_flash(requested) and flash_attn_varlen_func is None:
+        return "sdpa"
+    return requested
+
+
+class NaViLMLP(nn.Module):
+    def __init__(self, config: NaViLTextConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NaViLTextAttention(nn.Module):
+    """GQA attention with a visual expert of every projection (and of the per-head q/k norms)."""
+
+    def __init__(self, config: NaViLTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        h, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        for suffix in ("", "_ve"):
+            setattr(self, f"q_proj{suffix}", nn.Linear(h, q_dim, bias=config.attention_bias))
+            setattr(self, f"k_proj{suffix}", nn.Linear(h, kv_dim, bias=config.attention_bias))
+            setattr(self, f"v_proj{suffix}", nn.Linear(h, kv_dim, bias=config.attention_bias))
+            setattr(self, f"o_proj{suffix}", nn.Linear(q_dim, h, bias=config.attention_out_bias))
+            if config.qk_norm:
+                setattr(self, f"q_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
+                setattr(self, f"k_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
+
+    def _qkv(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
+        """One expert's q, k, v for tokens x [T, h] -> [T, (H + 2 KV) * D], q/k normed."""
+        q = getattr(self, f"q_proj{suffix}")(x)
+        k = getattr(self, f"k_proj{suffix}")(x)
+        v = getattr(self, f"v_proj{suffix}")(x)
+        if self.config.qk_norm:
+            q = getattr(self, f"q_norm{suffix}")(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+            k = getattr(self, f"k_norm{suffix}")(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        return torch.cat([q, k, v], dim=-1)
+
+    def forward(
+        self,
+        hidden_sorted: torch.Tensor,  # [B*L, h], routing order
+        shape: tuple[int, int],
+        routing: ModalityRouting,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        qkv = routing.apply(hidden_sorted, lambda x: self._qkv(x, ""), lambda x: self._qkv(x, "_ve"))
+        qkv = routing.to_natural(qkv, shape)  # [B, L, (H + 2 KV) * D]
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+
+        cos, sin = position_embeddings  # [B, L, D]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        implementation = text_attention_implementation(self.config._attn_implementation)
+        attention = (
+            eager_attention_forward
+            if implementation == "eager"
+            else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        )
+        out, _ = attention(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )  # [B, L, H, D]
+        out = routing.to_sorted(out.reshape(*shape, -1))
+        return routing.apply(out, self.o_proj, self.o_proj_ve)
+
+
+class NaViLDecoderLayer(nn.Module):
+    def __init__(self, config: NaViLTextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = NaViLTextAttention(config, layer_idx)
+        self.mlp = NaViLMLP(config)
+        self.mlp_ve = NaViLMLP(config)
+        self.input_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_sorted, shape, routing, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        # Norms act per token, so they run on the sorted stream unchanged.
+        residual = hidden_sorted
+        hidden = self.self_attn(
+            self.input_layernorm(hidden_sorted), shape, routing, position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        hidden = residual + hidden
+        residual = hidden
+        hidden = routing.apply(self.post_attention_layernorm(hidden), self.mlp, self.mlp_ve)
+        return residual + hidden
+
+
+class NaViLRotaryEmbedding(nn.Module):
+    """1D RoPE of the LLM; any static rope type transformers knows (default, linear, llama3, yarn...)."""
+
+    def __init__(self, config: NaViLTextConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+
+    def inv_freq(self, device) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            dim, base = self.config.head_dim, self.config.rope_parameters["rope_theta"]
+            return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)), 1.0
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+        return inv_freq.float(), scaling
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        inv_freq, scaling = self.inv_freq(x.device)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+
+class _AttentionConfigView:
+    """The text config as the mask helpers should see it (the backend that really runs)."""
+
+    def __init__(self, config, attn_implementation: str):
+        self._config = config
+        self._attn_implementation = attn_implementation
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+class NaViLTextModel(nn.Module):
+    """Decoder stack with modality experts. Takes input embeddings and a visual-token mask."""
+
+    def __init__(self, config: NaViLTextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([NaViLDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = NaViLRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        visual_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        batch, length = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"the sequence has {past + length} tokens but the model's context is "
+                f"{self.config.max_position_embeddings} (max_position_embeddings)"
+            )
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                # Left padding: positions count real tokens only, so a padded row equals its unpadded run.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
+
+        implementation = text_attention_implementation(self.config._attn_implementation)
+        mask = create_causal_mask(
+            config=_AttentionConfigView(self.config, implementation),
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        if position_embeddings[0].shape[0] != batch:
+            position_embeddings = tuple(t.expand(batch, -1, -1) for t in position_embeddings)
+
+        if visual_mask is None:
+            visual_mask = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+        routing = ModalityRouting(visual_mask)
+        hidden = routing.to_sorted(inputs_embeds)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, (batch, length), routing, position_embeddings, mask, past_key_values,
+                    use_reentrant=False, **kwargs,
+                )  # fmt: skip
+            else:
+                hidden = layer(hidden, (batch, length), routing, position_embeddings, mask, past_key_values, **kwargs)
+        hidden = routing.to_natural(self.norm(hidden), (batch, length))
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+
+
+def _processing_classes():
+    """The sibling processing files, imported on first use (the model loads without them)."""
+    try:
+        from .image_processing_navil import NaViLImageProcessor
+        from .processing_navil import CHAT_TEMPLATES, NaViLProcessor
+    except ImportError:
+        from image_processing_navil import NaViLImageProcessor
+        from processing_navil import CHAT_TEMPLATES, NaViLProcessor
+    return NaViLImageProcessor, NaViLProcessor, CHAT_TEMPLATES
+
+
+# --------------------------------------------------------------------------------------------
+# The full model
+# --------------------------------------------------------------------------------------------
+
+
+class NaViLPreTrainedModel(PreTrainedModel):
+    config_class = NaViLConfig
+    config: NaViLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NaViLVisionBlock", "NaViLDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NaViLVisionBlock):
+            factor = self.config.vision_config.initializer_factor
+            with torch.no_grad():
+                module.ls1.fill_(factor)
+                module.ls2.fill_(factor)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        # `flash_attention_2` stays selectable without flash-attn: the vision encoder then runs
+        # torch's varlen kernel on CUDA (sdpa elsewhere) and the text model runs sdpa.
+        if _is_flash(attn_implementation) and flash_attn_varlen_func is None:
+            logger.warning_once(
+                "flash-attn is not installed: `flash_attention_2` runs torch's varlen attention (CUDA) in the "
+                "vision encoder and sdpa in the language model."
+            )
+            return "flash_attention_2"
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enable
+
+
+class NaViLModel(NaViLPreTrainedModel):
+    """Vision encoder + connector + special-token table + language model (no LM head)."""
+
+    def __init__(self, config: NaViLConfig):
+        super().__init__(config)
+        self.vision_model = NaViLVisionModel(config.vision_config)
+        self.connector = NaViLConnector(config)
+        self.special_token_embedding = nn.Embedding(12, config.text_config.hidden_size)
+        self.language_model = NaViLTextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """[N_patches, 3, 16, 16] -> [N_patches / 4, hidden] LLM-ready features, in window order."""
+        return self.connector(self.vision_model(pixel_values, image_grid_thw))
+
+    def embed_prompt(self, input_ids: torch.Tensor, past_length: int, num_prompt_tokens: int | None) -> torch.Tensor:
+        """Token embeddings; prompt positions of the 12 special tokens use the separate table."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        special_ids = self.config.special_token_ids
+        if not special_ids:
+            return embeds
+        if num_prompt_tokens is not None and past_length >= num_prompt_tokens:
+            return embeds  # a decode step: generated tokens use the plain embedding (SPEC §8.3)
+        table_ids = torch.tensor(special_ids, device=input_ids.device)
+        match = input_ids.unsqueeze(-1) == table_ids  # [B, L, 12]
+        is_special = match.any(-1)
+        if num_prompt_tokens is not None:
+            position = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
+            is_special = is_special & (position < num_prompt_tokens)
+        table = self.special_token_embedding(match.to(torch.int64).argmax(-1))
+        return torch.where(is_special.unsqueeze(-1), table.to(embeds.dtype), embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_prompt_tokens: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_prompt(input_ids, past, num_prompt_tokens)
+        if mm_token_type_ids is None and input_ids is not None:
+            visual = [self.config.image_token_id, self.config.image_start_token_id]
+            mm_token_type_ids = torch.isin(input_ids, torch.tensor([i for i in visual if i is not None], device=input_ids.device))
+        if pixel_values is not None:
+            inputs_embeds = self._insert_image_features(input_ids, inputs_embeds, pixel_values, image_grid_thw)
+        return self.language_model(
+            inputs_embeds,
+            visual_mask=mm_token_type_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def _insert_image_features(self, input_ids, inputs_embeds, pixel_values, image_grid_thw):
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        if input_ids is None:
+            raise ValueError("pixel_values need input_ids to locate the <IMG_CONTEXT> tokens")
+        slots = input_ids == self.config.image_token_id
+        num_slots = int(slots.sum())
+        features = self.get_image_features(pixel_values, image_grid_thw)
+        if num_slots != features.shape[0]:
+            raise ValueError(
+                f"the prompt has {num_slots} <IMG_CONTEXT> tokens but the images give {features.shape[0]} features "
+                f"(image_grid_thw {image_grid_thw.tolist()}); build the prompt with the processor from the same images"
+            )
+        return inputs_embeds.masked_scatter(slots.unsqueeze(-1), features.to(inputs_embeds.dtype))
+
+
+class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
+    """NaViL with its LM head, `generate` and `chat` (API.md)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: NaViLConfig):
+        super().__init__(config)
+        self.model = NaViLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def vision_model(self):
+        return self.model.vision_model
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        num_scales: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_prompt_tokens: int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        num_scales: scales per image (informational; `image_grid_thw` has one row per scale).
+        mm_token_type_ids: 1 where a token is routed to the visual experts; derived from `input_ids`
+            (`<IMG_CONTEXT>`, `<img>`) when omitted.
+        num_prompt_tokens: tokens at positions below this take the special-token table embedding;
+            `generate` sets it to the prompt length so generated special tokens use the plain
+            embedding, as the original does. `None`: every input token is prompt.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            num_prompt_tokens=num_prompt_tokens,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
+        if input_ids is not None:
+            kwargs.setdefault("num_prompt_tokens", input_ids.shape[1])
+        return super().generate(input_ids=input_ids, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("pixel_values", "image_grid_thw", "num_scales"):
+                inputs.pop(key, None)
+        return inputs
+
+    # ---------------------------------------------------------------------------------------- chat
+
+    def chat(self, processor, *args, **kwargs):
+        """Chat about images (API.md).
+
+        New form: `chat(processor, question, images=None, history=None, return_history=False,
+        generation_config=None, stream=False, system_message=None)`.
+
+        Original OpenGVLab form, unchanged: `chat(tokenizer, pixel_values, question, generation_config,
+        history=None, return_history=False, num_patches_list=image_grid_thw, num_scales=...)`
+        (positional or keyword).
+        """
+        if args and (args[0] is None or torch.is_tensor(args[0])):
+            names = ("pixel_values", "question", "generation_config", "history", "return_history", "num_patches_list")
+        else:
+            names = ("question", "images", "history", "return_history", "generation_config")
+        if len(args) > len(names):
+            raise TypeError(f"chat() takes at most {len(names) + 1} positional arguments")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"chat() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        return self._chat(processor, **kwargs)
+
+    def _chat(
+        self,
+        processor,
+        question: str,
+        images=None,
+        history=None,
+        return_history: bool = False,
+        generation_config=None,
+        stream: bool = False,
+        system_message: str | None = None,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list=None,
+        num_scales=None,
+        anyres_image_size: bool = True,
+        verbose: bool = False,
+        **generate_kwargs,
+    ):
+        if question is None:
+            raise ValueError("chat() needs a question")
+        processor = self._as_processor(processor)
+        if pixel_values is not None and images is not None:
+            raise ValueError("pass either images= or the original pixel_values=, not both")
+        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        if pixel_values is not None:
+            grid, num_scales = self._original_image_layout(pixel_values, num_patches_list, num_scales)
+            num_images = len(num_scales)
+        else:
+            num_images = len(images)
+        if num_images and "<image>" not in question:
+            question = "<image>\n" * num_images + question
+
+        turns = self._history_turns(history)
+        messages = []
+        if system_message is not None:
+            messages.append({"role": "system", "content": system_message})
+        for old_question, old_answer, _ in turns:
+            messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
+        messages.append({"role": "user", "content": question})
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        history_images = [img for _, _, imgs in turns for img in imgs]
+
+        if pixel_values is not None:
+            if history_images:
+                raise ValueError("the original pixel_values= form cannot be combined with history that has images")
+            inputs = processor.from_image_layout(prompt, image_grid_thw=grid, num_scales=num_scales, return_tensors="pt")
+            inputs["pixel_values"] = pixel_values
+            inputs["image_grid_thw"] = grid
+        else:
+            all_images = history_images + images
+            inputs = processor(text=[prompt], images=[all_images] if all_images else None, return_tensors="pt")
+        if verbose:
+            print(prompt)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+
+        config = self._chat_generation_config(processor, generation_config, **generate_kwargs)
+        prompt_length = inputs["input_ids"].shape[1]
+        limit = self.config.text_config.max_position_embeddings
+        if prompt_length >= limit:
+            raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {limit}")
+
+        def finish(response: str):
+            new_history = [(q, a, imgs) for q, a, imgs in turns] + [(question, response, images)]
+            return (response, new_history) if return_history else response
+
+        if stream:
+            return self._stream(processor, inputs, config, finish)
+        output = self.generate(**inputs, generation_config=config)
+        response = processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
+        return finish(response)
+
+    def _stream(self, processor, inputs, config, finish) -> Iterator[str]:
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure = []
+
+        def run():
+            try:
+                self.generate(**inputs, generation_config=config, streamer=streamer)
+            except BaseException as error:  # noqa: BLE001 -- handed to the consumer below
+                failure.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def _as_processor(self, processor_or_tokenizer):
+        if hasattr(processor_or_tokenizer, "image_processor"):
+            return processor_or_tokenizer
+        NaViLImageProcessor, NaViLProcessor, CHAT_TEMPLATES = _processing_classes()
+        tokenizer = processor_or_tokenizer
+        template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATES[self.config.template]
+        image_processor = NaViLImageProcessor(
+            min_dynamic_patch=self.config.min_dynamic_patch,
+            max_dynamic_patch=self.config.max_dynamic_patch,
+            scale_downsample_ratio=self.config.scale_downsample_ratio,
+        )
+        return NaViLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+    @staticmethod
+    def _original_image_layout(pixel_values, num_patches_list, num_scales):
+        if num_patches_list is None:
+            raise ValueError("the original chat form needs num_patches_list=image_grid_thw with pixel_values")
+        grid = torch.as_tensor(num_patches_list, dtype=torch.long).reshape(-1, 3)
+        if num_scales is None:
+            num_scales = [grid.shape[0]]  # one image with every scale
+        num_scales = [int(s) for s in (num_scales.tolist() if torch.is_tensor(num_scales) else num_scales)]
+        if sum(num_scales) != grid.shape[0]:
+            raise ValueError(f"num_scales {num_scales} adds up to {sum(num_scales)} but num_patches_list has {grid.shape[0]} rows")
+        patches = int(grid.prod(-1).sum())
+        if patches != pixel_values.shape[0]:
+            raise ValueError(f"num_patches_list describes {patches} patches but pixel_values has {pixel_values.shape[0]}")
+        return grid, num_scales
+
+    @staticmethod
+    def _history_turns(history) -> list[tuple[str, str, list]]:
+        turns = []
+        for i, turn in enumerate(history or []):
+            if len(turn) == 2:
+                question, answer, images = turn[0], turn[1], []
+            elif len(turn) == 3:
+                question, answer, images = turn
+            else:
+                raise ValueError(f"history turn {i} must be (question, answer) or (question, answer, images)")
+            placeholders = question.count("<image>")
+            if placeholders != len(images):
+                raise ValueError(
+                    f"history turn {i} has {placeholders} <image> placeholders but {len(images)} images; "
+                    "pass the history returned by chat(..., return_history=True)"
+                )
+            turns.append((question, answer, list(images)))
+        return turns
+
+    def _chat_generation_config(self, processor, generation_config, **overrides) -> GenerationConfig:
+        base = self.generation_config.to_dict() if self.generation_config is not None else {}
+        if isinstance(generation_config, GenerationConfig):
+            generation_config = generation_config.to_diff_dict()
+        base.update(generation_config or {})
+        base.update(overrides)
+        tokenizer = processor.tokenizer
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        base.setdefault("max_new_tokens", 1024)
+        if base.get("eos_token_id") is None:
+            base["eos_token_id"] = end
+        if base.get("pad_token_id") is None:
+            base["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+        base.setdefault("do_sample", False)
+        for key in ("transformers_version", "_from_model_config"):
+            base.pop(key, None)
+        return GenerationConfig(**base)
+
+
+__all__ = [
+    "NaViLForConditionalGeneration",
+    "NaViLModel",
+    "NaViLPreTrainedModel",
+    "NaViLTextModel",
+    "NaViLVisionModel",
+    "VISION_ATTENTION_FUNCTIONS",
+]
