@@ -251,6 +251,52 @@ def vision_layout(grid_thw: torch.Tensor | np.ndarray, window_size: int, merge: 
 
 
 # --------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------
+
+
+class NaViLPreTrainedModel(PreTrainedModel):
+    config_class = NaViLConfig
+    config: NaViLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NaViLVisionBlock", "NaViLDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NaViLVisionBlock):
+            with torch.no_grad():
+                module.ls1.fill_(module.layer_scale_init)
+                module.ls2.fill_(module.layer_scale_init)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        # `flash_attention_2` stays selectable without flash-attn: the vision encoder then runs
+        # torch's varlen kernel on CUDA (sdpa elsewhere) and the text model runs sdpa.
+        if _is_flash(attn_implementation) and flash_attn_varlen_func is None:
+            logger.warning_once(
+                "flash-attn is not installed: `flash_attention_2` runs torch's varlen attention (CUDA) in the "
+                "vision encoder and sdpa in the language model."
+            )
+            return "flash_attention_2"
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        if _is_flash(requested_attention) and flash_attn_varlen_func is None:
+            return requested_attention
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enable
+
+
+# --------------------------------------------------------------------------------------------
 # Vision encoder: modules
 # --------------------------------------------------------------------------------------------
 
@@ -330,6 +376,7 @@ class NaViLVisionBlock(nn.Module):
         self.attn = NaViLVisionAttention(config)
         self.norm2 = _vision_norm(config, config.hidden_size)
         self.mlp = NaViLVisionMLP(config)
+        self.layer_scale_init = config.initializer_factor
         self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
         self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
 
@@ -339,15 +386,18 @@ class NaViLVisionBlock(nn.Module):
         return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states))
 
 
-class NaViLVisionModel(nn.Module):
+class NaViLVisionModel(NaViLPreTrainedModel):
     """Native-resolution ViT over one packed sequence of image scales.
 
     Input `pixel_values` [N, 3, 16, 16] in merge-block order, `grid_thw` [S, 3].
     Output [N, C] in window order (SPEC §8.1).
     """
 
+    config_class = NaViLVisionConfig
+    config: NaViLVisionConfig
+
     def __init__(self, config: NaViLVisionConfig):
-        super().__init__()
+        super().__init__(config)
         self.config = config
         self.patch_embed = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
@@ -355,6 +405,7 @@ class NaViLVisionModel(nn.Module):
         self.rotary = NaViLVisionRotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
         self.layers = nn.ModuleList([NaViLVisionBlock(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
+        self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         n = pixel_values.shape[0]
@@ -606,17 +657,21 @@ class _AttentionConfigView:
         return getattr(self._config, name)
 
 
-class NaViLTextModel(nn.Module):
+class NaViLTextModel(NaViLPreTrainedModel):
     """Decoder stack with modality experts. Takes input embeddings and a visual-token mask."""
 
+    config_class = NaViLTextConfig
+    config: NaViLTextConfig
+
     def __init__(self, config: NaViLTextConfig):
-        super().__init__()
+        super().__init__(config)
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([NaViLDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = NaViLRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.post_init()
 
     def forward(
         self,
@@ -687,43 +742,6 @@ def _processing_classes():
 # --------------------------------------------------------------------------------------------
 # The full model
 # --------------------------------------------------------------------------------------------
-
-
-class NaViLPreTrainedModel(PreTrainedModel):
-    config_class = NaViLConfig
-    config: NaViLConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["NaViLVisionBlock", "NaViLDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = False
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, NaViLVisionBlock):
-            factor = self.config.vision_config.initializer_factor
-            with torch.no_grad():
-                module.ls1.fill_(factor)
-                module.ls2.fill_(factor)
-
-    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
-        # `flash_attention_2` stays selectable without flash-attn: the vision encoder then runs
-        # torch's varlen kernel on CUDA (sdpa elsewhere) and the text model runs sdpa.
-        if _is_flash(attn_implementation) and flash_attn_varlen_func is None:
-            logger.warning_once(
-                "flash-attn is not installed: `flash_attention_2` runs torch's varlen attention (CUDA) in the "
-                "vision encoder and sdpa in the language model."
-            )
-            return "flash_attention_2"
-        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        for module in self.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = enable
 
 
 class NaViLModel(NaViLPreTrainedModel):
