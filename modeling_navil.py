@@ -37,6 +37,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, Tex
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -290,11 +291,6 @@ class NaViLPreTrainedModel(PreTrainedModel):
             return requested_attention
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        for module in self.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = enable
-
 
 # --------------------------------------------------------------------------------------------
 # Vision encoder: modules
@@ -367,7 +363,7 @@ class NaViLVisionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class NaViLVisionBlock(nn.Module):
+class NaViLVisionBlock(GradientCheckpointingLayer):
     def __init__(self, config: NaViLVisionConfig, layer_idx: int):
         super().__init__()
         full = config.fullatt_block_indexes
@@ -404,7 +400,6 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         )
         self.rotary = NaViLVisionRotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
         self.layers = nn.ModuleList([NaViLVisionBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -419,10 +414,7 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         hidden = hidden.index_select(0, layout.patch_order)  # window order, kept to the end
         cos, sin = self.rotary(layout.positions)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, (cos, sin), layout, use_reentrant=False)
-            else:
-                hidden = layer(hidden, (cos, sin), layout)
+            hidden = layer(hidden, (cos, sin), layout)
         return hidden
 
 
@@ -602,7 +594,7 @@ class NaViLTextAttention(nn.Module):
         return routing.apply(out, self.o_proj, self.o_proj_ve)
 
 
-class NaViLDecoderLayer(nn.Module):
+class NaViLDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: NaViLTextConfig, layer_idx: int):
         super().__init__()
         self.self_attn = NaViLTextAttention(config, layer_idx)
@@ -670,7 +662,6 @@ class NaViLTextModel(NaViLPreTrainedModel):
         self.layers = nn.ModuleList([NaViLDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = NaViLRotaryEmbedding(config)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(
@@ -717,13 +708,9 @@ class NaViLTextModel(NaViLPreTrainedModel):
         routing = ModalityRouting(visual_mask)
         hidden = routing.to_sorted(inputs_embeds)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden = torch.utils.checkpoint.checkpoint(
-                    layer, hidden, (batch, length), routing, position_embeddings, mask, past_key_values,
-                    use_reentrant=False, **kwargs,
-                )  # fmt: skip
-            else:
-                hidden = layer(hidden, (batch, length), routing, position_embeddings, mask, past_key_values, **kwargs)
+            hidden = layer(
+                hidden, (batch, length), routing, position_embeddings, mask, past_key_values=past_key_values, **kwargs
+            )
         hidden = routing.to_natural(self.norm(hidden), (batch, length))
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
 

@@ -1,0 +1,96 @@
+"""The one tiny-config factory every model test uses (STYLE.md): hidden 32-64, 2 layers, 4 heads."""
+
+import os
+import shutil
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from configuration_navil import NaViLConfig  # noqa: E402
+from modeling_navil import NaViLForConditionalGeneration  # noqa: E402
+
+CODE_FILES = ("configuration_navil.py", "modeling_navil.py", "image_processing_navil.py", "processing_navil.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_navil.NaViLConfig",
+    "AutoModel": "modeling_navil.NaViLForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_navil.NaViLForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_navil.NaViLForConditionalGeneration",
+}
+
+# Token ids of the tiny vocabulary (mirrors the fixtures' tokenizer layout).
+IMG_START, IMG_END, IMG_CONTEXT, LINE_BREAK, FRAME_BREAK = 5, 6, 7, 8, 9
+SPECIAL_IDS = [15, 14, 7, 6, 5, 11, 10, 13, 12, 16, 8, 9]  # SPECIAL_TOKENS order
+VOCAB = 128
+
+
+def tiny_config(qk_norm=True, window_size=4, fullatt=(1,), norm_type="rms_norm", qk_normalization=False, **text):
+    text_config = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512, qk_norm=qk_norm,
+    )  # fmt: skip
+    text_config.update(text)
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        fullatt_block_indexes=list(fullatt) if fullatt is not None else None, window_size=window_size,
+        norm_type=norm_type, qk_normalization=qk_normalization,
+    )  # fmt: skip
+    return NaViLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        special_token_ids=SPECIAL_IDS,
+        image_token_id=IMG_CONTEXT,
+        image_start_token_id=IMG_START,
+        image_end_token_id=IMG_END,
+        image_line_break_token_id=LINE_BREAK,
+        image_frame_break_token_id=FRAME_BREAK,
+        min_dynamic_patch=4,
+        max_dynamic_patch=64,
+    )
+
+
+def tiny_model(seed=0, attn="eager", **config_kwargs):
+    """A randomly initialised tiny NaViL in float32, eval mode; layer scales and norms randomised
+    too so no parameter is a trivial 1 or 0."""
+    torch.manual_seed(seed)
+    model = NaViLForConditionalGeneration(tiny_config(**config_kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ls1", "ls2")) or "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn_like(p))
+    model.set_attn_implementation(attn)
+    return model
+
+
+def image_block(grid_h, grid_w, merge=2):
+    """Token ids of one image scale (SPEC §3): rows of <IMG_CONTEXT> x w/2 then a line break."""
+    row = [IMG_CONTEXT] * (grid_w // merge) + [LINE_BREAK]
+    return row * (grid_h // merge) + [FRAME_BREAK]
+
+
+def multimodal_inputs(grids, text_before=(20, 21, 22), text_after=(30, 31, 32, 33), seed=0):
+    """input_ids, pixel_values, image_grid_thw and mm_token_type_ids for one image with `grids` scales."""
+    g = torch.Generator().manual_seed(seed)
+    ids = list(text_before) + [IMG_START]
+    for h, w in grids:
+        ids += image_block(h, w)
+    ids += [IMG_END] + list(text_after)
+    input_ids = torch.tensor([ids])
+    grid = torch.tensor([[1, h, w] for h, w in grids])
+    pixel_values = torch.randn(int(grid.prod(-1).sum()), 3, 16, 16, generator=g)
+    mm = ((input_ids == IMG_CONTEXT) | (input_ids == IMG_START)).long()
+    return dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=mm)
+
+
+def write_hub_folder(model, out_dir):
+    """save_pretrained + the four code files + auto_map: what a Hub folder carries (no tokenizer)."""
+    model.config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(out_dir)
+    for name in CODE_FILES:
+        shutil.copy(os.path.join(ROOT, name), out_dir)
+    return out_dir
