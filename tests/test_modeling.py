@@ -331,3 +331,13 @@ def test_sequence_longer_than_context_is_an_error():
     model = tiny_model(max_position_embeddings=16)
     with pytest.raises(ValueError, match="model's context is 16"):
         model(input_ids=torch.arange(20, 37)[None])
+
+
+def test_bfloat16_forward_tracks_float32():
+    model = tiny_model(seed=8, attn="sdpa")
+    inputs = multimodal_inputs(GRIDS)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        low = model.to(torch.bfloat16)(**inputs).logits.float()
+    assert torch.isfinite(low).all()
+    assert _report("bf16 vs fp32 logits", low, reference) <= 0.05 * reference.abs().max().item() + 0.05
