@@ -21,5 +21,5 @@ def fixtures_dir() -> Path:
 def fixtures_path() -> Path:
     path = fixtures_dir()
     if not path.is_dir():
-        pytest.skip(f"parity fixtures not found at {path} (set NAVIL_FIXTURES)")
+        pytest.fail(f"parity fixtures not found at {path} (set NAVIL_FIXTURES)")
     return path

@@ -34,7 +34,7 @@ DEFAULT_MIN, DEFAULT_MAX = 256 * 256, 24576 * 256
 def load_fixture(name):
     root = fixtures_dir() / name
     if not root.is_dir():
-        pytest.skip(f"fixture {root} not found (set NAVIL_FIXTURES)")
+        pytest.fail(f"fixture {root} not found (set NAVIL_FIXTURES)")
     config = json.loads((root / "checkpoint" / "config.json").read_text())
     expected = json.loads((root / "expected.json").read_text())
     tensors = load_file(str(root / "expected.safetensors"))
