@@ -1,0 +1,239 @@
+"""Writing a Hub-ready NaViL folder (API.md "Loading"): config with `auto_map`, safetensors weights,
+generation config, tokenizer + processor with `auto_map` and chat template, the four code files and a
+model card. Shared by `navil convert` and, later, `navil init-from-llm` / `navil push`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+CODE_MODULES = ("configuration_navil", "modeling_navil", "image_processing_navil", "processing_navil")
+MODEL_CLASS = "modeling_navil.NaViLForConditionalGeneration"
+AUTO_MAP = {
+    "AutoConfig": "configuration_navil.NaViLConfig",
+    "AutoModel": MODEL_CLASS,
+    "AutoModelForCausalLM": MODEL_CLASS,
+    "AutoModelForImageTextToText": MODEL_CLASS,
+}
+ARCHITECTURES = ["NaViLForConditionalGeneration"]
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def code_files():
+    """Paths of the four Hub code files, located through the imported modules."""
+    import importlib
+
+    return [Path(importlib.import_module(name).__file__) for name in CODE_MODULES]
+
+
+def model_from_state_dict(state_dict, config):
+    """Our model holding exactly these tensors (no copy, no random init): built on the meta device and
+    filled with `load_state_dict(assign=True, strict=True)`, which lists missing/unexpected keys."""
+    from modeling_navil import NaViLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = NaViLForConditionalGeneration(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def build_processor(tokenizer, config):
+    """`NaViLProcessor` for a config: image settings from the config, the original chat template by name."""
+    from image_processing_navil import NaViLImageProcessor
+    from processing_navil import CHAT_TEMPLATES, NaViLProcessor
+
+    if config.template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {config.template!r}; known: {', '.join(CHAT_TEMPLATES)}")
+    image_processor = NaViLImageProcessor(
+        patch_size=config.vision_config.patch_size,
+        merge_size=config.vision_config.spatial_merge_size,
+        min_dynamic_patch=config.min_dynamic_patch,
+        max_dynamic_patch=config.max_dynamic_patch,
+        scale_downsample_ratio=config.scale_downsample_ratio,
+    )
+    return NaViLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATES[config.template])
+
+
+def build_generation_config(tokenizer):
+    """Greedy chat defaults: stop at `<|im_end|>`, pad with the tokenizer's pad token."""
+    from transformers import GenerationConfig
+
+    end = tokenizer.get_vocab()["<|im_end|>"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=end,
+        pad_token_id=pad,
+        do_sample=False,
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+    )
+
+
+def write_hub_folder(
+    model_or_state_dict,
+    config,
+    tokenizer,
+    out_dir,
+    *,
+    processor=None,
+    generation_config=None,
+    model_card=None,
+    extra_files=(),
+    max_shard_size="5GB",
+    progress=None,
+):
+    """Write a folder that `AutoModel/AutoProcessor.from_pretrained(out_dir, trust_remote_code=True)` load.
+
+    Args:
+        model_or_state_dict: a `NaViLForConditionalGeneration` or a state dict in our key layout.
+        config: the `NaViLConfig` (gets `auto_map` and `architectures`).
+        tokenizer: the tokenizer (saved through the processor).
+        out_dir: target folder (created; existing files are overwritten -- callers write into a fresh
+            temporary folder and move it into place).
+        processor: defaults to `build_processor(tokenizer, config)`.
+        generation_config: defaults to `build_generation_config(tokenizer)`.
+        model_card: README.md text; none written when `None`.
+        extra_files: paths copied into the folder first (e.g. the original tokenizer files); files the
+            processor writes afterwards take precedence.
+        max_shard_size: shard size of the safetensors weights.
+        progress: optional callable `(description)` called after each step.
+
+    Returns the model that was saved.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = progress or (lambda description: None)
+
+    for path in extra_files:
+        shutil.copyfile(path, out_dir / Path(path).name)
+        step(Path(path).name)
+
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = list(ARCHITECTURES)
+    model = model_or_state_dict
+    if isinstance(model_or_state_dict, dict):
+        model = model_from_state_dict(model_or_state_dict, config)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.config.architectures = list(ARCHITECTURES)
+    model.generation_config = generation_config or build_generation_config(tokenizer)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    step("weights, config.json, generation_config.json")
+
+    from processing_navil import save_processor
+
+    save_processor(processor or build_processor(tokenizer, config), out_dir)
+    step("processor and tokenizer")
+
+    for path in code_files():
+        shutil.copyfile(path, out_dir / path.name)
+        step(path.name)
+
+    if model_card is not None:
+        (out_dir / "README.md").write_text(model_card, encoding="utf-8")
+        step("README.md")
+    _check_auto_map(out_dir)
+    return model
+
+
+def _check_auto_map(out_dir):
+    saved = json.loads((Path(out_dir) / "config.json").read_text())
+    if saved.get("auto_map") != AUTO_MAP:
+        raise RuntimeError(f"config.json was written with auto_map {saved.get('auto_map')!r}, expected {AUTO_MAP!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model card
+
+
+def read_license(original_dir):
+    """The license named in the original folder's README front matter or config.json, else None."""
+    original_dir = Path(original_dir)
+    readme = original_dir / "README.md"
+    if readme.is_file():
+        lines = readme.read_text(encoding="utf-8", errors="replace").splitlines()
+        if lines and lines[0].strip() == "---":
+            for line in lines[1:]:
+                if line.strip() == "---":
+                    break
+                key, _, value = line.partition(":")
+                if key.strip() == "license" and value.strip():
+                    return value.strip().strip("'\"")
+    config = original_dir / "config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("license")
+        if value:
+            return str(value)
+    return None
+
+
+def model_card(config, *, source=None, license=None, dtype=None, verified=True):
+    """README.md for a converted folder."""
+    text = config.text_config
+    llm = "Qwen3" if text.qk_norm else "InternLM2"
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
+    if license:
+        front.append(f"license: {license}")
+    front += ["tags:", "  - navil", "  - multimodal", "  - custom_code", "---", ""]
+    vision = config.vision_config
+    params = [
+        f"- vision encoder: {vision.num_hidden_layers} layers, width {vision.hidden_size}, {vision.patch_size}-px patches, "
+        f"{vision.spatial_merge_size}x{vision.spatial_merge_size} merge",
+        f"- language model ({llm}-style, with visual experts): {text.num_hidden_layers} layers, width {text.hidden_size}, "
+        f"{text.num_attention_heads} heads / {text.num_key_value_heads} KV heads, vocabulary {text.vocab_size}",
+        f"- chat template: `{config.template}`; images: {config.min_dynamic_patch}-{config.max_dynamic_patch} patches, "
+        f"scale ratio {config.scale_downsample_ratio}",
+    ]
+    if dtype is not None:
+        params.append(f"- weights: {str(dtype).replace('torch.', '')}")
+    origin = f"the original OpenGVLab NaViL checkpoint `{source}`" if source else "an original OpenGVLab NaViL checkpoint"
+    checked = (
+        " The conversion was checked tensor by tensor (converting back reproduces the original weights) and on\nthe model's logits."
+        if verified
+        else ""
+    )
+    fold = (
+        "\nFor this InternLM2-based model the chained output projection of visual tokens, `wo_ve(wo(x))`, is\n"
+        "stored folded into one `o_proj_ve` (weight `W_ve @ W`), which computes the same.\n"
+        if not text.qk_norm
+        else ""
+    )
+    body = f"""# NaViL
+
+NaViL (OpenGVLab, NeurIPS 2025) is a native multimodal large language model: a native-resolution vision
+encoder (2D rotary positions, windowed attention, images fed at several scales at once) feeds a
+decoder-only LLM whose every layer has separate attention projections and FFN for visual tokens
+("modality experts"). NaViL-2B builds on InternLM2, NaViL-9B on Qwen3.
+
+This folder was converted with `navil convert` from {origin} into the `transformers` remote-code
+format (`trust_remote_code=True`).{checked} The original's behaviour that its weights depend on is kept.
+{fold}
+{chr(10).join(params)}
+
+## Use
+
+```python
+import torch
+from transformers import AutoModel, AutoProcessor
+
+path = "path/to/this/folder"  # or its Hub repo id
+model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16, attn_implementation="sdpa")
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+
+print(model.chat(processor, "Describe the image.", images=["cat.jpg"]))
+text, history = model.chat(processor, "Describe the image.", images=["cat.jpg"], return_history=True)
+text, history = model.chat(processor, "And its color?", history=history, return_history=True)
+for piece in model.chat(processor, "Describe.", images=["cat.jpg"], stream=True):
+    print(piece, end="", flush=True)
+```
+
+From the command line (`pip install navil`): `navil chat --model path/to/this/folder --image cat.jpg "Describe the image."`
+
+`attn_implementation` may be `"eager"`, `"sdpa"` or `"flash_attention_2"`. Generation defaults (greedy,
+stop at `<|im_end|>`, at most {DEFAULT_MAX_NEW_TOKENS} new tokens) are in `generation_config.json`.
+"""
+    if license:
+        body += f"\n## License\n\nThe original checkpoint is released under the `{license}` license; the weights keep it.\n"
+    return "\n".join(front) + body

@@ -1,0 +1,301 @@
+"""Key maps between the original OpenGVLab NaViL checkpoint layout (SPEC §7) and ours, as data.
+
+A row is `(original, ours)` or `(original, ours, op)`:
+
+* `original` / `ours` are key templates (one string or a tuple of strings). `{name}` placeholders match
+  the patterns in `PLACEHOLDERS` and carry over from one side to the other, so one table serves both
+  directions. The first original template is the one a key is matched against; further ones are extra
+  inputs of the op.
+* `ours = None` means "drop" (derived buffers some checkpoints carry).
+* `op` names the tensor surgery (`surgery.py`); no op is a plain rename.
+"""
+
+import functools
+import re
+from dataclasses import dataclass
+
+from .errors import ConversionError
+from .surgery import (
+    fold_chained_bias,
+    fold_chained_projection,
+    merge_internlm2_wqkv,
+    split_internlm2_wqkv,
+    unfold_chained_projection,
+)
+
+PLACEHOLDERS = {
+    "n": r"\d+",  # layer index
+    "wb": r"weight|bias",
+    "ve": r"(?:_ve)?",  # visual-expert copy of a projection
+    "norm": r"norm1|norm2",
+    "ls": r"ls1|ls2",
+    "fc": r"fc1|fc2",
+    "qk": r"q|k",
+    "qkvo": r"q|k|v|o",
+    "gate_up_down": r"gate|up|down",
+}
+
+RENAME = "rename"
+SPLIT_WQKV = "split_wqkv"  # wqkv -> (q, k, v)
+FOLD = "fold"  # (wo_ve.weight, wo.weight) -> o_proj_ve.weight = W_ve @ W
+FOLD_BIAS = "fold_bias"  # (wo_ve.bias, wo_ve.weight, wo.bias) -> o_proj_ve.bias = W_ve @ b + b_ve
+
+_V = "vision_model.encoder.layers.{n}"
+_OV = "model.vision_model.layers.{n}"
+_L = "language_model.model.layers.{n}"
+_OL = "model.language_model.layers.{n}"
+
+# fmt: off
+VISION_AND_CONNECTOR_KEYS = (
+    # original                                      ours
+    ("vision_model.embeddings.patch_embedding.{wb}", "model.vision_model.patch_embed.{wb}"),
+    (f"{_V}.{{norm}}.{{wb}}",                        f"{_OV}.{{norm}}.{{wb}}"),
+    (f"{_V}.attn.qkv.{{wb}}",                        f"{_OV}.attn.qkv.{{wb}}"),
+    (f"{_V}.attn.{{qk}}_norm.weight",                f"{_OV}.attn.{{qk}}_norm.weight"),
+    (f"{_V}.attn.proj.{{wb}}",                       f"{_OV}.attn.proj.{{wb}}"),
+    (f"{_V}.mlp.{{fc}}.{{wb}}",                      f"{_OV}.mlp.{{fc}}.{{wb}}"),
+    (f"{_V}.{{ls}}",                                 f"{_OV}.{{ls}}"),
+    ("mlp1.0.{wb}",                                  "model.connector.norm.{wb}"),
+    ("mlp1.1.{wb}",                                  "model.connector.linear_1.{wb}"),
+    ("mlp1.3.{wb}",                                  "model.connector.linear_2.{wb}"),
+    ("special_token_embedding.weight",               "model.special_token_embedding.weight"),  # never folded (SPEC §8.3)
+)
+
+QWEN3_KEYS = (
+    ("language_model.model.embed_tokens.weight",                "model.language_model.embed_tokens.weight"),
+    (f"{_L}.input_layernorm.weight",                            f"{_OL}.input_layernorm.weight"),
+    (f"{_L}.post_attention_layernorm.weight",                   f"{_OL}.post_attention_layernorm.weight"),
+    (f"{_L}.self_attn.{{qkvo}}_proj{{ve}}.{{wb}}",              f"{_OL}.self_attn.{{qkvo}}_proj{{ve}}.{{wb}}"),
+    (f"{_L}.self_attn.{{qk}}_norm{{ve}}.weight",                f"{_OL}.self_attn.{{qk}}_norm{{ve}}.weight"),
+    (f"{_L}.mlp{{ve}}.{{gate_up_down}}_proj.weight",            f"{_OL}.mlp{{ve}}.{{gate_up_down}}_proj.weight"),
+    ("language_model.model.norm.weight",                        "model.language_model.norm.weight"),
+    ("language_model.lm_head.weight",                           "lm_head.weight"),
+    ("language_model.model.rotary_emb.inv_freq",                None),
+    (f"{_L}.self_attn.rotary_emb.inv_freq",                     None),
+)
+
+INTERNLM2_KEYS = (
+    ("language_model.model.tok_embeddings.weight",              "model.language_model.embed_tokens.weight"),
+    (f"{_L}.attention_norm.weight",                             f"{_OL}.input_layernorm.weight"),
+    (f"{_L}.ffn_norm.weight",                                   f"{_OL}.post_attention_layernorm.weight"),
+    (f"{_L}.attention.wqkv{{ve}}.{{wb}}",                       (f"{_OL}.self_attn.q_proj{{ve}}.{{wb}}",
+                                                                 f"{_OL}.self_attn.k_proj{{ve}}.{{wb}}",
+                                                                 f"{_OL}.self_attn.v_proj{{ve}}.{{wb}}"),     SPLIT_WQKV),
+    (f"{_L}.attention.wo.{{wb}}",                               f"{_OL}.self_attn.o_proj.{{wb}}"),
+    ((f"{_L}.attention.wo_ve.weight", f"{_L}.attention.wo.weight"),
+                                                                f"{_OL}.self_attn.o_proj_ve.weight",          FOLD),
+    ((f"{_L}.attention.wo_ve.bias", f"{_L}.attention.wo_ve.weight", f"{_L}.attention.wo.bias"),
+                                                                f"{_OL}.self_attn.o_proj_ve.bias",            FOLD_BIAS),
+    (f"{_L}.feed_forward{{ve}}.w1.weight",                      f"{_OL}.mlp{{ve}}.gate_proj.weight"),
+    (f"{_L}.feed_forward{{ve}}.w3.weight",                      f"{_OL}.mlp{{ve}}.up_proj.weight"),
+    (f"{_L}.feed_forward{{ve}}.w2.weight",                      f"{_OL}.mlp{{ve}}.down_proj.weight"),
+    ("language_model.model.norm.weight",                        "model.language_model.norm.weight"),
+    ("language_model.output.weight",                            "lm_head.weight"),
+    ("language_model.model.rotary_emb.inv_freq",                None),
+    (f"{_L}.attention.rotary_emb.inv_freq",                     None),
+)
+# fmt: on
+
+LLM_KEYS = {"Qwen3VEForCausalLM": QWEN3_KEYS, "InternLM2VEForCausalLM": INTERNLM2_KEYS}
+EXACT_OPS = (RENAME, SPLIT_WQKV)  # ops whose inverse reproduces the original bit for bit
+
+
+@functools.lru_cache(maxsize=None)
+def _template_regex(template):
+    parts = re.split(r"\{(\w+)\}", template)
+    out = []
+    for i, part in enumerate(parts):
+        out.append(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{PLACEHOLDERS[part]})")
+    return re.compile("".join(out))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of a key table, compiled."""
+
+    sources: tuple  # original templates; sources[0] is matched, the rest are extra inputs of `op`
+    targets: tuple  # our templates; empty means the source is dropped
+    op: str = RENAME
+
+    @property
+    def source_pattern(self):
+        return _template_regex(self.sources[0])
+
+    @property
+    def target_patterns(self):
+        return tuple(_template_regex(t) for t in self.targets)
+
+    @property
+    def exact(self):
+        return self.op in EXACT_OPS
+
+
+def compile_table(table):
+    rules = []
+    for row in table:
+        sources, targets, op = (*row, RENAME)[:3] if len(row) == 2 else row
+        sources = (sources,) if isinstance(sources, str) else tuple(sources)
+        targets = () if targets is None else ((targets,) if isinstance(targets, str) else tuple(targets))
+        rules.append(Rule(sources, targets, op))
+    return tuple(rules)
+
+
+def rules_for(llm_architecture):
+    """Compiled rules for a whole NaViL checkpoint whose language model is `llm_architecture`."""
+    if llm_architecture not in LLM_KEYS:
+        raise ValueError(
+            f"unsupported language model architecture {llm_architecture!r}; supported: {', '.join(LLM_KEYS)}"
+        )
+    return compile_table(VISION_AND_CONNECTOR_KEYS + LLM_KEYS[llm_architecture])
+
+
+def _forward_op(rule, inputs, text_config):
+    if rule.op == RENAME:
+        return inputs
+    if rule.op == SPLIT_WQKV:
+        heads = (text_config.num_attention_heads, text_config.num_key_value_heads, text_config.head_dim)
+        return split_internlm2_wqkv(inputs[0], *heads)
+    if rule.op == FOLD:
+        wo_ve, wo = inputs
+        return (fold_chained_projection(wo, wo_ve),)
+    if rule.op == FOLD_BIAS:
+        b_ve, w_ve, b = inputs
+        return (fold_chained_bias(b, w_ve, b_ve),)
+    raise ValueError(f"unknown op {rule.op!r}")
+
+
+def _inverse_op(rule, outputs, extra_inputs, text_config):
+    if rule.op == RENAME:
+        return outputs[0]
+    if rule.op == SPLIT_WQKV:
+        heads = (text_config.num_attention_heads, text_config.num_key_value_heads, text_config.head_dim)
+        return merge_internlm2_wqkv(*outputs, *heads)
+    if rule.op == FOLD:  # approximate: recovers wo_ve from W_ve @ W and W
+        (wo,) = extra_inputs
+        return unfold_chained_projection(outputs[0], wo)
+    if rule.op == FOLD_BIAS:  # b_ve = folded_b - W_ve @ b
+        w_ve, b = extra_inputs
+        return (outputs[0].double() - w_ve.double() @ b.double()).to(outputs[0].dtype)
+    raise ValueError(f"unknown op {rule.op!r}")
+
+
+def _format(templates, bindings):
+    return tuple(t.format(**bindings) for t in templates)
+
+
+def match_source(rules, key):
+    """(rule, bindings) of the rule whose primary original template matches `key`, or (None, None)."""
+    for rule in rules:
+        m = rule.source_pattern.fullmatch(key)
+        if m:
+            return rule, m.groupdict()
+    return None, None
+
+
+class KeyMismatchError(ConversionError):
+    """The checkpoint's tensors are not the ones its config implies (missing / unexpected / misshapen)."""
+
+
+def _list(keys, limit=20):
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _apply(rule, bindings, key, original, text_config):
+    sources = _format(rule.sources, bindings)
+    missing = [s for s in sources if s not in original]
+    if missing:
+        raise KeyMismatchError(f"{key} needs {_list(missing)}, which the checkpoint lacks")
+    outputs = _forward_op(rule, tuple(original[s] for s in sources), text_config)
+    return sources, dict(zip(_format(rule.targets, bindings), outputs))
+
+
+def convert_tensor(key, original, llm_architecture, text_config):
+    """{our key: tensor} produced from the original tensor `key` (plus the extra inputs its rule needs,
+    looked up in `original`); empty for a dropped key."""
+    rule, bindings = match_source(rules_for(llm_architecture), key)
+    if rule is None:
+        raise KeyMismatchError(f"unexpected key (not in the original NaViL layout): {key}")
+    return _apply(rule, bindings, key, original, text_config)[1] if rule.targets else {}
+
+
+def convert_state_dict(original, llm_architecture, text_config, progress=None):
+    """Original-layout tensors -> our layout. Raises `KeyMismatchError` on keys no rule consumes.
+
+    `progress` is an optional callable called once per original key (a tqdm `update`)."""
+    rules = rules_for(llm_architecture)
+    converted, consumed, unmatched = {}, set(), []
+    for key in original:
+        rule, bindings = match_source(rules, key)
+        if rule is None:
+            unmatched.append(key)
+            continue
+        consumed.add(key)
+        if rule.targets:
+            sources, outputs = _apply(rule, bindings, key, original, text_config)
+            consumed.update(sources)
+            for target, tensor in outputs.items():
+                if target in converted:
+                    raise KeyMismatchError(f"two original tensors map to {target} (second: {key})")
+                converted[target] = tensor
+        if progress is not None:
+            progress()
+    if unmatched:
+        raise KeyMismatchError(f"unexpected keys (not in the original NaViL layout): {_list(unmatched)}")
+    leftover = set(original) - consumed
+    if leftover:  # cannot happen with consistent tables; kept as the "every tensor used" guarantee
+        raise KeyMismatchError(f"original tensors not used by the conversion: {_list(leftover)}")
+    return converted
+
+
+def iter_original_tensors(state_dict, llm_architecture, text_config, exact_only=False):
+    """Our layout -> original layout, one tensor at a time: yields `(original key, tensor)`.
+
+    `state_dict` may be any mapping (a lazy reader of safetensors files works: tensors are fetched
+    one rule at a time). Renames and the wqkv merge are exact. The InternLM2 folded `o_proj_ve`
+    (`W_ve @ W`) has no exact inverse: with `exact_only=True` its original key is yielded with `None`;
+    otherwise it is recovered by least squares (approximately). Raises `KeyMismatchError` (after the
+    last tensor) if a key has no original counterpart.
+    """
+    rules = rules_for(llm_architecture)
+    keys = list(state_dict.keys())
+    consumed, restored = set(), {}  # restored: exact results the inexact inverses need
+    for exact_pass in (True, False):  # exact rules first: the inexact inverses need their results
+        for rule in rules:
+            if not rule.targets or rule.exact != exact_pass:
+                continue
+            primary = rule.target_patterns[0]
+            for key in keys:
+                m = primary.fullmatch(key)
+                if not m:
+                    continue
+                bindings = m.groupdict()
+                targets = _format(rule.targets, bindings)
+                missing = [t for t in targets if t not in state_dict]
+                if missing:
+                    raise KeyMismatchError(f"{key} needs {_list(missing)}, which the state dict lacks")
+                consumed.update(targets)
+                sources = _format(rule.sources, bindings)
+                if not rule.exact and exact_only:
+                    yield sources[0], None
+                    continue
+                extra = tuple(restored[s] for s in sources[1:])
+                tensor = _inverse_op(rule, tuple(state_dict[t] for t in targets), extra, text_config)
+                if not exact_only:
+                    restored[sources[0]] = tensor
+                yield sources[0], tensor
+    unexpected = set(keys) - consumed
+    if unexpected:
+        raise KeyMismatchError(f"keys with no original counterpart: {_list(unexpected)}")
+
+
+def to_original_state_dict(state_dict, llm_architecture, text_config, exact_only=False):
+    """`iter_original_tensors` collected: `(original_state_dict, keys_not_reproduced)`."""
+    original, not_reproduced = {}, []
+    for key, tensor in iter_original_tensors(state_dict, llm_architecture, text_config, exact_only):
+        if tensor is None:
+            not_reproduced.append(key)
+        else:
+            original[key] = tensor
+    return original, not_reproduced
