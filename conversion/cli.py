@@ -72,7 +72,7 @@ def build_parser():
     chat.add_argument("question", metavar="QUESTION", help="the question")
     chat.add_argument("--model", metavar="PATH_OR_REPO", help="converted folder or Hub repo id (required for now)")
     chat.add_argument(
-        "--image", metavar="FILE", nargs="+", action="extend", default=[], help="image file(s); repeatable"
+        "--image", metavar="FILE", action="append", default=[], help="an image file; repeat for several images"
     )
     chat.add_argument("--max-new-tokens", type=_positive_int, default=None, help="answer length limit")
     chat.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -186,8 +186,9 @@ def run_chat(args):
     hf_logging.disable_progress_bar()  # keep the terminal for the answer
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise UsageError(f"bad --device {args.device!r}: {e}") from None
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # unknown device string, or a backend this torch lacks
+        raise UsageError(f"cannot use --device {args.device!r}: {str(e).splitlines()[0]}") from None
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         model = AutoModel.from_pretrained(model_ref, trust_remote_code=True, dtype=dtype)
@@ -199,6 +200,7 @@ def run_chat(args):
         model = model.float()  # float16 matmuls are slow or missing on CPU
 
     generation_config = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    printed = False
     try:
         with torch.inference_mode():
             for piece in model.chat(
@@ -206,8 +208,10 @@ def run_chat(args):
             ):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+                printed = True
     except (ValueError, OSError) as e:  # unreadable image, prompt too long for the context, ...
-        sys.stdout.write("\n")
+        if printed:
+            sys.stdout.write("\n")
         raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     sys.stdout.write("\n")
     return EXIT_OK
@@ -220,7 +224,10 @@ def main(argv=None):
     """Entry point of the `navil` console script; returns the exit code."""
     from .errors import ConversionError, VerificationError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or an argument error already reported on one line
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     start = time.perf_counter()
     try:
         return args.handler(args)
