@@ -10,7 +10,7 @@ end with one line on stderr and exit code 2; a failed verification with exit cod
 """
 
 import argparse
-import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,7 +54,9 @@ def build_parser():
         default="auto",
         help="dtype of the written weights (auto: keep the checkpoint's)",
     )
-    convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    convert.add_argument(
+        "--max-shard-size", type=_shard_size, default="5GB", help="largest safetensors shard, e.g. 500MB (default 5GB)"
+    )
     convert.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -105,6 +107,13 @@ def _positive_int(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _shard_size(text):
+    text = text.strip()
+    if not re.fullmatch(r"\d+(?:[KMG]i?B)?", text, flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"expected a size such as 500MB or 5GB, got {text!r}")
+    return int(text) if text.isdigit() else text.upper()
 
 
 def _not_implemented(name):

@@ -187,6 +187,10 @@ def _convert(
     model.config._attn_implementation = attn_implementation
     del converted
 
+    try:
+        processor = build_processor(tokenizer, config)
+    except ValueError as e:  # e.g. a tokenizer that splits <IMG_CONTEXT>
+        raise ConversionError(f"cannot build the processor from the original tokenizer: {e}") from None
     extra = [original_dir / name for name in TOKENIZER_FILES + LICENSE_FILES if (original_dir / name).is_file()]
     card = model_card(
         config, source=_source_name(original_dir), license=read_license(original_dir), dtype=target, verified=verify
@@ -201,6 +205,7 @@ def _convert(
                 config,
                 tokenizer,
                 tmp,
+                processor=processor,
                 generation_config=build_generation_config(tokenizer),
                 model_card=card,
                 extra_files=extra,
@@ -434,7 +439,7 @@ def probe_image(size=(40, 56)):
     x = torch.arange(w).view(1, w).expand(h, w)
     rgb = torch.stack([(x * 255) // max(w - 1, 1), (y * 255) // max(h - 1, 1), ((x + y) * 7) % 256], dim=-1)
     rgb[h // 4 : h // 2, w // 4 : w // 2] = 255
-    return Image.fromarray(rgb.to(torch.uint8).numpy(), mode="RGB")
+    return Image.fromarray(rgb.to(torch.uint8).numpy())  # (H, W, 3) uint8 -> RGB
 
 
 def probe_inputs(processor):

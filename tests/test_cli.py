@@ -42,6 +42,7 @@ def assert_usage_error(code, err, *fragments):
         (["frobnicate"], ["invalid choice: 'frobnicate'"]),
         (["convert"], ["required: ORIGINAL_DIR, OUT_DIR"]),
         (["convert", "a", "b", "--dtype", "int8"], ["invalid choice: 'int8'"]),
+        (["convert", "a", "b", "--max-shard-size", "lots"], ["500MB"]),
         (["chat"], ["required: QUESTION"]),
         (["chat", "--model", "x", "--max-new-tokens", "0", "q"], ["positive integer"]),
         (["chat", "--model", "x", "--max-new-tokens", "many", "q"], ["positive integer"]),

@@ -1,0 +1,38 @@
+"""The `navil` package: NaViL as transformers remote code (the four Hub files), the checkpoint
+converter and the `navil` command line."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+
+setup(
+    name="navil",
+    version="0.1.0",
+    description="NaViL (native multimodal LLM) for transformers: model code, checkpoint converter, command line",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").is_file() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    py_modules=["configuration_navil", "modeling_navil", "image_processing_navil", "processing_navil"],
+    packages=["conversion"],
+    install_requires=[
+        "transformers>=5.0,<6",
+        # A lower bound only: an installed torch (e.g. the CPU build 2.13.0) satisfies it, so pip fetches nothing.
+        "torch>=2.4",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "huggingface_hub",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["navil=conversion.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
