@@ -213,7 +213,11 @@ def run_chat(args):
     try:
         with torch.inference_mode():
             for piece in model.chat(
-                processor, args.question, images=list(args.image) or None, generation_config=generation_config, stream=True
+                processor,
+                args.question,
+                images=list(args.image) or None,
+                generation_config=generation_config,
+                stream=True,
             ):
                 sys.stdout.write(piece)
                 sys.stdout.flush()

@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError, VerificationError
-from .hub import build_generation_config, build_processor, model_card, model_from_state_dict, read_license, write_hub_folder
+from .hub import (
+    build_generation_config,
+    build_processor,
+    model_card,
+    model_from_state_dict,
+    read_license,
+    write_hub_folder,
+)
 from .keymap import convert_state_dict, convert_tensor, iter_original_tensors, match_source, rules_for
 from .original import (
     check_original_state_dict,
@@ -212,12 +219,13 @@ def _convert(
                 max_shard_size=max_shard_size,
                 progress=lambda description: bar.update(),
             )
-        num_written = len(model.state_dict())
+        num_written, num_original = len(model.state_dict()), len(original)
         if verify:
-            checks = verify_folder(
-                tmp, original, original_config, config, model, tokenizer, target, attn_implementation, progress
-            )
-        del model
+            checks = verify_weights(tmp, original, original_config, config, model, tokenizer, target, progress)
+            inputs, expected_logits = in_memory_logits(tmp, model, target, attn_implementation)
+        del model, original  # the reloaded model below must not double the memory
+        if verify:
+            checks["logits"] = check_reloaded_logits(tmp, inputs, expected_logits, target, attn_implementation)
         if _before_publish is not None:  # test hook: simulate a failure between verification and publishing
             _before_publish(tmp)
         _normalize_permissions(tmp)
@@ -231,7 +239,7 @@ def _convert(
         out_dir=out_dir,
         config=config,
         dtype=target,
-        num_original_tensors=len(original),
+        num_original_tensors=num_original,
         num_written_tensors=num_written,
         verified=verify,
         checks=checks,
@@ -276,9 +284,7 @@ def _tie_lm_head(original, converted, original_config, config):
         return
     head, embed = lm_head_key(original_config), embedding_key(original_config)
     if head in original and not torch.equal(original[head], original[embed]):
-        raise ConversionError(
-            f"llm_config.tie_word_embeddings is true but {head} differs from {embed}; fix the config"
-        )
+        raise ConversionError(f"llm_config.tie_word_embeddings is true but {head} differs from {embed}; fix the config")
     converted["lm_head.weight"] = converted["model.language_model.embed_tokens.weight"]
 
 
@@ -307,7 +313,11 @@ def publish(tmp, out_dir, force):
 def _forget_remote_module(folder):
     """Remove the copy of the code files transformers caches for a (temporary) local folder."""
     try:
-        from transformers.dynamic_module_utils import HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME, _sanitize_module_name
+        from transformers.dynamic_module_utils import (
+            HF_MODULES_CACHE,
+            TRANSFORMERS_DYNAMIC_MODULE_NAME,
+            _sanitize_module_name,
+        )
 
         name = _sanitize_module_name(Path(folder).name)
         cached = Path(HF_MODULES_CACHE) / TRANSFORMERS_DYNAMIC_MODULE_NAME / name
@@ -353,16 +363,15 @@ class SafetensorsFolder:
         return self._handles[self._weight_map[key]].get_tensor(key)
 
 
-def verify_folder(folder, original, original_config, config, model, tokenizer, dtype, attn_implementation, progress=False):
-    """Run the checks of the module docstring on a written folder; raise `VerificationError` on the
-    first failure. Returns {check: description}."""
-    checks = {}
+def verify_weights(folder, original, original_config, config, model, tokenizer, dtype, progress=False):
+    """The weight and tokenizer checks of the module docstring (1-4) on a written folder; raise
+    `VerificationError` on the first failure. Returns {check: description}."""
     written = SafetensorsFolder(folder)
-    checks["round trip"] = check_round_trip(written, original, original_config, config, dtype, progress)
-    checks["written = in memory"] = check_written_equals_model(written, model)
-    checks["tokenizer"] = check_tokenizer(folder, tokenizer)
-    checks["logits"] = check_reloaded_logits(folder, model, dtype, attn_implementation)
-    return checks
+    return {
+        "round trip": check_round_trip(written, original, original_config, config, dtype, progress),
+        "written = in memory": check_written_equals_model(written, model),
+        "tokenizer": check_tokenizer(folder, tokenizer),
+    }
 
 
 def _same(a, b):
@@ -398,7 +407,9 @@ def check_round_trip(written, original, original_config, config, dtype, progress
     if missing:
         raise VerificationError(f"round trip: original tensors not reproduced: {', '.join(sorted(missing)[:20])}")
     exact = len(seen) - folds
-    return f"{exact} original tensors reproduced bit for bit" + (f", {folds} folded o_proj_ve equal to the fold of the originals" if folds else "")
+    return f"{exact} original tensors reproduced bit for bit" + (
+        f", {folds} folded o_proj_ve equal to the fold of the originals" if folds else ""
+    )
 
 
 def _as(tensor, dtype):
@@ -448,20 +459,30 @@ def probe_inputs(processor):
     return processor(text=[prompt], images=[[probe_image()]], return_tensors="pt")
 
 
-def check_reloaded_logits(folder, model, dtype, attn_implementation):
-    """AutoModel/AutoProcessor from the folder vs the in-memory model, on a chat prompt with an image."""
-    from transformers import AutoModel, AutoProcessor
+def in_memory_logits(folder, model, dtype, attn_implementation):
+    """Probe inputs built by the folder's own processor, and the in-memory model's logits on them."""
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
     inputs = dict(probe_inputs(processor))
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     model.config._attn_implementation = attn_implementation
     with torch.no_grad():
-        expected = model(**inputs).logits
+        return inputs, model(**inputs).logits
+
+
+def check_reloaded_logits(folder, inputs, expected, dtype, attn_implementation):
+    """The folder loaded through `AutoModel` (no missing/unexpected weights) must give exactly `expected`."""
+    from transformers import AutoModel
+
     reloaded, info = AutoModel.from_pretrained(
-        str(folder), trust_remote_code=True, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        str(folder),
+        trust_remote_code=True,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
     )
-    problems = {k: v for k, v in info.items() if k != "error_msgs" and v} | ({"errors": info["error_msgs"]} if info.get("error_msgs") else {})
+    problems = {k: v for k, v in info.items() if v}
     if problems:
         raise VerificationError(f"AutoModel.from_pretrained reported {problems}")
     if type(reloaded).__name__ != "NaViLForConditionalGeneration":

@@ -54,7 +54,9 @@ def build_processor(tokenizer, config):
         max_dynamic_patch=config.max_dynamic_patch,
         scale_downsample_ratio=config.scale_downsample_ratio,
     )
-    return NaViLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATES[config.template])
+    return NaViLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATES[config.template]
+    )
 
 
 def build_generation_config(tokenizer):
@@ -188,7 +190,9 @@ def model_card(config, *, source=None, license=None, dtype=None, verified=True):
     ]
     if dtype is not None:
         params.append(f"- weights: {str(dtype).replace('torch.', '')}")
-    origin = f"the original OpenGVLab NaViL checkpoint `{source}`" if source else "an original OpenGVLab NaViL checkpoint"
+    origin = (
+        f"the original OpenGVLab NaViL checkpoint `{source}`" if source else "an original OpenGVLab NaViL checkpoint"
+    )
     checked = (
         " The conversion was checked tensor by tensor (converting back reproduces the original weights) and on\nthe model's logits."
         if verified
@@ -235,5 +239,7 @@ From the command line (`pip install navil`): `navil chat --model path/to/this/fo
 stop at `<|im_end|>`, at most {DEFAULT_MAX_NEW_TOKENS} new tokens) are in `generation_config.json`.
 """
     if license:
-        body += f"\n## License\n\nThe original checkpoint is released under the `{license}` license; the weights keep it.\n"
+        body += (
+            f"\n## License\n\nThe original checkpoint is released under the `{license}` license; the weights keep it.\n"
+        )
     return "\n".join(front) + body

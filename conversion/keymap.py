@@ -100,7 +100,7 @@ LLM_KEYS = {"Qwen3VEForCausalLM": QWEN3_KEYS, "InternLM2VEForCausalLM": INTERNLM
 EXACT_OPS = (RENAME, SPLIT_WQKV)  # ops whose inverse reproduces the original bit for bit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template_regex(template):
     parts = re.split(r"\{(\w+)\}", template)
     out = []

@@ -280,7 +280,11 @@ def expected_original_shapes(original_config):
 
 
 def lm_head_key(original_config):
-    return "language_model.lm_head.weight" if llm_architecture(original_config) == QWEN3 else "language_model.output.weight"
+    return (
+        "language_model.lm_head.weight"
+        if llm_architecture(original_config) == QWEN3
+        else "language_model.output.weight"
+    )
 
 
 def embedding_key(original_config):
@@ -308,10 +312,13 @@ def check_original_state_dict(shapes, original_config):
     )
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        problems.append(
+            f"missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else "")
+        )
     if unexpected:
         problems.append(
-            f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else "")
+            f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+            + (" ..." if len(unexpected) > 20 else "")
         )
     if misshapen:
         problems.append(f"wrong shapes ({len(misshapen)}): {'; '.join(misshapen[:10])}")

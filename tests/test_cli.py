@@ -112,19 +112,33 @@ def test_chat_device_errors(capsys, converted):
 def test_chat_streams_an_answer(capsys, converted):
     image = fixtures_dir() / QWEN3 / "image0.png"
     code, out, err = run_main(
-        capsys, ["chat", "--model", str(converted), "--image", str(image), "--max-new-tokens", "8", "Describe the image."]
+        capsys,
+        ["chat", "--model", str(converted), "--image", str(image), "--max-new-tokens", "8", "Describe the image."],
     )
     assert code == 0, err
     assert out.endswith("\n") and out.strip()
 
 
 def test_chat_text_only_and_several_images(capsys, converted):
-    code, out, err = run_main(capsys, ["chat", "--model", str(converted), "--max-new-tokens", "4", "--device", "cpu", "Hello"])
+    code, out, err = run_main(
+        capsys, ["chat", "--model", str(converted), "--max-new-tokens", "4", "--device", "cpu", "Hello"]
+    )
     assert code == 0, err
     images = [str(fixtures_dir() / QWEN3 / name) for name in ("image0.png", "image1.png")]
     code, out, err = run_main(
         capsys,
-        ["chat", "--model", str(converted), "--image", images[0], "--image", images[1], "--max-new-tokens", "4", "Compare."],
+        [
+            "chat",
+            "--model",
+            str(converted),
+            "--image",
+            images[0],
+            "--image",
+            images[1],
+            "--max-new-tokens",
+            "4",
+            "Compare.",
+        ],
     )
     assert code == 0, err
 

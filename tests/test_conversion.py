@@ -28,7 +28,6 @@ from conversion.keymap import (
 from conversion.original import (
     INTERNLM2,
     QWEN3,
-    OriginalCheckpointError,
     check_original_state_dict,
     convert_config,
     expected_original_shapes,
@@ -72,7 +71,9 @@ def rewrite(folder, config=None, tensors=None):
 # Surgery
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,width", [(4, 2, 16, 64), (8, 1, 8, 32), (6, 6, 4, 24), (16, 8, 8, 40), (12, 4, 2, 5)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,width", [(4, 2, 16, 64), (8, 1, 8, 32), (6, 6, 4, 24), (16, 8, 8, 40), (12, 4, 2, 5)]
+)
 def test_wqkv_split_merge_round_trip_is_exact(heads, kv_heads, head_dim, width):
     rows = (heads + 2 * kv_heads) * head_dim
     weight = torch.randn(rows, width)
@@ -80,7 +81,9 @@ def test_wqkv_split_merge_round_trip_is_exact(heads, kv_heads, head_dim, width):
     assert q.shape == (heads * head_dim, width) and k.shape == v.shape == (kv_heads * head_dim, width)
     assert torch.equal(merge_internlm2_wqkv(q, k, v, heads, kv_heads, head_dim), weight)
     bias = torch.randn(rows)
-    assert torch.equal(merge_internlm2_wqkv(*split_internlm2_wqkv(bias, heads, kv_heads, head_dim), heads, kv_heads, head_dim), bias)
+    assert torch.equal(
+        merge_internlm2_wqkv(*split_internlm2_wqkv(bias, heads, kv_heads, head_dim), heads, kv_heads, head_dim), bias
+    )
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3), (8, 8), (4, 1)])
@@ -95,7 +98,9 @@ def test_wqkv_split_follows_the_kv_head_grouping(heads, kv_heads):
     for g in range(kv_heads):
         blocks += q_heads[g * group : (g + 1) * group] + [k_heads[g], v_heads[g]]
     q, k, v = split_internlm2_wqkv(torch.cat(blocks), heads, kv_heads, head_dim)
-    assert torch.equal(q, torch.cat(q_heads)) and torch.equal(k, torch.cat(k_heads)) and torch.equal(v, torch.cat(v_heads))
+    assert (
+        torch.equal(q, torch.cat(q_heads)) and torch.equal(k, torch.cat(k_heads)) and torch.equal(v, torch.cat(v_heads))
+    )
 
 
 def test_wqkv_split_rejects_wrong_sizes():
@@ -163,7 +168,9 @@ def test_fixture_converts_to_the_model_layout_and_back(name):
     assert torch.equal(converted["model.special_token_embedding.weight"], original["special_token_embedding.weight"])
 
     back, not_reproduced = to_original_state_dict(converted, arch, config.text_config, exact_only=True)
-    folded = {f"language_model.model.layers.{n}.attention.wo_ve.weight" for n in range(2)} if arch == INTERNLM2 else set()
+    folded = (
+        {f"language_model.model.layers.{n}.attention.wo_ve.weight" for n in range(2)} if arch == INTERNLM2 else set()
+    )
     assert set(not_reproduced) == folded
     assert set(back) | folded == set(original)
     for key, tensor in back.items():
@@ -183,7 +190,10 @@ def test_internlm2_fold_matches_the_chained_original_projection():
         assert torch.equal(converted[f"model.language_model.layers.{n}.self_attn.o_proj.weight"], wo.float())
     # the approximate inverse gets wo_ve back closely
     approx, _ = to_original_state_dict(converted, INTERNLM2, config.text_config)
-    diff = (approx["language_model.model.layers.0.attention.wo_ve.weight"] - original["language_model.model.layers.0.attention.wo_ve.weight"])
+    diff = (
+        approx["language_model.model.layers.0.attention.wo_ve.weight"]
+        - original["language_model.model.layers.0.attention.wo_ve.weight"]
+    )
     assert diff.abs().max() < 1e-3
 
 
@@ -221,7 +231,11 @@ def test_config_mapping_of_the_fixtures(name):
     assert text.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
     assert text.qk_norm is (name == "qwen3")
     assert text.attention_bias is text.attention_out_bias is False
-    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (llm["bos_token_id"], llm["eos_token_id"], llm["pad_token_id"])
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
+        llm["bos_token_id"],
+        llm["eos_token_id"],
+        llm["pad_token_id"],
+    )
     assert config.template == original["template"]
     assert (config.min_dynamic_patch, config.max_dynamic_patch) == (4, 256)
     assert config.scale_downsample_ratio == 0.7071 and config.downsample_ratio == 0.5
@@ -352,7 +366,11 @@ def test_missing_tensors_are_listed(tmp_path):
     tensors = load_file(source / "model.safetensors")
     del tensors["mlp1.3.weight"], tensors["language_model.model.layers.1.mlp_ve.up_proj.weight"]
     rewrite(source, tensors=tensors)
-    expect_error(tmp_path, source, r"missing keys \(2\): language_model\.model\.layers\.1\.mlp_ve\.up_proj\.weight, mlp1\.3\.weight")
+    expect_error(
+        tmp_path,
+        source,
+        r"missing keys \(2\): language_model\.model\.layers\.1\.mlp_ve\.up_proj\.weight, mlp1\.3\.weight",
+    )
 
 
 def test_unexpected_tensors_are_listed(tmp_path):
@@ -367,7 +385,9 @@ def test_wrong_layout_folder_is_rejected(tmp_path):
     """A folder with a navil_chat config but our (converted) key names."""
     source = copy_checkpoint("qwen3", tmp_path / "src")
     original_config = load_original_config(source)
-    converted = convert_state_dict(load_file(source / "model.safetensors"), QWEN3, convert_config(original_config, TOKEN_IDS).text_config)
+    converted = convert_state_dict(
+        load_file(source / "model.safetensors"), QWEN3, convert_config(original_config, TOKEN_IDS).text_config
+    )
     rewrite(source, tensors={k: v.contiguous() for k, v in converted.items()})
     expect_error(tmp_path, source, r"missing keys .* unexpected keys")
 
@@ -390,7 +410,11 @@ def test_unknown_llm_architecture_is_rejected(tmp_path):
     config = json.loads((source / "config.json").read_text())
     config["llm_config"]["architectures"] = ["LlamaVEForCausalLM"]
     rewrite(source, config=config)
-    expect_error(tmp_path, source, r"unsupported llm_config\.architectures 'LlamaVEForCausalLM'; supported: Qwen3VEForCausalLM, InternLM2VEForCausalLM")
+    expect_error(
+        tmp_path,
+        source,
+        r"unsupported llm_config\.architectures 'LlamaVEForCausalLM'; supported: Qwen3VEForCausalLM, InternLM2VEForCausalLM",
+    )
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
@@ -481,7 +505,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, existing):
 
 def test_corrupted_written_weights_fail_the_round_trip(tmp_path, monkeypatch):
     """Tamper with one tensor between writing and verifying: the round trip must notice."""
-    real = convert_module.verify_folder
+    real = convert_module.verify_weights
 
     def tamper(folder, *args, **kwargs):
         path = Path(folder) / "model.safetensors"
@@ -492,7 +516,7 @@ def test_corrupted_written_weights_fail_the_round_trip(tmp_path, monkeypatch):
         save_file(tensors, str(path), metadata={"format": "pt"})
         return real(folder, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "verify_folder", tamper)
+    monkeypatch.setattr(convert_module, "verify_weights", tamper)
     out = tmp_path / "out"
     with pytest.raises(VerificationError, match=r"round trip: .*layers\.1\.attention\.wqkv_ve\.weight"):
         convert_checkpoint(checkpoint("internlm2"), out)
@@ -541,8 +565,12 @@ def check_hub_folder(out, name):
     assert type(processor).__name__ == "NaViLProcessor"
     assert type(processor.image_processor).__name__ == "NaViLImageProcessor"
     assert processor.image_processor.min_dynamic_patch == 4 and processor.image_processor.max_dynamic_patch == 256
-    prompt = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
-    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if name == "qwen3" else ""))
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(
+        "<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if name == "qwen3" else "")
+    )
     return model
 
 
@@ -554,7 +582,9 @@ def test_navil_convert_in_process(tmp_path, capsys, name):
     assert "bit for bit" in printed and "identical logits" in printed
     model = check_hub_folder(out, name)
     original = load_original_state_dict(checkpoint(name))
-    embed = "language_model.model.embed_tokens.weight" if name == "qwen3" else "language_model.model.tok_embeddings.weight"
+    embed = (
+        "language_model.model.embed_tokens.weight" if name == "qwen3" else "language_model.model.tok_embeddings.weight"
+    )
     assert torch.equal(model.get_input_embeddings().weight, original[embed])
     assert torch.equal(model.model.special_token_embedding.weight, original["special_token_embedding.weight"])
 
