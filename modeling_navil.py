@@ -186,7 +186,13 @@ def vision_attention_function(attn_implementation: str | None) -> Callable:
         return vision_sdpa_attention
     if _is_flash(attn_implementation):
         return vision_flash_attention
-    return VISION_ATTENTION_FUNCTIONS.get(attn_implementation, vision_sdpa_attention)
+    if attn_implementation not in VISION_ATTENTION_FUNCTIONS:
+        logger.warning_once(
+            f"the vision encoder has no {attn_implementation!r} attention; it runs sdpa per segment "
+            f"(available: {', '.join(sorted(VISION_ATTENTION_FUNCTIONS))})"
+        )
+        return vision_sdpa_attention
+    return VISION_ATTENTION_FUNCTIONS[attn_implementation]
 
 
 # --------------------------------------------------------------------------------------------
