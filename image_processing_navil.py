@@ -285,10 +285,10 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     def num_image_tokens(self, height, width):
         """Prompt tokens one image of this size expands to (see module-level `num_image_tokens`)."""
-        return 2 + sum(
-            (grid_h // self.merge_size) * (grid_w // self.merge_size + 1) + 1
-            for _, _, grid_h, grid_w in self.pyramid(height, width)
-        )
+        return num_image_tokens(
+            height, width, self.min_pixels, self.max_pixels, self.scale_downsample_ratio,
+            self.patch_size, self.merge_size, self.multi_scale,
+        )  # fmt: skip
 
     def __call__(self, images, return_tensors=None, **kwargs):
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
