@@ -721,15 +721,13 @@ class NaViLTextModel(NaViLPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
 
 
-def _processing_classes():
-    """The sibling processing files, imported on first use (the model loads without them)."""
+def _processor_class():
+    """The sibling processing file, imported on first use (the model loads without it)."""
     try:
-        from .image_processing_navil import NaViLImageProcessor
-        from .processing_navil import CHAT_TEMPLATES, NaViLProcessor
+        from .processing_navil import NaViLProcessor
     except ImportError:
-        from image_processing_navil import NaViLImageProcessor
-        from processing_navil import CHAT_TEMPLATES, NaViLProcessor
-    return NaViLImageProcessor, NaViLProcessor, CHAT_TEMPLATES
+        from processing_navil import NaViLProcessor
+    return NaViLProcessor
 
 
 # --------------------------------------------------------------------------------------------
@@ -1038,15 +1036,8 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     def _as_processor(self, processor_or_tokenizer):
         if hasattr(processor_or_tokenizer, "image_processor"):
             return processor_or_tokenizer
-        NaViLImageProcessor, NaViLProcessor, CHAT_TEMPLATES = _processing_classes()
         tokenizer = processor_or_tokenizer
-        template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATES[self.config.template]
-        image_processor = NaViLImageProcessor(
-            min_dynamic_patch=self.config.min_dynamic_patch,
-            max_dynamic_patch=self.config.max_dynamic_patch,
-            scale_downsample_ratio=self.config.scale_downsample_ratio,
-        )
-        return NaViLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+        return _processor_class().for_config(self.config, tokenizer, getattr(tokenizer, "chat_template", None))
 
     @staticmethod
     def _original_image_layout(pixel_values, num_patches_list, num_scales):

@@ -166,6 +166,23 @@ class NaViLProcessor(ProcessorMixin):
         self.im_end_token_id = vocab["<|im_end|>"]
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
+    @classmethod
+    def for_config(cls, config, tokenizer, chat_template=None):
+        """The processor a `NaViLConfig` implies: its image settings and, unless `chat_template` is
+        given, the original chat template named by `config.template`."""
+        if chat_template is None:
+            if config.template not in CHAT_TEMPLATES:
+                raise ValueError(f"unknown chat template {config.template!r}; known: {', '.join(CHAT_TEMPLATES)}")
+            chat_template = CHAT_TEMPLATES[config.template]
+        image_processor = NaViLImageProcessor(
+            patch_size=config.vision_config.patch_size,
+            merge_size=config.vision_config.spatial_merge_size,
+            min_dynamic_patch=config.min_dynamic_patch,
+            max_dynamic_patch=config.max_dynamic_patch,
+            scale_downsample_ratio=config.scale_downsample_ratio,
+        )
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "mm_token_type_ids", *self.image_processor.model_input_names]

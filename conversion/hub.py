@@ -42,21 +42,9 @@ def model_from_state_dict(state_dict, config):
 
 def build_processor(tokenizer, config):
     """`NaViLProcessor` for a config: image settings from the config, the original chat template by name."""
-    from image_processing_navil import NaViLImageProcessor
-    from processing_navil import CHAT_TEMPLATES, NaViLProcessor
+    from processing_navil import NaViLProcessor
 
-    if config.template not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {config.template!r}; known: {', '.join(CHAT_TEMPLATES)}")
-    image_processor = NaViLImageProcessor(
-        patch_size=config.vision_config.patch_size,
-        merge_size=config.vision_config.spatial_merge_size,
-        min_dynamic_patch=config.min_dynamic_patch,
-        max_dynamic_patch=config.max_dynamic_patch,
-        scale_downsample_ratio=config.scale_downsample_ratio,
-    )
-    return NaViLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATES[config.template]
-    )
+    return NaViLProcessor.for_config(config, tokenizer)
 
 
 def build_generation_config(tokenizer):
