@@ -965,7 +965,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             raise ValueError("pass either images= or the original pixel_values=, not both")
         images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
         if pixel_values is not None:
-            grid, num_scales = self._original_image_layout(pixel_values, num_patches_list, num_scales)
+            grid, num_scales = self._original_image_layout(num_patches_list, num_scales)
             num_images = len(num_scales)
         else:
             num_images = len(images)
@@ -1040,19 +1040,15 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         return _processor_class().for_config(self.config, tokenizer, getattr(tokenizer, "chat_template", None))
 
     @staticmethod
-    def _original_image_layout(pixel_values, num_patches_list, num_scales):
+    def _original_image_layout(num_patches_list, num_scales):
+        """The original form's image layout; the processor checks `num_scales` against the grid rows
+        and the vision encoder checks the grid against `pixel_values`."""
         if num_patches_list is None:
             raise ValueError("the original chat form needs num_patches_list=image_grid_thw with pixel_values")
         grid = torch.as_tensor(num_patches_list, dtype=torch.long).reshape(-1, 3)
         if num_scales is None:
             num_scales = [grid.shape[0]]  # one image with every scale
-        num_scales = [int(s) for s in (num_scales.tolist() if torch.is_tensor(num_scales) else num_scales)]
-        if sum(num_scales) != grid.shape[0]:
-            raise ValueError(f"num_scales {num_scales} adds up to {sum(num_scales)} but num_patches_list has {grid.shape[0]} rows")
-        patches = int(grid.prod(-1).sum())
-        if patches != pixel_values.shape[0]:
-            raise ValueError(f"num_patches_list describes {patches} patches but pixel_values has {pixel_values.shape[0]}")
-        return grid, num_scales
+        return grid, [int(s) for s in (num_scales.tolist() if torch.is_tensor(num_scales) else num_scales)]
 
     @staticmethod
     def _history_turns(history) -> list[tuple[str, str, list]]:
