@@ -11,15 +11,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configuration_navil import NaViLConfig  # noqa: E402
+from conversion.hub import AUTO_MAP, code_files  # noqa: E402
 from modeling_navil import NaViLForConditionalGeneration  # noqa: E402
-
-CODE_FILES = ("configuration_navil.py", "modeling_navil.py", "image_processing_navil.py", "processing_navil.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_navil.NaViLConfig",
-    "AutoModel": "modeling_navil.NaViLForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_navil.NaViLForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_navil.NaViLForConditionalGeneration",
-}
 
 # Token ids of the tiny vocabulary (mirrors the fixtures' tokenizer layout).
 IMG_START, IMG_END, IMG_CONTEXT, LINE_BREAK, FRAME_BREAK = 5, 6, 7, 8, 9
@@ -91,6 +84,6 @@ def write_hub_folder(model, out_dir):
     """save_pretrained + the four code files + auto_map: what a Hub folder carries (no tokenizer)."""
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(out_dir)
-    for name in CODE_FILES:
-        shutil.copy(os.path.join(ROOT, name), out_dir)
+    for path in code_files():
+        shutil.copy(path, out_dir)
     return out_dir
