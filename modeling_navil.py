@@ -969,17 +969,9 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             num_images = len(num_scales)
         else:
             num_images = len(images)
-        if num_images and "<image>" not in question:
-            question = "<image>\n" * num_images + question
-
+        question = self._with_placeholders(question, num_images)
         turns = self._history_turns(history)
-        messages = []
-        if system_message is not None:
-            messages.append({"role": "system", "content": system_message})
-        for old_question, old_answer, _ in turns:
-            messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
-        messages.append({"role": "user", "content": question})
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = self._chat_prompt(processor, question, turns, system_message)
         history_images = [img for _, _, imgs in turns for img in imgs]
 
         if pixel_values is not None:
@@ -999,9 +991,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
 
         config = self._chat_generation_config(processor, generation_config, **generate_kwargs)
         prompt_length = inputs["input_ids"].shape[1]
-        limit = self.config.text_config.max_position_embeddings
-        if prompt_length >= limit:
-            raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {limit}")
+        self._check_context(prompt_length)
 
         def finish(response: str):
             new_history = [(q, a, imgs) for q, a, imgs in turns] + [(question, response, images)]
@@ -1012,6 +1002,74 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         output = self.generate(**inputs, generation_config=config)
         response = processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
         return finish(response)
+
+    def batch_chat(
+        self,
+        processor,
+        questions: list[str],
+        images=None,
+        generation_config=None,
+        system_message: str | None = None,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Answer several independent questions in one left-padded batch (API.md).
+
+        Args:
+            processor: the checkpoint's processor (or its tokenizer).
+            questions: one question per sample.
+            images: `None`, or one list of images per question (`[[img1], [img2, img3], []]`); a question
+                without `<image>` placeholders gets its images prepended, as in `chat`.
+            generation_config: a dict or `GenerationConfig`; greedy decoding by default.
+            system_message: overrides the checkpoint's default system message for every sample.
+
+        Returns one answer per question. Greedy answers equal `chat` called question by question.
+        """
+        if isinstance(questions, str) or not questions:
+            raise ValueError("batch_chat() needs a non-empty list of questions")
+        if images is None:
+            images = [[] for _ in questions]
+        images = [[] if sample is None else list(sample) if isinstance(sample, (list, tuple)) else [sample] for sample in images]
+        if len(images) != len(questions):
+            raise ValueError(f"batch_chat() got {len(questions)} questions but {len(images)} image lists")
+        processor = self._as_processor(processor)
+        prompts = [
+            self._chat_prompt(processor, self._with_placeholders(question, len(sample)), [], system_message)
+            for question, sample in zip(questions, images)
+        ]
+        inputs = processor(
+            text=prompts, images=images if any(images) else None, padding=True, padding_side="left", return_tensors="pt"
+        ).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        prompt_length = inputs["input_ids"].shape[1]
+        self._check_context(int(inputs["attention_mask"].sum(-1).max()))
+        config = self._chat_generation_config(processor, generation_config, **generate_kwargs)
+        output = self.generate(**inputs, generation_config=config)
+        return [
+            processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, prompt_length:]
+        ]
+
+    @staticmethod
+    def _with_placeholders(question: str, num_images: int) -> str:
+        """The question with one `<image>` per image, prepended as the original does unless it has them."""
+        if num_images and "<image>" not in question:
+            return "<image>\n" * num_images + question
+        return question
+
+    @staticmethod
+    def _chat_prompt(processor, question: str, turns, system_message: str | None) -> str:
+        messages = []
+        if system_message is not None:
+            messages.append({"role": "system", "content": system_message})
+        for old_question, old_answer, _ in turns:
+            messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
+        messages.append({"role": "user", "content": question})
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _check_context(self, prompt_length: int):
+        limit = self.config.text_config.max_position_embeddings
+        if prompt_length >= limit:
+            raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {limit}")
 
     def _stream(self, processor, inputs, config, finish) -> Iterator[str]:
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -1076,7 +1134,8 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         base.update(generation_config or {})
         base.update(overrides)
         tokenizer = processor.tokenizer
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # The original templates end a turn with <|im_end|>; an LLM's own template with its eos token.
+        end = tokenizer.get_vocab().get("<|im_end|>", tokenizer.eos_token_id)
         base.setdefault("max_new_tokens", 1024)
         if base.get("eos_token_id") is None:
             base["eos_token_id"] = end

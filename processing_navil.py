@@ -114,6 +114,44 @@ CHAT_TEMPLATES = {
     "internlm2-chat": _TEMPLATE.replace("__THINK__", "false"),
 }
 
+# Put in front of a text-only LLM's own chat template (`extend_chat_template`): messages whose content is
+# a list of items become plain-text messages, every `{"type": "image"}` item an `<image>\n` ahead of the
+# text (as in the original templates); other keys of the message are kept. The LLM's template then
+# renders the conversation exactly as it would for text.
+_IMAGE_PRELUDE = r"""{#- navil: image items -> <image> placeholders -#}
+{%- set _navil = namespace(messages=[]) -%}
+{%- for message in messages -%}
+    {%- if message.content is string or message.content is none -%}
+        {%- set _navil.messages = _navil.messages + [message] -%}
+    {%- else -%}
+        {%- set _text = namespace(images='', text='') -%}
+        {%- for item in message.content -%}
+            {%- if item.type == 'image' -%}
+                {%- set _text.images = _text.images + '<image>\n' -%}
+            {%- elif item.type == 'text' -%}
+                {%- set _text.text = _text.text + item.text -%}
+            {%- else -%}
+                {{- raise_exception('unsupported content type: ' ~ item.type) -}}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- set _navil.messages = _navil.messages + [dict(message, content=_text.images + _text.text)] -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- set messages = _navil.messages -%}
+{#- navil: end -#}
+"""
+
+
+def extend_chat_template(template):
+    """A text-only LLM's chat template, extended for images: `{"type": "image"}` content items render
+    as `<image>\n` ahead of the message's text (the processor expands each into the image's tokens);
+    everything else renders exactly as the LLM's own template does. Idempotent."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError("extend_chat_template needs the LLM's chat template (a non-empty Jinja string)")
+    if template.startswith(_IMAGE_PRELUDE):
+        return template
+    return _IMAGE_PRELUDE + template
+
 
 def image_placeholder_expansion(grids, merge_size=2):
     """The text one `<image>` becomes, given the image's `image_grid_thw` rows (smallest scale first)."""
@@ -145,7 +183,10 @@ class NaViLProcessor(ProcessorMixin):
         if isinstance(chat_template, str) and chat_template in CHAT_TEMPLATES:
             chat_template = CHAT_TEMPLATES[chat_template]
         vocab = tokenizer.get_vocab()
-        missing = [t for t in (*SPECIAL_TOKENS, *CHAT_TOKENS) if t not in vocab]
+        # The original ChatML templates need <|im_start|>/<|im_end|>; a template taken from the LLM
+        # (`navil init-from-llm`) brings its own chat tokens.
+        chatml = chat_template in CHAT_TEMPLATES.values()
+        missing = [t for t in (*SPECIAL_TOKENS, *(CHAT_TOKENS if chatml else ())) if t not in vocab]
         if missing:
             raise ValueError(f"the tokenizer lacks tokens NaViL needs: {' '.join(missing)}")
         emitted = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_LINE_BREAK_TOKEN)
@@ -163,17 +204,21 @@ class NaViLProcessor(ProcessorMixin):
         self.image_frame_break_token_id = vocab[IMAGE_FRAME_BREAK_TOKEN]
         self.special_token_ids = [vocab[t] for t in SPECIAL_TOKENS]
         self.visual_expert_token_ids = [vocab[t] for t in VISUAL_EXPERT_TOKENS]
-        self.im_end_token_id = vocab["<|im_end|>"]
+        self.im_end_token_id = vocab.get("<|im_end|>")
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
     def for_config(cls, config, tokenizer, chat_template=None):
         """The processor a `NaViLConfig` implies: its image settings and, unless `chat_template` is
-        given, the original chat template named by `config.template`."""
+        given, the original chat template named by `config.template` -- or, for a model built from a
+        text LLM (`config.template` None), the tokenizer's own template extended for images."""
         if chat_template is None:
-            if config.template not in CHAT_TEMPLATES:
+            if config.template is None and getattr(tokenizer, "chat_template", None):
+                chat_template = extend_chat_template(tokenizer.chat_template)
+            elif config.template not in CHAT_TEMPLATES:
                 raise ValueError(f"unknown chat template {config.template!r}; known: {', '.join(CHAT_TEMPLATES)}")
-            chat_template = CHAT_TEMPLATES[config.template]
+            else:
+                chat_template = CHAT_TEMPLATES[config.template]
         image_processor = NaViLImageProcessor(
             patch_size=config.vision_config.patch_size,
             merge_size=config.vision_config.spatial_merge_size,
@@ -360,6 +405,7 @@ __all__ = [
     "CHAT_TEMPLATES",
     "DEFAULT_SYSTEM_MESSAGE",
     "NaViLProcessor",
+    "extend_chat_template",
     "image_placeholder_expansion",
     "save_processor",
 ]
