@@ -1,8 +1,8 @@
 """The `navil` command line (API.md "Command line").
 
     navil convert ORIGINAL_DIR OUT_DIR [--force] [--no-verify] [--dtype ...] [--push-to-hub REPO_ID]
-    navil chat --model PATH_OR_REPO [--image FILE ...] [--max-new-tokens N] [--device DEV] "question"
-    navil init-from-llm ...   (not implemented yet)
+    navil chat [--model PATH_OR_REPO] [--image FILE ...] [--max-new-tokens N] [--device DEV] "question"
+    navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--dtype ...] [--chat-template ...]
     navil push ...            (not implemented yet)
 
 Mistakes in the input (a bad path, an existing output, a folder that is not an original checkpoint)
@@ -72,7 +72,12 @@ def build_parser():
         description="Load a converted NaViL folder or Hub repo and stream its answer to one question.",
     )
     chat.add_argument("question", metavar="QUESTION", help="the question")
-    chat.add_argument("--model", metavar="PATH_OR_REPO", help="converted folder or Hub repo id (required for now)")
+    chat.add_argument(
+        "--model",
+        metavar="PATH_OR_REPO",
+        help="a NaViL folder or Hub repo id; without it, the demo model built from SmolLM2-135M-Instruct "
+        "(needs the demo extra; its vision encoder is untrained)",
+    )
     chat.add_argument(
         "--image", metavar="FILE", action="append", default=[], help="an image file; repeat for several images"
     )
@@ -86,11 +91,46 @@ def build_parser():
     )
     chat.set_defaults(handler=run_chat)
 
-    init = commands.add_parser("init-from-llm", help="start a NaViL checkpoint from a text LLM (not implemented yet)")
-    init.add_argument("llm", metavar="LLM_DIR_OR_GGUF")
-    init.add_argument("out_dir", metavar="OUT_DIR")
-    init.add_argument("--vision-preset", default=None)
-    init.set_defaults(handler=_not_implemented("navil init-from-llm"))
+    init = commands.add_parser(
+        "init-from-llm",
+        help="start a NaViL checkpoint from a pretrained text LLM (Llama, Qwen2, Qwen3, InternLM2 or GGUF)",
+        description="Build a Hub-ready NaViL folder from a pretrained LLM: text weights copied, every visual expert "
+        "a copy of its text twin, NaViL's special tokens added, a fresh vision encoder and connector sized by "
+        "--vision-preset, the LLM's chat template extended for images. Before writing, NaViL's logits on "
+        "text-only prompts are checked against the LLM's (transformers, float32, max-abs <= 1e-4).",
+    )
+    init.add_argument("llm", metavar="LLM_DIR_OR_GGUF", nargs="?", help="a Hugging Face LLM folder or a .gguf file")
+    init.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="the folder to create")
+    init.add_argument("--vision-preset", default=None, help="vision encoder size (see --list-presets; default base)")
+    init.add_argument("--list-presets", action="store_true", help="print the vision presets and exit")
+    init.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype of the written weights (auto: the LLM's; float32 for GGUF)",
+    )
+    init.add_argument(
+        "--chat-template",
+        metavar="FILE_OR_NAME",
+        default=None,
+        help="a Jinja file or qwen3-chat/internlm2-chat, for LLMs without a chat template (default: the LLM's)",
+    )
+    init.add_argument("--min-dynamic-patch", type=_positive_int, default=256, help="fewest patches per image")
+    init.add_argument("--max-dynamic-patch", type=_positive_int, default=24576, help="most patches per image")
+    init.add_argument("--seed", type=int, default=0, help="seed of the fresh vision encoder and connector")
+    init.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    init.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check text parity with the LLM and the reloaded folder before writing (default)",
+    )
+    init.add_argument(
+        "--max-shard-size", type=_shard_size, default="5GB", help="largest safetensors shard, e.g. 500MB (default 5GB)"
+    )
+    init.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own code (InternLM2)")
+    init.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    init.set_defaults(handler=run_init_from_llm)
 
     push = commands.add_parser("push", help="upload a converted folder to the Hub (not implemented yet)")
     push.add_argument("out_dir", metavar="OUT_DIR")
@@ -158,6 +198,46 @@ def run_convert(args):
 
 
 # ---------------------------------------------------------------------------------------------------
+# init-from-llm
+
+
+def run_init_from_llm(args):
+    from .init_llm import DEFAULT_PRESET, describe_presets, init_from_llm
+
+    if args.list_presets:
+        print(describe_presets())
+        return EXIT_OK
+    if not args.llm or not args.out_dir:
+        raise UsageError("LLM_DIR_OR_GGUF and OUT_DIR are required")
+    if not Path(args.llm).exists():
+        raise UsageError(f"{args.llm}: no such folder or .gguf file")
+    result = init_from_llm(
+        args.llm,
+        args.out_dir,
+        vision_preset=args.vision_preset or DEFAULT_PRESET,
+        dtype=args.dtype,
+        force=args.force,
+        verify=args.verify,
+        progress=not args.quiet,
+        seed=args.seed,
+        chat_template=args.chat_template,
+        min_dynamic_patch=args.min_dynamic_patch,
+        max_dynamic_patch=args.max_dynamic_patch,
+        trust_remote_code=args.trust_remote_code,
+        max_shard_size=args.max_shard_size,
+    )
+    counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in result.parameters.items())
+    dtype = str(result.dtype).replace("torch.", "")
+    print(f"wrote {result.out_dir} (vision preset {result.vision_preset}; {counts}; {dtype}) in {result.seconds:.1f} s")
+    print(f"  added tokens: {' '.join(result.added_tokens) or 'none (the tokenizer had them)'}")
+    for name, outcome in result.checks.items():
+        print(f"  verified {name}: {outcome}")
+    if not result.verified:
+        print("  not verified (--no-verify)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
 # chat
 
 
@@ -181,7 +261,14 @@ def check_model_reference(model):
 
 
 def run_chat(args):
-    model_ref = check_model_reference(args.model)
+    demo = not args.model
+    if demo:
+        from .demo import DEMO_NOTICE, ensure_demo_model
+
+        model_ref = str(ensure_demo_model(progress=True))
+        print(DEMO_NOTICE, file=sys.stderr)
+    else:
+        model_ref = check_model_reference(args.model)
     for image in args.image:
         if not Path(image).is_file():
             raise UsageError(f"image file not found: {image}")

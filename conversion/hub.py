@@ -159,6 +159,33 @@ def read_license(original_dir):
     return None
 
 
+def usage_section(stop="`<|im_end|>`"):
+    """The model card's "Use" section: loading, chat, streaming, history, the command line."""
+    return f"""## Use
+
+```python
+import torch
+from transformers import AutoModel, AutoProcessor
+
+path = "path/to/this/folder"  # or its Hub repo id
+model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16, attn_implementation="sdpa")
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+
+print(model.chat(processor, "Describe the image.", images=["cat.jpg"]))
+text, history = model.chat(processor, "Describe the image.", images=["cat.jpg"], return_history=True)
+text, history = model.chat(processor, "And its color?", history=history, return_history=True)
+for piece in model.chat(processor, "Describe.", images=["cat.jpg"], stream=True):
+    print(piece, end="", flush=True)
+answers = model.batch_chat(processor, ["What is this?", "Hi!"], images=[["cat.jpg"], []])
+```
+
+From the command line (`pip install navil`): `navil chat --model path/to/this/folder --image cat.jpg "Describe the image."`
+
+`attn_implementation` may be `"eager"`, `"sdpa"` or `"flash_attention_2"`. Generation defaults (greedy,
+stop at {stop}, at most {DEFAULT_MAX_NEW_TOKENS} new tokens) are in `generation_config.json`.
+"""
+
+
 def model_card(config, *, source=None, license=None, dtype=None, verified=True):
     """README.md for a converted folder."""
     text = config.text_config
@@ -204,28 +231,7 @@ format (`trust_remote_code=True`).{checked} The original's behaviour that its we
 {fold}
 {chr(10).join(params)}
 
-## Use
-
-```python
-import torch
-from transformers import AutoModel, AutoProcessor
-
-path = "path/to/this/folder"  # or its Hub repo id
-model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16, attn_implementation="sdpa")
-processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-
-print(model.chat(processor, "Describe the image.", images=["cat.jpg"]))
-text, history = model.chat(processor, "Describe the image.", images=["cat.jpg"], return_history=True)
-text, history = model.chat(processor, "And its color?", history=history, return_history=True)
-for piece in model.chat(processor, "Describe.", images=["cat.jpg"], stream=True):
-    print(piece, end="", flush=True)
-```
-
-From the command line (`pip install navil`): `navil chat --model path/to/this/folder --image cat.jpg "Describe the image."`
-
-`attn_implementation` may be `"eager"`, `"sdpa"` or `"flash_attention_2"`. Generation defaults (greedy,
-stop at `<|im_end|>`, at most {DEFAULT_MAX_NEW_TOKENS} new tokens) are in `generation_config.json`.
-"""
+{usage_section()}"""
     if license:
         body += (
             f"\n## License\n\nThe original checkpoint is released under the `{license}` license; the weights keep it.\n"

@@ -1,0 +1,759 @@
+"""`navil init-from-llm`: a pretrained text LLM -> a Hub-ready NaViL folder to start training from.
+
+NaViL's first finding is that a native MLLM must start from a pretrained LLM. This builds that
+starting checkpoint:
+
+1. load the LLM -- a local Hugging Face folder of a Llama, Qwen2, Qwen3 or InternLM2 causal LM, or a
+   GGUF file (transformers' GGUF loader dequantizes it);
+2. copy its text weights; initialise every visual expert (q/k/v/o projections, q/k norms, FFN) as a
+   copy of its text twin, so a visual token is first processed exactly like a text token;
+3. add NaViL's 12 special tokens to the tokenizer; new embedding (and untied LM-head) rows are the
+   mean of the trained rows, the special-token table starts equal to the plain embedding of its tokens;
+4. build a fresh vision encoder and connector sized by a named preset (`VISION_PRESETS`);
+5. keep the LLM's own chat template, extended for images (`processing_navil.extend_chat_template`);
+6. verify before writing: on text-only prompts NaViL's logits equal the LLM's logits computed by
+   transformers' own model class (float32, max-abs <= `TEXT_PARITY_TOLERANCE`); the folder is written
+   next to OUT_DIR, reloaded through `AutoModel` (logits identical to the model in memory on a prompt
+   with an image) and only then renamed into place.
+
+InternLM2 is a Llama-architecture decoder with a fused, KV-head-grouped `wqkv`. Its folder ships its own
+modeling code: with `trust_remote_code=True` that code is the reference; without it the reference is
+transformers' `LlamaForCausalLM` on the unfused weights.
+"""
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .convert import (
+    DTYPES,
+    _forget_remote_module,
+    _normalize_permissions,
+    _progress_bar,
+    check_output_dir,
+    load_tokenizer,
+    check_reloaded_logits,
+    in_memory_logits,
+    publish,
+)
+from .errors import ConversionError, VerificationError
+from .hub import model_from_state_dict, write_hub_folder
+from .surgery import split_internlm2_wqkv
+
+TEXT_PARITY_TOLERANCE = 1e-4
+FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
+PARITY_PROMPTS = (
+    [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+    "The quick brown fox jumps over the lazy dog. 1 + 1 = 2; ünïcödé, 中文.",
+)
+
+# Vision encoder presets. Every preset: 16-px patches, 2x2 merge, RMSNorm, qkv bias, GELU, windows of
+# 8x8 patches with full attention in the layers listed. `navil init-from-llm --list-presets` prints
+# their parameter counts (vision encoder alone; the connector adds 4*width*(llm width) + llm width^2).
+VISION_PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 fullatt_block_indexes=[1]),  # tests and smoke runs
+    "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+                  fullatt_block_indexes=[3, 7, 11]),  # ViT-S sized; the demo model
+    "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 fullatt_block_indexes=[3, 7, 11]),  # ViT-B sized
+    "large": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  fullatt_block_indexes=[5, 11, 17, 23]),  # ViT-L sized
+    "navil-2b": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                     fullatt_block_indexes=[7, 15, 23, 31]),  # ~0.6B, the size NaViL-2B pairs with its LLM
+}  # fmt: skip
+VISION_DEFAULTS = dict(patch_size=16, spatial_merge_size=2, qkv_bias=True, qk_normalization=False,
+                       norm_type="rms_norm", layer_norm_eps=1e-6, hidden_act="gelu", window_size=8)  # fmt: skip
+DEFAULT_PRESET = "base"
+
+
+def vision_preset_config(name):
+    """The `NaViLVisionConfig` of a preset."""
+    from configuration_navil import NaViLVisionConfig
+
+    if name not in VISION_PRESETS:
+        raise ConversionError(f"unknown vision preset {name!r}; choose one of {', '.join(VISION_PRESETS)}")
+    return NaViLVisionConfig(**VISION_DEFAULTS, **VISION_PRESETS[name])
+
+
+def vision_preset_parameters(name):
+    """Parameter count of a preset's vision encoder (built on the meta device: no memory, no time)."""
+    from modeling_navil import NaViLVisionModel
+
+    with torch.device("meta"):
+        model = NaViLVisionModel(vision_preset_config(name))
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_presets():
+    lines = []
+    for name, preset in VISION_PRESETS.items():
+        count = vision_preset_parameters(name)
+        lines.append(
+            f"{name:9s} {count / 1e6:8.1f}M parameters: {preset['num_hidden_layers']} layers, width "
+            f"{preset['hidden_size']}, {preset['num_attention_heads']} heads, FFN {preset['intermediate_size']}, "
+            f"full attention in layers {preset['fullatt_block_indexes']}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class InitResult:
+    out_dir: Path
+    config: object
+    family: str
+    vision_preset: str
+    dtype: torch.dtype
+    parameters: dict  # part -> count
+    added_tokens: list
+    text_max_abs_diff: float | None
+    verified: bool
+    checks: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the source LLM
+
+
+@dataclass
+class SourceLLM:
+    name: str
+    family: str
+    config: object  # a transformers config (or, for InternLM2 without its code, a dict)
+    state_dict: dict  # Hugging Face names (InternLM2: its own names), float32
+    tokenizer: object
+    reference: object  # callable(input_ids) -> logits, transformers' own model class
+    reference_class: str
+    license: str | None
+    generation_config: object | None
+
+
+def _config_value(config, name, default=None):
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def load_source(src, *, trust_remote_code=False, progress=False):
+    """Load a Llama/Qwen2/Qwen3/InternLM2 folder or a GGUF file (float32)."""
+    src = Path(src)
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        return _load_gguf(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such folder or .gguf file")
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src} has no config.json: not a Hugging Face model folder")
+    raw = json.loads((src / "config.json").read_text())
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise ConversionError(
+            f"{src} holds a {family!r} model; init-from-llm supports {', '.join(FAMILIES)} causal LMs (or a GGUF file)"
+        )
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    license = _folder_license(src, raw)
+    generation_config = _generation_config(src)
+    if family == "internlm2" and not (trust_remote_code and raw.get("auto_map")):
+        return _load_internlm2_without_code(src, raw, tokenizer, license, generation_config, progress)
+    model = _auto_causal_lm(str(src), trust_remote_code=trust_remote_code)
+    return SourceLLM(
+        name=src.resolve().name,
+        family=family,
+        config=model.config,
+        state_dict=model.state_dict(),
+        tokenizer=tokenizer,
+        reference=_reference(model),
+        reference_class=type(model).__name__,
+        license=license,
+        generation_config=generation_config,
+    )
+
+
+def _auto_causal_lm(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    except ImportError as e:  # e.g. GGUF without the `gguf` package
+        raise ConversionError(f"cannot load {path}: {e}") from e
+    return model.eval()
+
+
+def _reference(model):
+    def logits(input_ids):
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits
+
+    return logits
+
+
+def _load_gguf(path):
+    from transformers import AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401 -- transformers' GGUF loader needs it
+    except ImportError:
+        raise ConversionError(f"reading {path.name} needs the `gguf` package: pip install gguf accelerate") from None
+    model = _auto_causal_lm(str(path.parent), gguf_file=path.name)
+    family = model.config.model_type
+    if family not in FAMILIES:
+        raise ConversionError(f"{path.name} holds a {family!r} model; supported: {', '.join(FAMILIES)}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantized on load; ours is plain float
+    return SourceLLM(
+        name=path.name,
+        family=family,
+        config=config,
+        state_dict=model.state_dict(),
+        tokenizer=tokenizer,
+        reference=_reference(model),
+        reference_class=type(model).__name__,
+        license=_gguf_license(path),
+        generation_config=None,
+    )
+
+
+def _gguf_license(path):
+    try:
+        import gguf
+
+        field_ = gguf.GGUFReader(str(path)).fields.get("general.license")
+        return str(field_.contents()) if field_ is not None else None
+    except Exception:  # noqa: BLE001 -- the license is informational
+        return None
+
+
+def _folder_license(src, raw):
+    from .hub import read_license
+
+    return read_license(src) or raw.get("license")
+
+
+def _generation_config(src):
+    from transformers import GenerationConfig
+
+    if not (Path(src) / "generation_config.json").is_file():
+        return None
+    return GenerationConfig.from_pretrained(str(src))
+
+
+def _read_safetensors(src, progress):
+    from safetensors.torch import load_file
+
+    files = sorted(Path(src).glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in Path(src).glob("*.bin"))
+        if pickled:
+            raise ConversionError(f"{src} has only pickled weights ({', '.join(pickled)}); convert them to safetensors")
+        raise ConversionError(f"{src} has no safetensors weights")
+    state = {}
+    with _progress_bar(progress, total=len(files), desc="reading", unit="file") as bar:
+        for path in files:
+            state.update({k: v.float() for k, v in load_file(str(path)).items()})
+            bar.update()
+    return state
+
+
+# InternLM2 names -> Hugging Face Llama names (wqkv is split separately).
+INTERNLM2_RENAMES = (
+    (r"model\.tok_embeddings\.weight", "model.embed_tokens.weight"),
+    (r"model\.layers\.(\d+)\.attention_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"model\.layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"model\.layers\.(\d+)\.attention\.wo\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
+    (r"model\.layers\.(\d+)\.feed_forward\.w1\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"model\.layers\.(\d+)\.feed_forward\.w3\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"model\.layers\.(\d+)\.feed_forward\.w2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+    (r"model\.norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+)
+_WQKV = re.compile(r"model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)")
+_DERIVED = re.compile(r".*rotary_emb\.inv_freq")
+
+
+def internlm2_to_llama(state_dict, config):
+    """InternLM2 tensors -> the same decoder in Llama names (exact: renames and the wqkv split)."""
+    heads = _config_value(config, "num_attention_heads")
+    kv_heads = _config_value(config, "num_key_value_heads") or heads
+    head_dim = _config_value(config, "hidden_size") // heads
+    out = {}
+    for key, tensor in state_dict.items():
+        if _DERIVED.fullmatch(key):
+            continue
+        m = _WQKV.fullmatch(key)
+        if m:
+            q, k, v = split_internlm2_wqkv(tensor, heads, kv_heads, head_dim)
+            layer, kind = m.groups()
+            for name, part in (("q", q), ("k", k), ("v", v)):
+                out[f"model.layers.{layer}.self_attn.{name}_proj.{kind}"] = part
+            continue
+        for pattern, target in INTERNLM2_RENAMES:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, target, key)] = tensor
+                break
+        else:
+            raise ConversionError(f"unexpected InternLM2 tensor {key}")
+    return out
+
+
+def internlm2_rope_parameters(config):
+    """transformers' `rope_parameters` for InternLM2's `rope_theta` + legacy `rope_scaling`."""
+    rope = {"rope_type": "default", "rope_theta": _config_value(config, "rope_theta", 10000.0)}
+    scaling = dict(_config_value(config, "rope_scaling") or {})
+    if scaling:
+        rope["rope_type"] = scaling.pop("type", scaling.pop("rope_type", "default"))
+        rope.update(scaling)
+    return rope
+
+
+def internlm2_llama_config(config):
+    """The `LlamaConfig` of the same decoder as an InternLM2 config."""
+    from transformers import LlamaConfig
+
+    bias = bool(_config_value(config, "bias", False))
+    if bias:
+        raise ConversionError("InternLM2 with bias=true has no Llama equivalent to check against; pass --trust-remote-code")
+    return LlamaConfig(
+        vocab_size=_config_value(config, "vocab_size"),
+        hidden_size=_config_value(config, "hidden_size"),
+        intermediate_size=_config_value(config, "intermediate_size"),
+        num_hidden_layers=_config_value(config, "num_hidden_layers"),
+        num_attention_heads=_config_value(config, "num_attention_heads"),
+        num_key_value_heads=_config_value(config, "num_key_value_heads"),
+        hidden_act=_config_value(config, "hidden_act", "silu"),
+        max_position_embeddings=_config_value(config, "max_position_embeddings", 2048),
+        rms_norm_eps=_config_value(config, "rms_norm_eps", 1e-6),
+        rope_parameters=internlm2_rope_parameters(config),
+        tie_word_embeddings=bool(_config_value(config, "tie_word_embeddings", False)),
+        attention_bias=False,
+    )
+
+
+def _load_internlm2_without_code(src, raw, tokenizer, license, generation_config, progress):
+    from transformers import LlamaForCausalLM
+
+    state = _read_safetensors(src, progress)
+    llama_config = internlm2_llama_config(raw)
+    with torch.device("meta"):
+        reference = LlamaForCausalLM(llama_config)
+    weights = internlm2_to_llama(state, raw)
+    if llama_config.tie_word_embeddings:
+        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    reference.load_state_dict(weights, strict=True, assign=True)
+    if llama_config.tie_word_embeddings:
+        reference.tie_weights()
+    reference.model.rotary_emb = type(reference.model.rotary_emb)(llama_config)  # buffers off the meta device
+    return SourceLLM(
+        name=src.resolve().name,
+        family="internlm2",
+        config=raw,
+        state_dict=state,
+        tokenizer=tokenizer,
+        reference=_reference(reference.eval()),
+        reference_class="LlamaForCausalLM (InternLM2 weights, wqkv unfused)",
+        license=license,
+        generation_config=generation_config,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The NaViL text config and weights
+
+
+def text_config_from(source):
+    """`NaViLTextConfig` keyword arguments for the source LLM (vocabulary set later)."""
+    config, family = source.config, source.family
+    get = lambda name, default=None: _config_value(config, name, default)  # noqa: E731
+    heads = get("num_attention_heads")
+    hidden = get("hidden_size")
+    layer_types = get("layer_types") or []
+    if get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        raise ConversionError(f"{source.name} uses sliding-window attention, which NaViL's text model does not have")
+    if family == "internlm2":
+        bias = bool(get("bias", False))
+        rope_parameters = internlm2_rope_parameters(config)
+        qkv_bias, out_bias, mlp_bias, head_dim = bias, bias, False, hidden // heads
+    else:
+        rope_parameters = dict(get("rope_parameters") or {})
+        if not rope_parameters:
+            rope_parameters = {"rope_type": "default", "rope_theta": get("rope_theta", 10000.0)}
+        attention_bias = bool(get("attention_bias", False))
+        if family == "qwen2":
+            qkv_bias, out_bias = True, False
+        else:
+            qkv_bias, out_bias = attention_bias, attention_bias
+        mlp_bias = bool(get("mlp_bias", False))
+        head_dim = get("head_dim") or hidden // heads
+    if rope_parameters.get("rope_type") == "dynamic":
+        raise ConversionError(f"{source.name} uses dynamic rope scaling; NaViL's text model supports static rope types")
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=get("intermediate_size"),
+        num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        hidden_act=get("hidden_act", "silu"),
+        max_position_embeddings=get("max_position_embeddings"),
+        rms_norm_eps=get("rms_norm_eps", 1e-6),
+        rope_parameters=rope_parameters,
+        qk_norm=family == "qwen3",
+        attention_bias=qkv_bias,
+        attention_out_bias=out_bias,
+        mlp_bias=mlp_bias,
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+    )
+
+
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_TEXT_PARTS = re.compile(r"self_attn\.(?:[qkvo]_proj|[qk]_norm)\.(?:weight|bias)|mlp\.(?:gate|up|down)_proj\.(?:weight|bias)|"
+                         r"(?:input|post_attention)_layernorm\.weight")  # fmt: skip
+
+
+def navil_text_state_dict(hf_state_dict, tie_word_embeddings):
+    """Hugging Face decoder tensors -> our text model and LM head, with every visual expert a copy of
+    its text twin: `{q,k,v,o}_proj` -> `{q,k,v,o}_proj_ve`, `{q,k}_norm` -> `{q,k}_norm_ve`, `mlp` -> `mlp_ve`."""
+    out = {}
+    for key, tensor in hf_state_dict.items():
+        if _DERIVED.fullmatch(key):
+            continue
+        m = _HF_LAYER.fullmatch(key)
+        if m:
+            layer, part = m.groups()
+            if not _TEXT_PARTS.fullmatch(part):
+                raise ConversionError(f"unexpected decoder tensor {key}")
+            base = f"model.language_model.layers.{layer}."
+            out[base + part] = tensor
+            if part.startswith("mlp."):
+                out[base + "mlp_ve." + part[len("mlp.") :]] = tensor.clone()
+            elif part.startswith("self_attn."):
+                module, _, kind = part[len("self_attn.") :].partition(".")
+                out[f"{base}self_attn.{module}_ve.{kind}"] = tensor.clone()
+        elif key == "model.embed_tokens.weight":
+            out["model.language_model.embed_tokens.weight"] = tensor
+        elif key == "model.norm.weight":
+            out["model.language_model.norm.weight"] = tensor
+        elif key == "lm_head.weight":
+            if not tie_word_embeddings:
+                out["lm_head.weight"] = tensor
+        else:
+            raise ConversionError(f"unexpected tensor {key}")
+    if tie_word_embeddings:
+        out["lm_head.weight"] = out["model.language_model.embed_tokens.weight"]
+    elif "lm_head.weight" not in out:
+        raise ConversionError("the LLM has no lm_head.weight and does not tie its word embeddings")
+    return out
+
+
+def add_navil_tokens(tokenizer):
+    """Add the special tokens NaViL's prompts use as single special tokens; returns the ones added."""
+    from transformers import AddedToken
+
+    from configuration_navil import SPECIAL_TOKENS
+
+    vocab = tokenizer.get_vocab()
+    new = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if new:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
+    vocab = tokenizer.get_vocab()
+    split = [t for t in SPECIAL_TOKENS if tokenizer.encode(t, add_special_tokens=False) != [vocab[t]]]
+    if split:
+        raise ConversionError(f"the tokenizer still splits {' '.join(split)} after adding them")
+    return new
+
+
+def _resize_rows(matrix, vocab_size, new_ids, trained_rows):
+    """`matrix` grown to `vocab_size` rows; rows in `new_ids` (and grown rows) set to the mean trained row."""
+    mean = matrix[:trained_rows].double().mean(0).to(matrix.dtype)
+    if vocab_size > matrix.shape[0]:
+        matrix = torch.cat([matrix, mean.expand(vocab_size - matrix.shape[0], -1)])
+    else:
+        matrix = matrix.clone()
+    if new_ids:
+        matrix[torch.tensor(new_ids)] = mean
+    return matrix
+
+
+def _init_connector(connector, std):
+    """The connector the way transformers initialises linear layers: N(0, std) weights, zero biases."""
+    with torch.no_grad():
+        for module in (connector.linear_1, connector.linear_2):
+            module.weight.normal_(0.0, std)
+            module.bias.zero_()
+        connector.norm.weight.fill_(1.0)
+        connector.norm.bias.zero_()
+    return connector
+
+
+def resolve_chat_template(source, chat_template):
+    """The LLM's chat template (or `chat_template`: a file or an original template name) extended for images."""
+    from processing_navil import CHAT_TEMPLATES, extend_chat_template
+
+    if chat_template is None:
+        template = getattr(source.tokenizer, "chat_template", None)
+        if not template:
+            raise ConversionError(
+                f"{source.name} has no chat template (a base model?); pass --chat-template FILE or one of "
+                f"{', '.join(CHAT_TEMPLATES)}"
+            )
+        return None, extend_chat_template(template)
+    if chat_template in CHAT_TEMPLATES:
+        return chat_template, CHAT_TEMPLATES[chat_template]
+    path = Path(chat_template)
+    if not path.is_file():
+        raise ConversionError(f"--chat-template {chat_template}: no such file nor template name ({', '.join(CHAT_TEMPLATES)})")
+    return None, extend_chat_template(path.read_text(encoding="utf-8"))
+
+
+def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynamic_patch=256, max_dynamic_patch=24576):
+    """(model, config, processor, added tokens) of a NaViL built from `source`, float32."""
+    from configuration_navil import IMAGE_CONTEXT_TOKEN, SPECIAL_TOKENS, NaViLConfig, NaViLTextConfig
+    from modeling_navil import NaViLConnector, NaViLVisionModel
+    from processing_navil import NaViLProcessor
+
+    tokenizer = source.tokenizer
+    template_name, template = resolve_chat_template(source, chat_template)
+    trained_rows = len(tokenizer)
+    added = add_navil_tokens(tokenizer)
+    tokenizer.chat_template = template
+    vocab = tokenizer.get_vocab()
+    ids = {t: vocab[t] for t in SPECIAL_TOKENS}
+
+    text_kwargs = text_config_from(source)
+    hf_state = source.state_dict
+    if source.family == "internlm2":
+        hf_state = internlm2_to_llama(hf_state, source.config)
+    text_state = navil_text_state_dict(hf_state, text_kwargs["tie_word_embeddings"])
+    source_vocab = text_state["model.language_model.embed_tokens.weight"].shape[0]
+    trained_rows = min(trained_rows, source_vocab)
+    vocab_size = max(source_vocab, len(tokenizer))
+    new_ids = [ids[t] for t in added]
+    embed = _resize_rows(text_state["model.language_model.embed_tokens.weight"], vocab_size, new_ids, trained_rows)
+    text_state["model.language_model.embed_tokens.weight"] = embed
+    if text_kwargs["tie_word_embeddings"]:
+        text_state["lm_head.weight"] = embed
+    else:
+        text_state["lm_head.weight"] = _resize_rows(text_state["lm_head.weight"], vocab_size, new_ids, trained_rows)
+
+    special = {}
+    if source.generation_config is not None:
+        special = {k: getattr(source.generation_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    text_config = NaViLTextConfig(
+        vocab_size=vocab_size,
+        bos_token_id=special.get("bos_token_id") or tokenizer.bos_token_id,
+        eos_token_id=special.get("eos_token_id") or tokenizer.eos_token_id,
+        pad_token_id=special.get("pad_token_id") or tokenizer.pad_token_id,
+        **text_kwargs,
+    )
+    vision_config = vision_preset_config(vision_preset)
+    config = NaViLConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        special_token_ids=[ids[t] for t in SPECIAL_TOKENS],
+        image_token_id=ids[IMAGE_CONTEXT_TOKEN],
+        image_start_token_id=ids["<img>"],
+        image_end_token_id=ids["</img>"],
+        image_line_break_token_id=ids["<IMG_LINE_BREAK>"],
+        image_frame_break_token_id=ids["<IMG_FRAME_BREAK>"],
+        template=template_name,
+        min_dynamic_patch=min_dynamic_patch,
+        max_dynamic_patch=max_dynamic_patch,
+    )
+
+    torch.manual_seed(seed)
+    vision = NaViLVisionModel(config.vision_config)
+    connector = _init_connector(NaViLConnector(config), config.text_config.initializer_range)
+    state = dict(text_state)
+    state.update({f"model.vision_model.{k}": v for k, v in vision.state_dict().items()})
+    state.update({f"model.connector.{k}": v for k, v in connector.state_dict().items()})
+    # The special-token table starts as the plain embedding of its tokens: prompt and generated
+    # occurrences of a special token (SPEC §8.3) look the same until training separates them.
+    state["model.special_token_embedding.weight"] = embed[torch.tensor(config.special_token_ids)].clone()
+    model = model_from_state_dict(state, config)
+    processor = NaViLProcessor.for_config(config, tokenizer, chat_template=template)
+    return model, config, processor, added
+
+
+def check_text_parity(model, source, tokenizer, new_token_ids=(), attn_implementation="sdpa"):
+    """Max-abs difference between NaViL's and the source LLM's logits on text-only prompts, over the
+    source's vocabulary except the rows NaViL's new tokens took over (unused padding rows of the
+    source); raises `VerificationError` above `TEXT_PARITY_TOLERANCE`."""
+    worst, lengths = 0.0, []
+    model.config._attn_implementation = attn_implementation
+    for prompt in PARITY_PROMPTS:
+        if isinstance(prompt, str):
+            input_ids = torch.tensor([tokenizer.encode(prompt)])
+        else:
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            input_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+        expected = source.reference(input_ids)
+        with torch.no_grad():
+            got = model(input_ids=input_ids).logits
+        if not torch.isfinite(got).all():
+            raise VerificationError("NaViL's logits on a text-only prompt are not finite")
+        keep = torch.ones(expected.shape[-1], dtype=torch.bool)
+        keep[[i for i in new_token_ids if i < len(keep)]] = False
+        diff = (got[..., : len(keep)][..., keep] - expected[..., keep]).abs().max().item()
+        worst, lengths = max(worst, diff), lengths + [input_ids.shape[1]]
+    if not worst <= TEXT_PARITY_TOLERANCE:
+        raise VerificationError(
+            f"NaViL's logits differ from {source.reference_class}'s on text-only prompts by {worst:.3g} "
+            f"(tolerance {TEXT_PARITY_TOLERANCE:g})"
+        )
+    return worst, (
+        f"max-abs {worst:.2g} vs {source.reference_class} on {len(lengths)} text-only prompts ({lengths} tokens, "
+        f"{int(keep.sum())} vocabulary columns)"
+    )
+
+
+def generation_config_for(config):
+    from transformers import GenerationConfig
+
+    from .hub import DEFAULT_MAX_NEW_TOKENS
+
+    eos = config.text_config.eos_token_id
+    pad = config.text_config.pad_token_id
+    return GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+        do_sample=False,
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+    )
+
+
+def init_from_llm(
+    src,
+    out_dir,
+    *,
+    vision_preset=DEFAULT_PRESET,
+    dtype="auto",
+    force=False,
+    verify=True,
+    progress=False,
+    seed=0,
+    chat_template=None,
+    min_dynamic_patch=256,
+    max_dynamic_patch=24576,
+    trust_remote_code=False,
+    attn_implementation="sdpa",
+    max_shard_size="5GB",
+):
+    """Build a NaViL from the LLM at `src` (folder or .gguf) and write it to `out_dir` (see the module
+    docstring). `dtype="auto"` keeps the LLM's dtype (float32 for a GGUF file, which is dequantized)."""
+    start = time.perf_counter()
+    out_dir = check_output_dir(out_dir, force)
+    vision_preset_config(vision_preset)  # an unknown preset fails before the (slow) load
+    source = load_source(src, trust_remote_code=trust_remote_code, progress=progress)
+    target = _resolve_dtype(dtype, source)
+    model, config, processor, added = build_navil(
+        source, vision_preset, seed=seed, chat_template=chat_template,
+        min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch,
+    )  # fmt: skip
+    tokenizer = processor.tokenizer
+    checks, worst = {}, None
+    if verify:
+        new_ids = tokenizer.convert_tokens_to_ids(added)
+        worst, checks["text parity"] = check_text_parity(model, source, tokenizer, new_ids, attn_implementation)
+    parameters = {
+        "vision encoder": sum(p.numel() for p in model.model.vision_model.parameters()),
+        "connector": sum(p.numel() for p in model.model.connector.parameters()),
+        "language model": sum(p.numel() for p in model.model.language_model.parameters()),
+    }
+    source_name, source_license = source.name, source.license
+    del source  # the reference model is not needed any more
+    if target != torch.float32:
+        model = model.to(target)
+    config.dtype = target
+    eos = config.text_config.eos_token_id
+    stop = " or ".join(f"`{tokenizer.convert_ids_to_tokens(i)}`" for i in (eos if isinstance(eos, list) else [eos]))
+    card = init_model_card(config, source=source_name, vision_preset=vision_preset, license=source_license,
+                           dtype=target, parameters=parameters, verified=verify, stop=stop)  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        with _progress_bar(progress, total=7, desc="writing", unit="file") as bar:
+            write_hub_folder(
+                model, config, tokenizer, tmp, processor=processor,
+                generation_config=generation_config_for(config), model_card=card,
+                max_shard_size=max_shard_size, progress=lambda description: bar.update(),
+            )  # fmt: skip
+        if verify:
+            inputs, expected = in_memory_logits(tmp, model, target, attn_implementation)
+            del model
+            checks["logits"] = check_reloaded_logits(tmp, inputs, expected, target, attn_implementation)
+        _normalize_permissions(tmp)
+        publish(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _forget_remote_module(tmp)
+    return InitResult(
+        out_dir=out_dir, config=config, family=config_family(config), vision_preset=vision_preset, dtype=target,
+        parameters=parameters, added_tokens=added, text_max_abs_diff=worst, verified=verify, checks=checks,
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def config_family(config):
+    return "qwen3" if config.text_config.qk_norm else "llama-style"
+
+
+def _resolve_dtype(dtype, source):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        name = _config_value(source.config, "torch_dtype") or _config_value(source.config, "dtype")
+        if isinstance(name, torch.dtype):
+            return name
+        return DTYPES.get(str(name).replace("torch.", ""), torch.float32) if name else torch.float32
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def init_model_card(config, *, source, vision_preset, license, dtype, parameters, verified, stop):
+    """README.md for a folder built by `navil init-from-llm`."""
+    from .hub import usage_section
+
+    text = config.text_config
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
+    if license:
+        front.append(f"license: {license}")
+    front += ["tags:", "  - navil", "  - multimodal", "  - custom_code", "---", ""]
+    counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in parameters.items())
+    checked = (
+        "Before writing, its logits on text-only prompts were checked against the LLM's own "
+        f"(transformers, float32, max-abs <= {TEXT_PARITY_TOLERANCE:g}).\n"
+        if verified
+        else ""
+    )
+    body = f"""# NaViL initialised from {source}
+
+A NaViL-architecture model (OpenGVLab, NeurIPS 2025: a native-resolution vision encoder feeding an LLM
+whose every layer has separate attention projections and FFN for visual tokens) built with
+`navil init-from-llm` from the pretrained LLM `{source}`. **It is a starting point for training, not a
+trained multimodal model: the vision encoder and connector are randomly initialised** (vision preset
+`{vision_preset}`), so the model cannot see images yet. Text-only, it answers exactly as `{source}` does.
+
+How it was made:
+- text weights copied from `{source}`; every visual expert (q/k/v/o projections, q/k norms, FFN)
+  initialised as a copy of its text twin;
+- NaViL's 12 special tokens added to the tokenizer; new embedding rows are the mean of the trained rows;
+- the LLM's own chat template, extended so `{{"type": "image"}}` items become `<image>` placeholders;
+- vision encoder: preset `{vision_preset}`, {config.vision_config.num_hidden_layers} layers, width
+  {config.vision_config.hidden_size}; language model: {text.num_hidden_layers} layers, width {text.hidden_size},
+  vocabulary {text.vocab_size}; parameters: {counts}; weights {str(dtype).replace("torch.", "")}.
+
+{checked}
+{usage_section(stop)}"""
+    if license:
+        body += f"\n## License\n\n`{source}` is released under the `{license}` license; the copied weights keep it.\n"
+    return "\n".join(front) + body
