@@ -1,10 +1,11 @@
 """Conversion of original OpenGVLab NaViL checkpoints to our Hub format, and the `navil` command line."""
 
 from .convert import ConversionResult, convert_checkpoint
-from .errors import ConversionError, VerificationError
+from .errors import ConversionError, PushError, VerificationError
 from .hub import write_hub_folder
 from .keymap import KeyMismatchError, convert_state_dict, to_original_state_dict
 from .original import OriginalCheckpointError, convert_config, expected_original_shapes
+from .push import PushResult, check_folder, push_folder, validate_folder
 from .surgery import fold_chained_projection, merge_internlm2_wqkv, split_internlm2_wqkv, unfold_chained_projection
 
 __all__ = [
@@ -12,15 +13,20 @@ __all__ = [
     "ConversionResult",
     "KeyMismatchError",
     "OriginalCheckpointError",
+    "PushError",
+    "PushResult",
     "VerificationError",
+    "check_folder",
     "convert_checkpoint",
     "convert_config",
     "convert_state_dict",
     "expected_original_shapes",
     "fold_chained_projection",
     "merge_internlm2_wqkv",
+    "push_folder",
     "split_internlm2_wqkv",
     "to_original_state_dict",
     "unfold_chained_projection",
+    "validate_folder",
     "write_hub_folder",
 ]

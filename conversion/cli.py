@@ -1,12 +1,14 @@
 """The `navil` command line (API.md "Command line").
 
-    navil convert ORIGINAL_DIR OUT_DIR [--force] [--no-verify] [--dtype ...] [--push-to-hub REPO_ID]
+    navil convert ORIGINAL_DIR OUT_DIR [--force] [--no-verify] [--dtype ...] [--push-to-hub REPO_ID [--private]
+                  [--revision BRANCH]]
     navil chat [--model PATH_OR_REPO] [--image FILE ...] [--max-new-tokens N] [--device DEV] "question"
     navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--dtype ...] [--chat-template ...]
-    navil push ...            (not implemented yet)
+    navil push OUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
 
-Mistakes in the input (a bad path, an existing output, a folder that is not an original checkpoint)
-end with one line on stderr and exit code 2; a failed verification with exit code 1.
+Mistakes in the input (a bad path, an existing output, a folder that is not an original checkpoint or
+not ready to publish) end with one line on stderr and exit code 2; a failed verification or upload
+with exit code 1.
 """
 
 import argparse
@@ -62,7 +64,10 @@ def build_parser():
         action="store_true",
         help="allow the original tokenizer's own Python code (some InternLM2 tokenizers need it)",
     )
-    convert.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to the Hub (not implemented yet)")
+    convert.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="after a successful conversion, upload OUT_DIR to this Hub repo"
+    )
+    _add_push_options(convert, commit_message=False)
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     convert.set_defaults(handler=run_convert)
 
@@ -132,11 +137,31 @@ def build_parser():
     init.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     init.set_defaults(handler=run_init_from_llm)
 
-    push = commands.add_parser("push", help="upload a converted folder to the Hub (not implemented yet)")
-    push.add_argument("out_dir", metavar="OUT_DIR")
-    push.add_argument("repo_id", metavar="REPO_ID")
-    push.set_defaults(handler=_not_implemented("navil push"))
+    push = commands.add_parser(
+        "push",
+        help="check a converted folder and upload it to the Hub as one commit",
+        description="Check that OUT_DIR is a complete NaViL folder that loads (code files, config with auto_map, "
+        "safetensors matching the model, tokenizer, processor, chat template, generation config, model card), "
+        "then upload it to the model repo REPO_ID as one commit, creating the repo if needed. The token comes "
+        "from HF_TOKEN or your `hf auth login`.",
+    )
+    push.add_argument("out_dir", metavar="OUT_DIR", help="a folder written by `navil convert`")
+    push.add_argument("repo_id", metavar="REPO_ID", help="the model repo, OWNER/NAME")
+    _add_push_options(push, commit_message=True)
+    push.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    push.set_defaults(handler=run_push)
     return parser
+
+
+def _add_push_options(parser, commit_message):
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repo private (an existing repo keeps its visibility; an existing public one is refused)",
+    )
+    parser.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing; default main)")
+    if commit_message:
+        parser.add_argument("--commit-message", metavar="MSG", help="summary of the commit")
 
 
 def _positive_int(text):
@@ -171,10 +196,11 @@ def run_convert(args):
     from .convert import convert_checkpoint
 
     if args.push_to_hub:
-        raise UsageError(
-            f"--push-to-hub is not implemented yet ({NOT_IMPLEMENTED_ISSUE}); convert without it and upload "
-            "OUT_DIR yourself (e.g. `hf upload REPO_ID OUT_DIR`)"
-        )
+        from .push import check_push_target
+
+        check_push_target(args.push_to_hub)  # before the conversion, which may take long
+    elif args.private or args.revision:
+        raise UsageError("--private and --revision need --push-to-hub REPO_ID")
     result = convert_checkpoint(
         args.original_dir,
         args.out_dir,
@@ -194,6 +220,44 @@ def run_convert(args):
         print(f"  verified {name}: {outcome}")
     if not result.verified:
         print("  not verified (--no-verify)")
+    if args.push_to_hub:
+        return _push(args, result.out_dir, args.push_to_hub)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# push
+
+
+def run_push(args):
+    return _push(args, args.out_dir, args.repo_id)
+
+
+def _push(args, folder, repo_id):
+    """Check and upload `folder`; an incomplete folder raises `ConversionError` (exit 2, nothing sent),
+    a failed upload is reported here with exit code 1."""
+    from .errors import PushError
+    from .push import push_folder
+
+    try:
+        result = push_folder(
+            folder,
+            repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=getattr(args, "commit_message", None),
+            progress=not args.quiet,
+        )
+    except PushError as e:
+        retry = f" ({folder} is written; retry with `navil push {folder} {repo_id}`)" if args.command == "convert" else ""
+        print(f"navil {args.command}: error: {e}{retry}", file=sys.stderr)
+        return EXIT_FAILED
+    where = f"{result.repo_id} (branch {result.revision})"
+    if result.changed:
+        deleted = f", removed stale {', '.join(result.deleted)}" if result.deleted else ""
+        print(f"pushed {len(result.files)} files to {where}{deleted}: {result.commit_url}")
+    else:
+        print(f"nothing changed: {where} already holds these {len(result.files)} files ({result.commit_url})")
     return EXIT_OK
 
 

@@ -7,3 +7,7 @@ class ConversionError(ValueError):
 
 class VerificationError(RuntimeError):
     """The converted checkpoint failed a check; nothing was written."""
+
+
+class PushError(RuntimeError):
+    """Publishing to the Hub failed (the Hub refused or the upload broke off); no commit was made."""

@@ -46,6 +46,8 @@ def assert_usage_error(code, err, *fragments):
         (["chat"], ["required: QUESTION"]),
         (["chat", "--model", "x", "--max-new-tokens", "0", "q"], ["positive integer"]),
         (["chat", "--model", "x", "--max-new-tokens", "many", "q"], ["positive integer"]),
+        (["push", "out"], ["required: REPO_ID"]),
+        (["push", "nowhere", "owner/repo"], ["navil push: error: nowhere is not a directory"]),
     ],
 )
 def test_argument_errors(capsys, argv, fragments):
@@ -62,8 +64,6 @@ def test_help_exits_zero(capsys):
     "argv,fragment",
     [
         (["init-from-llm", "llm", "out"], "navil init-from-llm is not implemented yet (issue #3)"),
-        (["push", "out", "owner/repo"], "navil push is not implemented yet (issue #3)"),
-        (["convert", "in", "out", "--push-to-hub", "owner/repo"], "--push-to-hub is not implemented yet"),
     ],
 )
 def test_not_implemented_yet(capsys, tmp_path, argv, fragment):

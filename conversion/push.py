@@ -1,0 +1,436 @@
+"""Publishing a converted NaViL folder to the Hugging Face Hub (`navil push`, `navil convert --push-to-hub`).
+
+Before anything is sent, `check_folder` makes sure the folder is what API.md "Loading" promises: the four
+code files, `config.json` (`model_type: navil`, `auto_map` for the four auto classes), safetensors weights
+(one file, or an index whose shards are all there; no pickled `.bin`/`.pt` files), the tokenizer, a
+processor config with `auto_map`, a chat template, `generation_config.json` and a model card -- and that it
+loads: `AutoConfig` and `AutoProcessor` load it with `trust_remote_code=True`, and the parameter names and
+shapes of the model built from that config on the `meta` device equal the safetensors headers exactly
+(headers only: no weight is read, so this is cheap for a 9B model too).
+
+`push_folder` then creates the repo (and branch) if needed and uploads the folder as ONE commit through
+`HfApi.create_commit`. `HfApi.upload_folder` is not used on purpose: with `hf_xet` installed it streams
+large folders as several commits (one at least every few minutes), so an interrupted upload of a big
+checkpoint would leave a half-published model. With one commit the repository changes all at once or
+not at all. Files the Hub already holds with the same content are skipped by huggingface_hub itself; a
+push of an unchanged folder makes no commit. The token comes from `token=` or huggingface_hub's own
+resolution (`HF_TOKEN`, then the saved login) and is never printed.
+"""
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConversionError, PushError
+from .hub import AUTO_MAP, CODE_MODULES
+
+CODE_FILES = tuple(f"{name}.py" for name in CODE_MODULES)
+CONFIG_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of these + tokenizer_config.json
+PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_SAFETENSORS = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Never uploaded: version control, caches (`.cache/huggingface` appears in folders downloaded with
+# `hf download --local-dir`), Python byte code, editor/OS droppings.
+IGNORE_PATTERNS = (
+    ".git", ".git/*", "*/.git", "*/.git/*",
+    ".cache", ".cache/*", "*/.cache", "*/.cache/*",
+    "__pycache__", "__pycache__/*", "*/__pycache__", "*/__pycache__/*", "*.pyc", "*.pyo",
+    ".DS_Store", "*/.DS_Store", ".ipynb_checkpoints/*", "*/.ipynb_checkpoints/*",
+)  # fmt: skip
+# Remote files a push replaces: weights of the repo revision that the folder does not have (e.g. the old
+# single `model.safetensors` when a sharded checkpoint is pushed over it) are deleted in the same commit,
+# so transformers cannot pick up stale weights beside the new ones.
+STALE_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json") + PICKLE_SUFFIXES + (".bin.index.json",)
+MAX_LISTED = 8
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    commit_url: str
+    commit_oid: str
+    changed: bool  # False: the revision already held exactly these files, no commit was made
+    repo_url: str
+    files: list = field(default_factory=list)  # paths in the folder that were part of the push
+    deleted: list = field(default_factory=list)  # stale remote weight files removed by the commit
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is uploaded
+
+
+def folder_files(folder):
+    """Relative POSIX paths of the files `push_folder` uploads (sorted), junk (`IGNORE_PATTERNS`) left out."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=list(IGNORE_PATTERNS)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_folder(folder):
+    """Every reason `folder` is not ready to publish, as a list of messages (empty when it is ready)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a directory"]
+    files = set(folder_files(folder))
+    problems = []
+
+    missing_code = [name for name in CODE_FILES if name not in files]
+    if missing_code:
+        problems.append(f"missing code file(s) {', '.join(missing_code)}")
+
+    config = _read_json(folder, "config.json", files, problems)
+    config_ok = config is not None
+    if config is not None:
+        if config.get("model_type") != "navil":
+            problems.append(f"config.json has model_type {config.get('model_type')!r}, expected 'navil'")
+            config_ok = False
+        auto_map = config.get("auto_map") or {}
+        wrong = [c for c in CONFIG_AUTO_CLASSES if auto_map.get(c) != AUTO_MAP[c]]
+        if wrong:
+            problems.append(
+                "config.json auto_map lacks or misnames "
+                + ", ".join(f"{c} (expected {AUTO_MAP[c]})" for c in wrong)
+            )
+            config_ok = False
+
+    shards = _check_weight_files(folder, files, problems)
+
+    tokenizer_config = _read_json(folder, "tokenizer_config.json", files, problems)
+    has_vocab = any(name in files for name in TOKENIZER_VOCAB_FILES)
+    if not has_vocab:
+        problems.append(f"no tokenizer vocabulary (one of {', '.join(TOKENIZER_VOCAB_FILES)})")
+
+    processor_name = next((name for name in PROCESSOR_CONFIGS if name in files), None)
+    processor_config = None
+    if processor_name is None:
+        problems.append(f"missing {PROCESSOR_CONFIGS[0]} (or {PROCESSOR_CONFIGS[1]})")
+    else:
+        processor_config = _read_json(folder, processor_name, files, problems)
+        if processor_config is not None and "AutoProcessor" not in (processor_config.get("auto_map") or {}):
+            problems.append(f"{processor_name} has no auto_map entry for AutoProcessor")
+
+    has_template = any(name in files for name in CHAT_TEMPLATE_FILES) or any(
+        isinstance(c, dict) and c.get("chat_template") for c in (tokenizer_config, processor_config)
+    )
+    if not has_template:
+        problems.append(
+            "no chat template (chat_template.jinja, or chat_template in tokenizer_config.json / the processor config)"
+        )
+
+    _read_json(folder, "generation_config.json", files, problems)
+    readme = folder / "README.md"
+    if "README.md" not in files:
+        problems.append("missing model card README.md")
+    elif not readme.read_text(encoding="utf-8", errors="replace").strip():
+        problems.append("README.md (the model card) is empty")
+
+    # Loading checks, only where the files they need passed the checks above (no repeated complaints; and
+    # transformers imports every model it knows to word the error for a config it cannot map).
+    loaded_config = _check_loads_config(folder, problems) if config_ok and not missing_code else None
+    tokenizer_ok = tokenizer_config is not None and has_vocab
+    if loaded_config is not None and tokenizer_ok and processor_config is not None and has_template:
+        _check_loads_processor(folder, problems)
+    if loaded_config is not None and shards is not None:
+        _check_weights_match_model(folder, loaded_config, shards, problems)
+    return problems
+
+
+def validate_folder(folder):
+    """Raise `ConversionError` listing every problem `check_folder` finds."""
+    problems = check_folder(folder)
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise ConversionError(f"{folder} is not ready to push ({count}): " + "; ".join(problems))
+
+
+def _read_json(folder, name, files, problems):
+    if name not in files:
+        problems.append(f"missing {name}")
+        return None
+    try:
+        value = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        problems.append(f"{name} is not valid JSON ({e})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{name} does not hold a JSON object")
+        return None
+    return value
+
+
+def _check_weight_files(folder, files, problems):
+    """Pickled weights, index consistency. Returns {shard file: [tensor names the index assigns] or None}
+    for the shards to compare with the model, or None when the weights are unusable."""
+    pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        problems.append(f"pickled weight files are refused (convert them to safetensors): {_listing(pickled)}")
+    safetensors = sorted(f for f in files if f.endswith(".safetensors"))
+    if SAFETENSORS_INDEX in files:
+        try:
+            weight_map = json.loads((Path(folder) / SAFETENSORS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError("empty or not a mapping")
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            problems.append(f"{SAFETENSORS_INDEX} has no usable weight_map ({e})")
+            return None
+        shards = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        absent = sorted(s for s in shards if s not in files)
+        if absent:
+            problems.append(f"{SAFETENSORS_INDEX} lists shard(s) missing from the folder: {_listing(absent)}")
+        unlisted = sorted(set(safetensors) - set(shards))
+        if unlisted:
+            problems.append(f"safetensors file(s) not listed in {SAFETENSORS_INDEX}: {_listing(unlisted)}")
+        return None if absent else shards
+    if SINGLE_SAFETENSORS in files:
+        others = [f for f in safetensors if f != SINGLE_SAFETENSORS]
+        if others:
+            problems.append(f"safetensors file(s) beside {SINGLE_SAFETENSORS} without an index: {_listing(others)}")
+        return {SINGLE_SAFETENSORS: None}
+    problems.append(f"no safetensors weights ({SINGLE_SAFETENSORS} or {SAFETENSORS_INDEX} with its shards)")
+    return None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_loads_config(folder, problems):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001 -- any failure means users cannot load it either
+        problems.append(f"AutoConfig.from_pretrained(trust_remote_code=True) fails: {_first_line(e)}")
+        return None
+
+
+def _check_loads_processor(folder, problems):
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"AutoProcessor.from_pretrained(trust_remote_code=True) fails: {_first_line(e)}")
+        return
+    if not getattr(processor, "chat_template", None):
+        problems.append("the processor loaded from the folder has no chat template")
+
+
+def expected_weight_shapes(config):
+    """{name: shape} the folder's model expects and the names that may be left out (tied weights),
+    from the model built on the `meta` device through the folder's own code (`AutoModel.from_config`)."""
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=True)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    return shapes, tied
+
+
+def safetensors_shapes(folder, shards):
+    """{name: shape} from the safetensors headers (no tensor data is read) and problems found on the way."""
+    from safetensors import safe_open
+
+    shapes, problems = {}, []
+    for shard, indexed in sorted(shards.items()):
+        try:
+            with safe_open(str(Path(folder) / shard), framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    if name in shapes:
+                        problems.append(f"tensor {name} is stored in more than one safetensors file")
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as e:  # noqa: BLE001 -- a truncated or corrupt header
+            problems.append(f"cannot read the safetensors header of {shard}: {_first_line(e)}")
+            continue
+        if indexed is not None:
+            listed_elsewhere = sorted(set(indexed) - set(names))
+            if listed_elsewhere:
+                problems.append(
+                    f"{SAFETENSORS_INDEX} places {len(listed_elsewhere)} tensor(s) in {shard} that it does not "
+                    f"hold: {_listing(listed_elsewhere)}"
+                )
+    return shapes, problems
+
+
+def _check_weights_match_model(folder, config, shards, problems):
+    try:
+        expected, optional = expected_weight_shapes(config)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"cannot build the model from config.json on the meta device: {_first_line(e)}")
+        return
+    stored, header_problems = safetensors_shapes(folder, shards)
+    problems.extend(header_problems)
+    missing = sorted(set(expected) - set(stored) - optional)
+    unexpected = sorted(set(stored) - set(expected))
+    misshapen = sorted(n for n in set(stored) & set(expected) if stored[n] != expected[n])
+    if missing:
+        problems.append(f"{len(missing)} weight(s) the model expects are not in the safetensors: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} safetensors tensor(s) the model does not have: {_listing(unexpected)}")
+    if misshapen:
+        details = [f"{n} {list(stored[n])} (expected {list(expected[n])})" for n in misshapen]
+        problems.append(f"{len(misshapen)} weight(s) with the wrong shape: {_listing(details)}")
+
+
+def _listing(items):
+    items = list(items)
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upload
+
+
+def check_push_target(repo_id, token=None):
+    """Cheap checks before any work: a valid repo id and a token to push with. Raises `ConversionError`."""
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConversionError(f"{repo_id!r} is not a valid Hub repo id (OWNER/NAME): {_first_line(e)}") from None
+    if token is None and get_token() is None:
+        raise ConversionError(
+            "no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (a token with write access)"
+        )
+
+
+def push_folder(
+    folder,
+    repo_id,
+    *,
+    private=False,
+    revision=None,
+    commit_message=None,
+    token=None,
+    progress=True,
+    endpoint=None,
+):
+    """Check `folder` (`validate_folder`) and upload it to the model repo `repo_id` as one commit.
+
+    Args:
+        private: create the repo private. `False` leaves a new repo's visibility to the Hub's default
+            (public unless the organisation defaults to private). An existing repo keeps its visibility;
+            with `private=True` an existing *public* repo is refused rather than published to.
+        revision: branch to commit to (created from the default branch if missing); default `main`.
+        commit_message: summary of the commit (default "Upload <folder name> with navil").
+        token: a Hub token; `None` uses huggingface_hub's resolution (`HF_TOKEN`, then the saved login).
+        progress: show huggingface_hub's progress bars (enabled for the call even if disabled elsewhere).
+        endpoint: Hub URL; `None` uses huggingface_hub's configuration (`HF_ENDPOINT`).
+
+    Returns a `PushResult`. Raises `ConversionError` for an incomplete folder or bad arguments (nothing
+    is sent) and `PushError` when the Hub rejects or the upload fails (no commit is made).
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder} is not a directory")
+    check_push_target(repo_id, token)
+    validate_folder(folder)
+    files = folder_files(folder)
+    api = HfApi(endpoint=endpoint, token=token, library_name="navil")
+    message = commit_message or f"Upload {folder.resolve().name} with navil"
+    with _progress_bars(progress), _scrubbed_errors(repo_id, token):
+        repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        repo_id = repo_url.repo_id or repo_id
+        info = api.repo_info(repo_id)
+        if private and info.private is False:
+            raise PushError(
+                f"{repo_id} already exists and is public, so a private push is refused (an existing repo keeps its "
+                "visibility: make it private on the Hub first, or push without --private); nothing was committed"
+            )
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.repo_info(repo_id, revision=revision)
+        remote = [s.rfilename for s in (info.siblings or [])]
+        stale = sorted(p for p in remote if p.endswith(STALE_WEIGHT_SUFFIXES) and p not in files)
+        operations = [CommitOperationDelete(path_in_repo=p) for p in stale]
+        operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=folder / p) for p in files]
+        commit = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=message,
+            revision=revision,
+            parent_commit=info.sha,  # fail rather than overwrite a commit made since we looked
+        )
+    return PushResult(
+        repo_id=repo_id,
+        revision=revision or "main",
+        commit_url=commit.commit_url,
+        commit_oid=commit.oid,
+        changed=commit.oid != info.sha,
+        repo_url=str(repo_url),
+        files=files,
+        deleted=stale,
+    )
+
+
+@contextmanager
+def _progress_bars(enabled):
+    """huggingface_hub's progress bars on (or off) for the block, restored afterwards. The
+    `HF_HUB_DISABLE_PROGRESS_BARS` environment variable keeps priority."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    forced = constants.HF_HUB_DISABLE_PROGRESS_BARS is not None
+    switch = not forced and enabled == was_disabled
+    if switch:
+        (enable_progress_bars if enabled else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        if switch:
+            (disable_progress_bars if was_disabled else enable_progress_bars)()
+
+
+@contextmanager
+def _scrubbed_errors(repo_id, token):
+    """Turn any failure of the Hub calls into one `PushError` line that never contains the token."""
+    try:
+        yield
+    except (PushError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 -- HTTP errors, network errors, LFS errors, bad Hub answers
+        causes, seen = [], e
+        while seen is not None and len(causes) < 3:
+            line = _first_line(seen)
+            if line not in causes:
+                causes.append(line)
+            seen = seen.__cause__ or seen.__context__
+        detail = ": ".join(causes)
+        for secret in _secrets(token):
+            detail = detail.replace(secret, "***")
+        raise PushError(f"push to {repo_id} failed ({detail}); nothing was committed") from None
+
+
+def _secrets(token):
+    from huggingface_hub import get_token
+
+    try:
+        resolved = get_token()
+    except Exception:  # noqa: BLE001 -- e.g. a failed OIDC exchange: scrub what we know
+        resolved = None
+    values = {token, resolved, os.environ.get("HF_TOKEN")}
+    return [v for v in values if isinstance(v, str) and len(v) >= 4]

@@ -1,0 +1,375 @@
+"""Publishing (`navil push`, `navil convert --push-to-hub`, `conversion.push`): the folder checks, and
+uploads through the real huggingface_hub client against the stand-in Hub of `hub_server.py`."""
+
+import hashlib
+import json
+import shutil
+import time
+import types
+
+import pytest
+import torch
+from conftest import fixtures_dir
+from hub_server import HubServer
+from safetensors.torch import load_file, save_file
+
+from conversion import check_folder, convert_checkpoint, push_folder
+from conversion.cli import main as navil
+from conversion.errors import ConversionError, PushError
+from conversion.push import folder_files
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's LFS PUT
+
+TOKEN = "hf_navilTestToken_7c1e9f42b8d3a650"  # distinctive: searched for in every output
+QWEN3 = fixtures_dir() / "original-qwen3-tiny" / "checkpoint"
+JUNK = (".git/config", ".git/objects/ab/cdef", "__pycache__/modeling_navil.cpython-311.pyc",
+        ".cache/huggingface/download/model.safetensors.metadata", "sub/__pycache__/x.pyc", "sub/.DS_Store")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("push") / "navil-qwen3-tiny"
+    convert_checkpoint(QWEN3, out, verify=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted_sharded(converted, tmp_path_factory):
+    """The same folder with its weights in 4 shards and an index (as save_pretrained writes them)."""
+    out = shutil.copytree(converted, tmp_path_factory.mktemp("push") / "navil-qwen3-tiny-sharded")
+    state = load_file(out / "model.safetensors")
+    (out / "model.safetensors").unlink()
+    names, weight_map = sorted(state), {}
+    for i in range(4):
+        shard = f"model-{i + 1:05d}-of-00004.safetensors"
+        part = {name: state[name] for name in names[i::4]}
+        save_file(part, out / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+@pytest.fixture
+def folder(converted, tmp_path):
+    return shutil.copytree(converted, tmp_path / "navil-tiny")
+
+
+@pytest.fixture
+def sharded(converted_sharded, tmp_path):
+    return shutil.copytree(converted_sharded, tmp_path / "navil-tiny-sharded")
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The stand-in Hub, with huggingface_hub pointed at it (its constants are read at import, so they are
+    patched as well as the environment), Xet and telemetry off, HF_TOKEN set and no saved login."""
+    from huggingface_hub import constants
+
+    with HubServer(TOKEN) as server:
+        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
+        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf-home" / "agent_harnesses.json"))
+        yield server
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+    """huggingface_hub retries failed transfers 5 times with 1-8 s pauses: keep the retries, drop the pauses."""
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None}))
+
+
+def run_main(capsys, caplog, argv):
+    code = navil(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err + caplog.text
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_repo_holds(hub, repo_id, folder, revision="main"):
+    """The revision's files are exactly the folder's (plus the Hub's .gitattributes), byte for byte."""
+    files = hub.repo(repo_id).head(revision).files
+    assert set(files) == set(folder_files(folder)) | {".gitattributes"}
+    for path in folder_files(folder):
+        entry = files[path]
+        if entry.lfs:
+            assert hub.state.lfs_store[entry.sha256] == (folder / path).read_bytes(), path
+        else:
+            assert entry.content == (folder / path).read_bytes(), path
+
+
+def commit_requests(hub):
+    return [p for m, p, _ in hub.requests if m == "POST" and "/commit/" in p]
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_folder
+
+
+def test_converted_folders_pass_the_checks(converted, converted_sharded):
+    assert check_folder(converted) == []
+    assert check_folder(converted_sharded) == []
+    assert sum(f.endswith(".safetensors") for f in folder_files(converted_sharded)) >= 3
+
+
+def _rewrite_weights(folder, edit):
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _drop_first_shard(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / sorted(set(index["weight_map"].values()))[0]).unlink()
+
+
+def _edit_json(name, edit):
+    def apply(folder):
+        data = json.loads((folder / name).read_text())
+        edit(data)
+        (folder / name).write_text(json.dumps(data))
+
+    return apply
+
+
+BREAKERS = {
+    "code, generation config and model card missing": (
+        lambda f: [(f / n).unlink() for n in ("modeling_navil.py", "generation_config.json", "README.md")],
+        ["missing code file(s) modeling_navil.py", "missing generation_config.json", "missing model card README.md"],
+    ),
+    "config": (
+        _edit_json("config.json", lambda c: (c.update(model_type="navil_chat"), c["auto_map"].pop("AutoModel"))),
+        ["model_type 'navil_chat', expected 'navil'", "auto_map lacks or misnames AutoModel"],
+    ),
+    "pickle": (
+        lambda f: torch.save({"x": torch.zeros(1)}, f / "pytorch_model.bin"),
+        ["pickled weight files are refused", "pytorch_model.bin"],
+    ),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), ["no safetensors weights"]),
+    "tokenizer, processor auto_map, chat template": (
+        lambda f: [
+            (f / "tokenizer.json").unlink(),
+            (f / "chat_template.jinja").unlink(),
+            _edit_json("processor_config.json", lambda c: c.pop("auto_map"))(f),
+        ],
+        ["no tokenizer vocabulary", "processor_config.json has no auto_map entry for AutoProcessor", "no chat template"],
+    ),
+    "weights that do not match the model": (
+        lambda f: _rewrite_weights(
+            f,
+            lambda s: (
+                s.pop("model.language_model.norm.weight"),
+                s.update({"extra.weight": torch.zeros(2)}),
+                s.update({"model.language_model.embed_tokens.weight": torch.zeros(3, 4)}),
+            ),
+        ),
+        [
+            "1 weight(s) the model expects are not in the safetensors: model.language_model.norm.weight",
+            "1 safetensors tensor(s) the model does not have: extra.weight",
+            "model.language_model.embed_tokens.weight [3, 4] (expected [",
+        ],
+    ),
+    "code that does not load": (
+        lambda f: (f / "configuration_navil.py").write_text("raise ImportError('broken on purpose')\n"),
+        ["AutoConfig.from_pretrained(trust_remote_code=True) fails"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKERS))
+def test_every_problem_is_listed(folder, name):
+    breaker, fragments = BREAKERS[name]
+    breaker(folder)
+    problems = check_folder(folder)
+    text = "\n".join(problems)
+    for fragment in fragments:
+        assert fragment in text, (fragment, problems)
+
+
+def test_sharded_index_problems(sharded):
+    _drop_first_shard(sharded)
+    (sharded / "stray.safetensors").write_bytes((sharded / "config.json").read_bytes())
+    text = "\n".join(check_folder(sharded))
+    assert "lists shard(s) missing from the folder" in text
+    assert "not listed in model.safetensors.index.json: stray.safetensors" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# navil push
+
+
+def test_incomplete_folder_is_refused_before_any_request(hub, folder, capsys, caplog):
+    for name in ("tokenizer.json", "README.md"):
+        (folder / name).unlink()
+    code, out, err = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny"])
+    assert code == 2
+    assert "is not ready to push (2 problems)" in err and "tokenizer" in err and "README.md" in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert hub.requests == []
+    with pytest.raises(ConversionError, match="not ready to push"):
+        push_folder(folder, "owner/navil-tiny")
+    assert hub.requests == []
+
+
+def test_push_uploads_the_folder_as_one_commit(hub, folder, capsys, caplog):
+    for junk in JUNK:
+        (folder / junk).parent.mkdir(parents=True, exist_ok=True)
+        (folder / junk).write_bytes(b"junk")
+    code, out, err = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny", "--commit-message", "first"])
+    assert code == 0, err
+    repo = hub.repo("owner/navil-tiny")
+    initial, ours = repo.history()[::-1]
+    assert ours.message == "first" and ours.parent == initial.oid
+    assert ours.added == sorted(folder_files(folder))  # (a) exactly the folder, junk left out
+    assert not any(p.startswith((".git/", ".cache/")) or "__pycache__" in p or "DS_Store" in p for p in ours.added)
+    assert_repo_holds(hub, "owner/navil-tiny", folder)
+    assert len(commit_requests(hub)) == 1
+    assert f"{hub.url}/owner/navil-tiny/commit/{ours.oid}" in out
+
+
+def test_unchanged_folder_makes_no_new_commit(hub, folder, capsys, caplog):
+    assert navil(["push", str(folder), "owner/navil-tiny"]) == 0
+    commits, puts = len(hub.repo("owner/navil-tiny").commits), sum(hub.state.lfs_put_attempts.values())
+    code, out, err = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny"])
+    assert code == 0, err
+    assert "nothing changed" in out
+    assert len(hub.repo("owner/navil-tiny").commits) == commits  # (b)
+    assert sum(hub.state.lfs_put_attempts.values()) == puts and len(commit_requests(hub)) == 1
+
+    card = folder / "README.md"
+    card.write_text(card.read_text() + "\nMore words.\n")
+    result = push_folder(folder, "owner/navil-tiny", progress=False)
+    assert result.changed and hub.repo("owner/navil-tiny").head("main").added == ["README.md"]
+    assert_repo_holds(hub, "owner/navil-tiny", folder)
+
+
+@pytest.mark.parametrize("how", ["500", "drop"])
+def test_failed_upload_leaves_no_commit(hub, sharded, no_retry_wait, capsys, caplog, how):
+    shards = sorted(p for p in folder_files(sharded) if p.endswith(".safetensors"))
+    assert len(shards) >= 3
+    failing = sha256(sharded / shards[1])
+    hub.fail_lfs_upload(failing, how)
+    code, out, err = run_main(capsys, caplog, ["push", str(sharded), "owner/navil-tiny"])
+    assert code == 1
+    line = [x for x in err.splitlines() if x.startswith("navil push: error:")]
+    assert len(line) == 1 and "push to owner/navil-tiny failed" in line[0] and "nothing was committed" in line[0]
+    assert shards[1] in line[0]  # the file that failed is named
+    assert "Traceback" not in err
+    assert hub.state.lfs_put_attempts[failing] == 6  # huggingface_hub's 5 retries, exhausted
+    assert len(hub.repo("owner/navil-tiny").commits) == 1 and commit_requests(hub) == []  # (c)
+
+    hub.state.fail_lfs.clear()  # the retry succeeds and re-sends only what is missing
+    before = dict(hub.state.lfs_put_attempts)
+    assert navil(["push", str(sharded), "owner/navil-tiny", "--quiet"]) == 0
+    resent = {oid for oid, n in hub.state.lfs_put_attempts.items() if n != before.get(oid, 0)}
+    assert resent == {failing}
+    assert_repo_holds(hub, "owner/navil-tiny", sharded)
+
+
+def test_token_is_sent_as_bearer_and_never_printed(hub, sharded, capsys, caplog):
+    code, out, err = run_main(capsys, caplog, ["push", str(sharded), "owner/navil-tiny"])
+    assert code == 0, err
+    hub_api = [(m, p, auth) for m, p, auth in hub.requests if not p.startswith(("/__lfs/upload/", "/api/agent-"))]
+    assert len(hub_api) >= 6
+    assert all(auth == f"Bearer {TOKEN}" for _, _, auth in hub_api), hub_api  # (d)
+    # the presigned LFS upload URLs and the registry fetch get no token
+    assert all(auth is None for _, p, auth in hub.requests if p.startswith(("/__lfs/upload/", "/api/agent-")))
+    assert TOKEN not in out + err
+    assert "LFS files" in err  # huggingface_hub's progress bars are on
+
+    hub.state.token = "hf_someOtherTokenTheServerWants"  # the Hub refuses ours: the error must not echo it
+    code, out, err = run_main(capsys, caplog, ["push", str(sharded), "owner/navil-tiny", "--quiet"])
+    assert code == 1 and "401" in err and TOKEN not in out + err
+
+
+def test_no_token_is_a_usage_error(hub, folder, monkeypatch, capsys, caplog):
+    monkeypatch.delenv("HF_TOKEN")
+    code, _, err = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny"])
+    assert code == 2 and "no Hugging Face token" in err and "HF_TOKEN" in err
+    assert hub.requests == []
+
+
+def test_private_and_revision(hub, folder, capsys, caplog):
+    code, out, err = run_main(
+        capsys, caplog, ["push", str(folder), "owner/navil-tiny", "--private", "--revision", "dev"]
+    )
+    assert code == 0, err
+    assert hub.state.create_payloads[-1]["visibility"] == "private"  # (e)
+    repo = hub.repo("owner/navil-tiny")
+    assert repo.private
+    assert len(repo.history("main")) == 1  # main untouched
+    assert len(repo.history("dev")) == 2 and "branch dev" in out
+    assert_repo_holds(hub, "owner/navil-tiny", folder, revision="dev")
+    assert any(m == "POST" and p == "/api/models/owner/navil-tiny/branch/dev" for m, p, _ in hub.requests)
+
+    assert navil(["push", str(folder), "owner/public-one"]) == 0
+    assert "visibility" not in hub.state.create_payloads[-1]  # the Hub's default, not a forced "public"
+    code, _, err = run_main(capsys, caplog, ["push", str(folder), "owner/public-one", "--private", "--revision", "x"])
+    assert code == 1 and "already exists and is public" in err
+    assert "x" not in hub.repo("owner/public-one").branches and len(hub.repo("owner/public-one").commits) == 2
+
+
+def test_stale_weights_are_removed_in_the_same_commit(hub, folder, sharded, capsys, caplog):
+    assert navil(["push", str(folder), "owner/navil-tiny", "--quiet"]) == 0
+    code, out, err = run_main(capsys, caplog, ["push", str(sharded), "owner/navil-tiny", "--quiet"])
+    assert code == 0, err
+    head = hub.repo("owner/navil-tiny").head("main")
+    assert head.deleted == ["model.safetensors"] and "removed stale model.safetensors" in out
+    assert_repo_holds(hub, "owner/navil-tiny", sharded)
+
+
+def test_push_folder_result(hub, folder):
+    result = push_folder(folder, "owner/navil-tiny", progress=False, endpoint=hub.url)
+    assert result.changed and result.revision == "main" and result.repo_id == "owner/navil-tiny"
+    assert result.commit_oid == hub.repo("owner/navil-tiny").head("main").oid
+    assert result.files == folder_files(folder) and result.deleted == []
+    again = push_folder(folder, "owner/navil-tiny", progress=False)
+    assert not again.changed and again.commit_oid == result.commit_oid
+
+
+def test_hub_refusal_is_a_push_error(hub, folder):
+    hub.state.token = "hf_notOurs"
+    with pytest.raises(PushError, match="push to owner/navil-tiny failed") as info:
+        push_folder(folder, "owner/navil-tiny", progress=False)
+    assert TOKEN not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# navil convert --push-to-hub
+
+
+def test_convert_push_to_hub_end_to_end(hub, tmp_path, capsys, caplog):
+    out_dir = tmp_path / "converted"
+    code, out, err = run_main(
+        capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--quiet", "--push-to-hub", "owner/navil-tiny"]
+    )
+    assert code == 0, err
+    assert "verified logits" in out and "pushed" in out  # (g)
+    assert_repo_holds(hub, "owner/navil-tiny", out_dir)
+    assert TOKEN not in out + err
+
+
+def test_convert_push_checks_come_before_converting(hub, tmp_path, monkeypatch, capsys, caplog):
+    out_dir = tmp_path / "converted"
+    code, _, err = run_main(capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--push-to-hub", "not a repo"])
+    assert code == 2 and "not a valid Hub repo id" in err
+    code, _, err = run_main(capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--private"])
+    assert code == 2 and "--private and --revision need --push-to-hub" in err
+    monkeypatch.delenv("HF_TOKEN")
+    code, _, err = run_main(capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--push-to-hub", "owner/x"])
+    assert code == 2 and "no Hugging Face token" in err
+    assert not out_dir.exists() and hub.requests == []
