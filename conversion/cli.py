@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-NOT_IMPLEMENTED_ISSUE = "issue #3"
 
 
 class UsageError(Exception):
@@ -181,13 +180,6 @@ def _shard_size(text):
     return int(text) if text.isdigit() else text.upper()
 
 
-def _not_implemented(name):
-    def handler(args):
-        raise UsageError(f"{name} is not implemented yet ({NOT_IMPLEMENTED_ISSUE})")
-
-    return handler
-
-
 # ---------------------------------------------------------------------------------------------------
 # convert
 
@@ -307,11 +299,6 @@ def run_init_from_llm(args):
 
 def check_model_reference(model):
     """A local folder must exist and hold config.json; anything else is taken as a Hub repo id."""
-    if not model:
-        raise UsageError(
-            "--model is required (a converted folder or Hub repo id); "
-            "make one with `navil convert ORIGINAL_DIR OUT_DIR`"
-        )
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -52,21 +52,24 @@ def demo_model_dir():
     return cache_root() / f"demo-{DEMO_BUILD}"
 
 
-def ensure_demo_model(progress=True, out=sys.stderr):
+def ensure_demo_model(progress=True, out=None):
     """The demo folder, built first if it is not in the cache yet (atomically: a half-built folder is
     never left behind, and a concurrent build that finishes first is simply used)."""
     folder = demo_model_dir()
     if (folder / "config.json").is_file():
         return folder
+    out = out or sys.stderr
     from .init_llm import init_from_llm
 
     gguf = demo_gguf_path()
     folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"Building the demo model from {gguf.name} into {folder} (once; about a minute)...", file=out)
     try:
-        init_from_llm(gguf, folder, progress=progress, **DEMO_RECIPE)
+        result = init_from_llm(gguf, folder, progress=progress, **DEMO_RECIPE)
     except ConversionError:
         if (folder / "config.json").is_file():  # another process built it meanwhile
             return folder
         raise
+    for name, outcome in result.checks.items():
+        print(f"  verified {name}: {outcome}", file=out)
     return folder

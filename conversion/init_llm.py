@@ -21,6 +21,7 @@ modeling code: with `trust_remote_code=True` that code is the reference; without
 transformers' `LlamaForCausalLM` on the unfused weights.
 """
 
+import contextlib
 import json
 import re
 import shutil
@@ -648,6 +649,17 @@ def init_from_llm(
 ):
     """Build a NaViL from the LLM at `src` (folder or .gguf) and write it to `out_dir` (see the module
     docstring). `dtype="auto"` keeps the LLM's dtype (float32 for a GGUF file, which is dequantized)."""
+    with _transformers_progress_bars(progress):
+        return _init_from_llm(
+            src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,
+            max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size,
+        )  # fmt: skip
+
+
+def _init_from_llm(
+    src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,
+    max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size,
+):  # fmt: skip
     start = time.perf_counter()
     out_dir = check_output_dir(out_dir, force)
     vision_preset_config(vision_preset)  # an unknown preset fails before the (slow) load
@@ -702,6 +714,19 @@ def init_from_llm(
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled):
+    """transformers' own bars (GGUF dequantization, weight loading) follow `progress`."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
 def config_family(config):
     return "qwen3" if config.text_config.qk_norm else "llama-style"
 
@@ -710,7 +735,9 @@ def _resolve_dtype(dtype, source):
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        name = _config_value(source.config, "torch_dtype") or _config_value(source.config, "dtype")
+        name = _config_value(source.config, "dtype")
+        if name is None and isinstance(source.config, dict):
+            name = source.config.get("torch_dtype")  # older config.json files
         if isinstance(name, torch.dtype):
             return name
         return DTYPES.get(str(name).replace("torch.", ""), torch.float32) if name else torch.float32

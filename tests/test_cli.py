@@ -1,5 +1,5 @@
-"""The `navil` command line: argument errors (one line on stderr, exit code 2, no traceback),
-not-yet-implemented commands, and `navil chat` on a converted fixture."""
+"""The `navil` command line: argument errors (one line on stderr, exit code 2, no traceback) and
+`navil chat` on a converted fixture."""
 
 import os
 import subprocess
@@ -60,18 +60,6 @@ def test_help_exits_zero(capsys):
     assert code == 0 and "convert" in out and "chat" in out
 
 
-@pytest.mark.parametrize(
-    "argv,fragment",
-    [
-        (["init-from-llm", "llm", "out"], "navil init-from-llm is not implemented yet (issue #3)"),
-    ],
-)
-def test_not_implemented_yet(capsys, tmp_path, argv, fragment):
-    code, _, err = run_main(capsys, argv)
-    assert_usage_error(code, err, fragment)
-    assert not (tmp_path / "out").exists()
-
-
 def test_convert_input_errors(capsys, tmp_path):
     code, _, err = run_main(capsys, ["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")])
     assert_usage_error(code, err, "navil convert: error:", "is not a directory")
@@ -83,9 +71,14 @@ def test_convert_input_errors(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_chat_needs_a_model(capsys):
+def test_chat_without_model_needs_the_demo_extra(capsys, tmp_path, monkeypatch):
+    import conversion.demo
+
+    monkeypatch.setenv("NAVIL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(conversion.demo.importlib.util, "find_spec", lambda name: None)
     code, _, err = run_main(capsys, ["chat", "Describe the image."])
-    assert_usage_error(code, err, "--model is required", "navil convert")
+    assert_usage_error(code, err, "demo model is not installed", "pip install 'navil[demo]'", "--model")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_chat_model_errors(capsys, tmp_path):

