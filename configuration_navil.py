@@ -107,6 +107,9 @@ class NaViLTextConfig(PretrainedConfig):
         qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3), one set per expert.
         attention_bias: bias on the q/k/v projections (Qwen2: True).
         attention_out_bias: bias on the output projection (Llama's `attention_bias` sets both).
+        chain_visual_output: visual tokens' output projection is `o_proj_ve(o_proj(x))`, InternLM2's
+            original layout (SPEC §8.2); o_proj_ve is then hidden->hidden. False: `o_proj_ve(x)` alone
+            (Qwen3, or InternLM2 with the chain folded into one projection).
         rope_parameters: `{"rope_type": "default", "rope_theta": ...}` or any rope type transformers
             knows (`llama3`, `yarn`, ...).
     """
@@ -131,6 +134,7 @@ class NaViLTextConfig(PretrainedConfig):
         qk_norm=False,
         attention_bias=False,
         attention_out_bias=False,
+        chain_visual_output=False,
         mlp_bias=False,
         attention_dropout=0.0,
         initializer_range=0.02,
@@ -161,6 +165,7 @@ class NaViLTextConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
+        self.chain_visual_output = chain_visual_output
         self.mlp_bias = mlp_bias
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
