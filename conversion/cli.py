@@ -1,6 +1,6 @@
 """The `navil` command line (API.md "Command line").
 
-    navil convert ORIGINAL_DIR OUT_DIR [--force] [--no-verify] [--dtype ...] [--push-to-hub REPO_ID]
+    navil convert ORIGINAL_DIR OUT_DIR [--force] [--no-verify] [--dtype ...] [--fold-visual-output] [--push-to-hub REPO_ID]
     navil chat --model PATH_OR_REPO [--image FILE ...] [--max-new-tokens N] [--device DEV] "question"
     navil init-from-llm ...   (not implemented yet)
     navil push ...            (not implemented yet)
@@ -61,6 +61,12 @@ def build_parser():
         "--trust-remote-code",
         action="store_true",
         help="allow the original tokenizer's own Python code (some InternLM2 tokenizers need it)",
+    )
+    convert.add_argument(
+        "--fold-visual-output",
+        action="store_true",
+        help="InternLM2: store the chained visual output projection wo_ve(wo(x)) folded into one o_proj_ve "
+        "(inference only; such a folder cannot be converted back exactly)",
     )
     convert.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to the Hub (not implemented yet)")
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -144,6 +150,7 @@ def run_convert(args):
         progress=not args.quiet,
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
+        fold_visual_output=args.fold_visual_output,
     )
     dtype = str(result.dtype).replace("torch.", "")
     print(

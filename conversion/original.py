@@ -15,11 +15,9 @@ from configuration_navil import (
 )
 
 from .errors import ConversionError
-from .keymap import LLM_KEYS, KeyMismatchError, match_source, rules_for
+from .keymap import INTERNLM2, LLM_KEYS, QWEN3, KeyMismatchError, match_source, rules_for
 
 ORIGINAL_MODEL_TYPE = "navil_chat"
-QWEN3 = "Qwen3VEForCausalLM"
-INTERNLM2 = "InternLM2VEForCausalLM"
 SUPPORTED_LLM_ARCHITECTURES = tuple(LLM_KEYS)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_FILE = "model.safetensors.index.json"
@@ -150,9 +148,10 @@ def rope_parameters(llm_config):
     return {"rope_type": rope_type, "rope_theta": float(10000.0 if theta is None else theta), **params}
 
 
-def convert_config(original_config, token_ids):
+def convert_config(original_config, token_ids, fold_visual_output=False):
     """Our `NaViLConfig` for an original config dict. `token_ids` maps token strings to ids
-    (`special_token_ids(tokenizer)`)."""
+    (`special_token_ids(tokenizer)`). InternLM2's visual output chain is kept (`chain_visual_output`)
+    unless `fold_visual_output`."""
     arch = llm_architecture(original_config)
     vc, llm = original_config["vision_config"], original_config["llm_config"]
     _require(vc, REQUIRED_VISION_FIELDS, "vision_config")
@@ -175,6 +174,7 @@ def convert_config(original_config, token_ids):
         "qk_norm": arch == QWEN3,
         "attention_bias": bias,
         "attention_out_bias": bias,
+        "chain_visual_output": arch == INTERNLM2 and not fold_visual_output,
         "tie_word_embeddings": bool(llm.get("tie_word_embeddings", False)),
         "bos_token_id": llm.get("bos_token_id"),
         "eos_token_id": llm.get("eos_token_id"),
