@@ -200,6 +200,10 @@ class NaViLConfig(PretrainedConfig):
             `<IMG_FRAME_BREAK>`.
         template: chat template name of the original (`qwen3-chat`, `internlm2-chat`).
         min_dynamic_patch, max_dynamic_patch, scale_downsample_ratio: image settings (SPEC §2).
+        original_config_extras: keys of the original OpenGVLab config.json that this config does not
+            represent (e.g. `force_image_size`, `ps_version`), kept verbatim by `navil convert` so that
+            `navil convert --to-original` writes them back; nested like the original (top-level keys,
+            `vision_config`, `llm_config`). Not used by the model.
     """
 
     model_type = "navil"
@@ -221,6 +225,7 @@ class NaViLConfig(PretrainedConfig):
         min_dynamic_patch=256,
         max_dynamic_patch=24576,
         scale_downsample_ratio=0.7071,
+        original_config_extras=None,
         tie_word_embeddings=None,
         **kwargs,
     ):
@@ -252,6 +257,7 @@ class NaViLConfig(PretrainedConfig):
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         self.scale_downsample_ratio = scale_downsample_ratio
+        self.original_config_extras = original_config_extras
         if tie_word_embeddings is None:
             tie_word_embeddings = text_config.tie_word_embeddings
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
