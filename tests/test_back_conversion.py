@@ -4,13 +4,20 @@ bit for bit, for both fixtures; the folded InternLM2 refusal and `--approximate`
 
 import copy
 import json
+import shutil
 
 import pytest
+import torch
 from conftest import fixtures_dir
+from safetensors.torch import load_file, save_file
 from tiny import tiny_config
 
 from configuration_navil import SPECIAL_TOKENS
-from conversion.errors import ConversionError
+from conversion import back as back_module
+from conversion.back import convert_to_original
+from conversion.cli import main as navil
+from conversion.convert import convert_checkpoint
+from conversion.errors import ConversionError, VerificationError
 from conversion.original import (
     EXTRAS_KEY,
     INTERNLM2,
@@ -18,6 +25,7 @@ from conversion.original import (
     convert_config,
     is_boilerplate,
     load_original_config,
+    load_original_state_dict,
     significant_config,
     to_original_config,
 )
@@ -61,7 +69,8 @@ def test_unmapped_keys_are_carried_verbatim(name):
     assert extras["force_image_size"] == 32 and extras["ps_version"] == "v1" and extras["select_layer"] == -1
     assert extras["vision_config"]["use_flash_attn"] is False and extras["vision_config"]["image_size"] == 32
     if name == "internlm2":
-        assert extras["llm_config"] == {"attn_implementation": "eager", "skip_final_norm_weight": False, "use_cache": True}
+        expected = {"attn_implementation": "eager", "skip_final_norm_weight": False, "use_cache": True}
+        assert extras["llm_config"] == expected
     else:
         assert extras["llm_config"]["sliding_window"] == 4096 and extras["llm_config"]["use_sliding_window"] is False
     mapped = {"hidden_size", "num_hidden_layers", "vocab_size", "template", "rope_theta", "bias", "attention_bias"}
@@ -152,3 +161,193 @@ def test_configs_the_original_cannot_express_are_refused(edit, fragment):
 def test_written_config_json_is_plain_json():
     back = to_original_config(convert_config(load_original_config(checkpoint("qwen3")), TOKEN_IDS), "float32")
     assert json.loads(json.dumps(back)) == back
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights, end to end through the command line
+
+
+def navil_ok(argv, capsys=None):
+    code = navil([*argv, "--quiet"])
+    assert code == 0, capsys.readouterr().err if capsys else code
+
+
+def assert_same_tensors(got, expected):
+    assert set(got) == set(expected)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape, key
+        assert torch.equal(got[key], tensor), key
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def round_trip(request, tmp_path_factory):
+    """original -> navil convert -> navil convert --to-original -> navil convert again."""
+    name, root = request.param, tmp_path_factory.mktemp(request.param)
+    ours, back, again = root / "hub", root / "original", root / "hub-again"
+    navil_ok(["convert", str(checkpoint(name)), str(ours)])
+    navil_ok(["convert", "--to-original", str(ours), str(back)])
+    navil_ok(["convert", str(back), str(again)])
+    return dict(name=name, ours=ours, back=back, again=again)
+
+
+def test_back_converted_tensors_equal_the_original_bit_for_bit(round_trip):
+    written = load_file(round_trip["back"] / "model.safetensors")
+    assert_same_tensors(written, load_file(checkpoint(round_trip["name"]) / "model.safetensors"))
+
+
+def test_back_converted_config_round_trips(round_trip):
+    original = load_original_config(checkpoint(round_trip["name"]))
+    written = json.loads((round_trip["back"] / "config.json").read_text())
+    assert significant_config(written) == significant_config(original)
+    assert set(written) == set(significant_config(original))
+
+
+def test_back_converted_folder_holds_tokenizer_and_readme(round_trip):
+    from transformers import AutoTokenizer
+
+    back = round_trip["back"]
+    files = {p.name for p in back.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert not files & {"modeling_navil.py", "configuration_navil.py", "processor_config.json"}
+    assert "original code files" in (back / "README.md").read_text()
+    tokenizer_config = json.loads((back / "tokenizer_config.json").read_text())
+    # loadable by the original code's transformers 4.x: its class name, no pointer to our processor code
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "auto_map" not in tokenizer_config and "processor_class" not in tokenizer_config
+    assert "<IMG_CONTEXT>" in tokenizer_config["additional_special_tokens"]
+    assert not isinstance(tokenizer_config.get("extra_special_tokens", {}), list)
+    original = AutoTokenizer.from_pretrained(checkpoint(round_trip["name"]))
+    text = "<|im_start|>user\n<img><IMG_CONTEXT></img> hello<|im_end|>"
+    assert AutoTokenizer.from_pretrained(back).encode(text) == original.encode(text)
+
+
+def test_forward_conversion_of_the_back_converted_folder_is_identical(round_trip):
+    again, ours = (load_file(round_trip[k] / "model.safetensors") for k in ("again", "ours"))
+    assert_same_tensors(again, ours)
+    first = json.loads((round_trip["ours"] / "config.json").read_text())
+    second = json.loads((round_trip["again"] / "config.json").read_text())
+    assert second == first
+    assert first["text_config"]["chain_visual_output"] is (round_trip["name"] == "internlm2")
+
+
+def test_back_conversion_reports_its_checks(tmp_path, capsys):
+    ours = tmp_path / "hub"
+    navil_ok(["convert", str(checkpoint("internlm2")), str(ours)])
+    assert navil(["convert", "--to-original", str(ours), str(tmp_path / "original"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'original'} in the original layout (72 tensors from 80, float32)" in printed
+    for check in ("original layout", "forward again", "config", "tokenizer"):
+        assert f"verified {check}:" in printed
+    assert "bit for bit" in printed and "approximate" not in printed
+
+
+def test_bfloat16_sharded_tied_folder(tmp_path):
+    """A bfloat16 conversion of a tied checkpoint without LM head goes back in bfloat16, sharded on request."""
+    source = tmp_path / "src"
+    shutil.copytree(checkpoint("qwen3"), source)
+    for path in source.iterdir():
+        path.chmod(0o644)
+    config = json.loads((source / "config.json").read_text())
+    config["llm_config"]["tie_word_embeddings"] = True
+    (source / "config.json").write_text(json.dumps(config))
+    tensors = load_file(source / "model.safetensors")
+    del tensors["language_model.lm_head.weight"]
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+
+    ours, back = tmp_path / "hub", tmp_path / "original"
+    convert_checkpoint(source, ours, dtype="bfloat16")
+    result = convert_to_original(ours, back, progress=False, max_shard_size="200KB")
+    assert result.dtype == torch.bfloat16 and result.config["torch_dtype"] == "bfloat16"
+    assert (back / "model.safetensors.index.json").is_file() and len(list(back.glob("model-*.safetensors"))) > 1
+    written = load_original_state_dict(back)
+    assert_same_tensors(written, {k: v.to(torch.bfloat16) for k, v in tensors.items()})
+    assert json.loads((back / "config.json").read_text())["llm_config"]["tie_word_embeddings"] is True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folded InternLM2 (--fold-visual-output): refused, or approximately unfolded on request
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("folded") / "hub"
+    navil_ok(["convert", str(checkpoint("internlm2")), str(out), "--fold-visual-output"])
+    return out
+
+
+def test_folded_folder_is_refused_without_approximate(folded, tmp_path, capsys):
+    assert json.loads((folded / "config.json").read_text())["text_config"]["chain_visual_output"] is False
+    code = navil(["convert", "--to-original", str(folded), str(tmp_path / "original")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "folded" in err and "wo_ve cannot be recovered exactly" in err and "--approximate" in err
+    assert not (tmp_path / "original").exists()
+
+
+def test_folded_folder_with_approximate(folded, tmp_path, capsys):
+    back = tmp_path / "original"
+    assert navil(["convert", "--to-original", str(folded), str(back), "--approximate", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "approximate: wo_ve recovered by least squares" in printed and "max-abs error" in printed
+    for verify in (True, False):  # the error is measured either way
+        out = tmp_path / f"again-{verify}"
+        result = convert_to_original(folded, out, progress=False, approximate=True, verify=verify)
+        assert result.approximate and 0 <= result.approximation_error < 1e-5
+    written, original = load_file(back / "model.safetensors"), load_file(checkpoint("internlm2") / "model.safetensors")
+    assert set(written) == set(original)
+    for key, tensor in original.items():
+        if ".wo_ve." in key:
+            torch.testing.assert_close(written[key], tensor, atol=1e-4, rtol=1e-4)
+        else:
+            assert torch.equal(written[key], tensor), key
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors (exit code 2, one line, nothing written)
+
+
+def assert_usage_error(capsys, argv, *fragments):
+    code = navil(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_errors(tmp_path, capsys, round_trip):
+    ours, out = str(round_trip["ours"]), str(tmp_path / "out")
+    original = str(checkpoint("qwen3"))
+    assert_usage_error(capsys, ["convert", "--to-original", original, out], "already in the original layout")
+    empty = str(tmp_path)
+    assert_usage_error(capsys, ["convert", "--to-original", empty, out], "has no config.json", "not a converted")
+    assert_usage_error(capsys, ["convert", "--to-original", str(tmp_path / "nowhere"), out], "is not a directory")
+    assert_usage_error(capsys, ["convert", "--to-original", ours, str(round_trip["back"])], "already exists", "--force")
+    assert_usage_error(capsys, ["convert", "--to-original", ours, ours, "--force"], "another folder")
+    assert_usage_error(capsys, ["convert", str(checkpoint("qwen3")), out, "--approximate"], "--to-original only")
+    assert_usage_error(capsys, ["convert", "--to-original", ours, out, "--fold-visual-output", "--dtype", "float16"],
+                       "--fold-visual-output, --dtype cannot be combined with --to-original")  # fmt: skip
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(round_trip["ours"] / "config.json", no_weights)
+    assert_usage_error(capsys, ["convert", "--to-original", str(no_weights), out], "has no model.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_force_replaces_and_failed_verification_writes_nothing(tmp_path, monkeypatch, round_trip):
+    out = tmp_path / "original"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    convert_to_original(round_trip["ours"], out, force=True, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+
+    real = back_module._write
+
+    def tamper(folder, original, *args):
+        key = next(iter(original))
+        real(folder, {**original, key: original[key] + 1}, *args)
+
+    monkeypatch.setattr(back_module, "_write", tamper)
+    target = tmp_path / "tampered"
+    with pytest.raises(VerificationError, match="bit for bit"):
+        convert_to_original(round_trip["ours"], target, progress=False)
+    assert not target.exists() and not list(tmp_path.glob(".tampered.tmp-*"))
