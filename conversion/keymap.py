@@ -8,6 +8,10 @@ A row is `(original, ours)` or `(original, ours, op)`:
   inputs of the op.
 * `ours = None` means "drop" (derived buffers some checkpoints carry).
 * `op` names the tensor surgery (`surgery.py`); no op is a plain rename.
+
+InternLM2's visual output projection `wo_ve(wo(x))` has two variants of its rows: kept chained (a rename; our
+`text_config.chain_visual_output=True`, the default) or folded into one `o_proj_ve` (`--fold-visual-output`).
+Functions that take a `text_config` pick the variant it describes (`rules_for_config`).
 """
 
 import functools
@@ -167,7 +171,8 @@ def folds_visual_output(llm_architecture, text_config):
     chained = bool(getattr(text_config, "chain_visual_output", False))
     if llm_architecture != INTERNLM2 and chained:
         raise KeyMismatchError(
-            f"chain_visual_output=True is InternLM2's layout; {llm_architecture} has no chained visual output projection"
+            f"chain_visual_output=True is InternLM2's layout; {llm_architecture} has no chained visual output "
+            "projection"
         )
     return llm_architecture == INTERNLM2 and not chained
 
