@@ -140,7 +140,8 @@ def load_converted_config(converted_dir):
 def folded_refusal(converted_dir):
     return ConversionError(
         f"{converted_dir} stores InternLM2's chained visual output projection folded into one o_proj_ve "
-        "(W_ve @ W, written with --fold-visual-output), so the original wo_ve cannot be recovered exactly; "
+        "(W_ve @ W: written with --fold-visual-output, or by navil convert before chain_visual_output existed), "
+        "so the original wo_ve cannot be recovered exactly; "
         "re-convert the original checkpoint without --fold-visual-output, or pass --approximate to recover "
         "wo_ve by least squares (the max-abs error of the refolded product is reported)"
     )
