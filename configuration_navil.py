@@ -107,6 +107,9 @@ class NaViLTextConfig(PretrainedConfig):
         qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3), one set per expert.
         attention_bias: bias on the q/k/v projections (Qwen2: True).
         attention_out_bias: bias on the output projection (Llama's `attention_bias` sets both).
+        chain_visual_output: visual tokens' output projection is `o_proj_ve(o_proj(x))`, InternLM2's
+            original layout (SPEC §8.2); o_proj_ve is then hidden->hidden. False: `o_proj_ve(x)` alone
+            (Qwen3, or InternLM2 with the chain folded into one projection).
         rope_parameters: `{"rope_type": "default", "rope_theta": ...}` or any rope type transformers
             knows (`llama3`, `yarn`, ...).
     """
@@ -131,6 +134,7 @@ class NaViLTextConfig(PretrainedConfig):
         qk_norm=False,
         attention_bias=False,
         attention_out_bias=False,
+        chain_visual_output=False,
         mlp_bias=False,
         attention_dropout=0.0,
         initializer_range=0.02,
@@ -161,6 +165,7 @@ class NaViLTextConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
+        self.chain_visual_output = chain_visual_output
         self.mlp_bias = mlp_bias
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
@@ -195,6 +200,10 @@ class NaViLConfig(PretrainedConfig):
             `<IMG_FRAME_BREAK>`.
         template: chat template name of the original (`qwen3-chat`, `internlm2-chat`).
         min_dynamic_patch, max_dynamic_patch, scale_downsample_ratio: image settings (SPEC §2).
+        original_config_extras: keys of the original OpenGVLab config.json that this config does not
+            represent (e.g. `force_image_size`, `ps_version`), kept verbatim by `navil convert` so that
+            `navil convert --to-original` writes them back; nested like the original (top-level keys,
+            `vision_config`, `llm_config`). Not used by the model.
     """
 
     model_type = "navil"
@@ -216,6 +225,7 @@ class NaViLConfig(PretrainedConfig):
         min_dynamic_patch=256,
         max_dynamic_patch=24576,
         scale_downsample_ratio=0.7071,
+        original_config_extras=None,
         tie_word_embeddings=None,
         **kwargs,
     ):
@@ -247,6 +257,7 @@ class NaViLConfig(PretrainedConfig):
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         self.scale_downsample_ratio = scale_downsample_ratio
+        self.original_config_extras = original_config_extras
         if tie_word_embeddings is None:
             tie_word_embeddings = text_config.tie_word_embeddings
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -541,7 +541,8 @@ class NaViLTextAttention(nn.Module):
             setattr(self, f"q_proj{suffix}", nn.Linear(h, q_dim, bias=config.attention_bias))
             setattr(self, f"k_proj{suffix}", nn.Linear(h, kv_dim, bias=config.attention_bias))
             setattr(self, f"v_proj{suffix}", nn.Linear(h, kv_dim, bias=config.attention_bias))
-            setattr(self, f"o_proj{suffix}", nn.Linear(q_dim, h, bias=config.attention_out_bias))
+            o_in = h if suffix and config.chain_visual_output else q_dim
+            setattr(self, f"o_proj{suffix}", nn.Linear(o_in, h, bias=config.attention_out_bias))
             if config.qk_norm:
                 setattr(self, f"q_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
                 setattr(self, f"k_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
@@ -597,7 +598,8 @@ class NaViLTextAttention(nn.Module):
             **kwargs,
         )  # [B, L, H, D]
         out = routing.to_sorted(out.reshape(*shape, -1))
-        return routing.apply(out, self.o_proj, self.o_proj_ve)
+        visual = (lambda x: self.o_proj_ve(self.o_proj(x))) if self.config.chain_visual_output else self.o_proj_ve
+        return routing.apply(out, self.o_proj, visual)
 
 
 class NaViLDecoderLayer(GradientCheckpointingLayer):

@@ -1,7 +1,8 @@
 """The `navil` command line (API.md "Command line").
 
-    navil convert ORIGINAL_DIR OUT_DIR [--force] [--no-verify] [--dtype ...] [--push-to-hub REPO_ID [--private]
-                  [--revision BRANCH]]
+    navil convert ORIGINAL_DIR OUT_DIR [--force] [--no-verify] [--dtype ...] [--fold-visual-output]
+                  [--push-to-hub REPO_ID [--private] [--revision BRANCH]]
+    navil convert --to-original OUT_DIR ORIGINAL_DIR [--force] [--approximate]
     navil chat [--model PATH_OR_REPO] [--image FILE ...] [--max-new-tokens N] [--device DEV] "question"
     navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--dtype ...] [--chat-template ...]
     navil push OUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
@@ -37,11 +38,18 @@ def build_parser():
         "convert",
         help="convert an original OpenGVLab NaViL checkpoint into a Hub-ready folder",
         description="Convert an original OpenGVLab NaViL checkpoint (config.json with model_type navil_chat + "
-        "safetensors) into a folder that AutoModel/AutoProcessor load with trust_remote_code=True. The folder is "
-        "built and verified beside OUT_DIR and moved into place only if every check passes.",
+        "safetensors) into a folder that AutoModel/AutoProcessor load with trust_remote_code=True, or with "
+        "--to-original a converted folder back into the original layout. The folder is built and verified beside "
+        "the target and moved into place only if every check passes.",
     )
-    convert.add_argument("original_dir", metavar="ORIGINAL_DIR", help="the original checkpoint folder")
-    convert.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create")
+    convert.add_argument(
+        "original_dir",
+        metavar="ORIGINAL_DIR",
+        help="the original checkpoint folder (with --to-original: the converted folder, OUT_DIR)",
+    )
+    convert.add_argument(
+        "out_dir", metavar="OUT_DIR", help="the folder to create (with --to-original: the original-layout ORIGINAL_DIR)"
+    )
     convert.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     convert.add_argument(
         "--verify",
@@ -62,6 +70,23 @@ def build_parser():
         "--trust-remote-code",
         action="store_true",
         help="allow the original tokenizer's own Python code (some InternLM2 tokenizers need it)",
+    )
+    convert.add_argument(
+        "--fold-visual-output",
+        action="store_true",
+        help="InternLM2: store the chained visual output projection wo_ve(wo(x)) folded into one o_proj_ve "
+        "(inference only; such a folder cannot be converted back exactly)",
+    )
+    convert.add_argument(
+        "--to-original",
+        action="store_true",
+        help="convert a converted folder (OUT_DIR) back into the original OpenGVLab layout (ORIGINAL_DIR)",
+    )
+    convert.add_argument(
+        "--approximate",
+        action="store_true",
+        help="with --to-original: accept a --fold-visual-output folder and recover wo_ve by least squares "
+        "(reports the error)",
     )
     convert.add_argument(
         "--push-to-hub", metavar="REPO_ID", help="after a successful conversion, upload OUT_DIR to this Hub repo"
@@ -187,6 +212,10 @@ def _shard_size(text):
 def run_convert(args):
     from .convert import convert_checkpoint
 
+    if args.to_original:
+        return run_convert_to_original(args)
+    if args.approximate:
+        raise UsageError("--approximate applies to --to-original only")
     if args.push_to_hub:
         from .push import check_push_target
 
@@ -202,6 +231,7 @@ def run_convert(args):
         progress=not args.quiet,
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
+        fold_visual_output=args.fold_visual_output,
     )
     dtype = str(result.dtype).replace("torch.", "")
     print(
@@ -288,6 +318,51 @@ def run_init_from_llm(args):
     print(f"  added tokens: {' '.join(result.added_tokens) or 'none (the tokenizer had them)'}")
     for name, outcome in result.checks.items():
         print(f"  verified {name}: {outcome}")
+    if not result.verified:
+        print("  not verified (--no-verify)")
+    return EXIT_OK
+
+
+def run_convert_to_original(args):
+    """`navil convert --to-original OUT_DIR ORIGINAL_DIR`: the positionals are read source first, as in
+    the forward direction (here the converted folder, then the original-layout folder to create)."""
+    from .back import convert_to_original
+
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--fold-visual-output", args.fold_visual_output),
+            ("--push-to-hub", args.push_to_hub),
+            ("--private", args.private),
+            ("--revision", args.revision),
+            ("--dtype", args.dtype != "auto"),
+            ("--trust-remote-code", args.trust_remote_code),
+        )
+        if given
+    ]
+    if unsupported:
+        raise UsageError(f"{', '.join(unsupported)} cannot be combined with --to-original")
+    result = convert_to_original(
+        args.original_dir,
+        args.out_dir,
+        force=args.force,
+        verify=args.verify,
+        progress=not args.quiet,
+        approximate=args.approximate,
+        max_shard_size=args.max_shard_size,
+    )
+    dtype = str(result.dtype).replace("torch.", "")
+    print(
+        f"wrote {result.original_dir} in the original layout ({result.num_written_tensors} tensors from "
+        f"{result.num_tensors}, {dtype}) in {result.seconds:.1f} s"
+    )
+    for name, outcome in result.checks.items():
+        print(f"  verified {name}: {outcome}")
+    if result.approximate:
+        print(
+            f"  approximate: wo_ve recovered by least squares from the folded o_proj_ve; max-abs error of the "
+            f"refolded product {result.approximation_error:.3g}"
+        )
     if not result.verified:
         print("  not verified (--no-verify)")
     return EXIT_OK

@@ -5,12 +5,18 @@ what the config implies; map the config and the tensors (`keymap.py`, `surgery.p
 into a temporary directory beside the output; verify it; only then move it into place. On any failure
 the temporary directory is removed and nothing is written.
 
+InternLM2's visual tokens get the chained output projection `wo_ve(wo(x))` (SPEC §8.2). By default it is
+kept chained (`text_config.chain_visual_output=True`, `wo_ve` renamed to a hidden->hidden `o_proj_ve`), so
+the conversion is exact both ways and `navil convert --to-original` (`back.py`) reproduces the original
+bit for bit. `--fold-visual-output` (inference-only deployments) stores one `o_proj_ve = W_ve @ W` instead
+(float64 product; one matmul less per visual token); a folded folder cannot be converted back exactly.
+
 Verification (`--verify`, the default):
 
 1. every original tensor is consumed by the key map (checked during conversion);
 2. converting the *written* weights back to the original layout reproduces every original tensor bit
-   for bit (in the output dtype); the InternLM2 folded `o_proj_ve` has no exact inverse, so there the
-   fold of the original `wo_ve`, `wo` must equal the written tensor bit for bit;
+   for bit (in the output dtype); with `--fold-visual-output` the InternLM2 folded `o_proj_ve` has no
+   exact inverse, so there the fold of the original `wo_ve`, `wo` must equal the written tensor bit for bit;
 3. the written safetensors hold exactly the in-memory model's tensors (bitwise);
 4. the written tokenizer encodes a probe text like the original tokenizer;
 5. the folder, loaded through `AutoModel`/`AutoProcessor.from_pretrained(..., trust_remote_code=True)`
@@ -136,6 +142,7 @@ def convert_checkpoint(
     max_shard_size="5GB",
     trust_remote_code=False,
     attn_implementation="eager",
+    fold_visual_output=False,
     _before_publish=None,
 ):
     """Convert the original checkpoint in `original_dir` into a Hub-ready folder `out_dir`.
@@ -148,6 +155,9 @@ def convert_checkpoint(
         max_shard_size: safetensors shard size (`save_pretrained`'s).
         trust_remote_code: allow the original tokenizer's own code (InternLM2 tokenizers may need it).
         attn_implementation: backend of the logits check (`eager` is deterministic everywhere).
+        fold_visual_output: store InternLM2's chained visual output projection folded into one `o_proj_ve`
+            (inference only: such a folder cannot be converted back to the original exactly). No effect
+            on Qwen3 checkpoints.
 
     Returns a `ConversionResult`. Raises `ConversionError` on bad input and `VerificationError` when a
     check fails; in both cases `out_dir` is left as it was.
@@ -160,7 +170,7 @@ def convert_checkpoint(
     try:
         return _convert(
             original_dir, out_dir, dtype, force, verify, progress, max_shard_size, trust_remote_code,
-            attn_implementation, _before_publish,
+            attn_implementation, fold_visual_output, _before_publish,
         )  # fmt: skip
     finally:
         if not progress and not bars_were_disabled:
@@ -169,7 +179,7 @@ def convert_checkpoint(
 
 def _convert(
     original_dir, out_dir, dtype, force, verify, progress, max_shard_size, trust_remote_code, attn_implementation,
-    _before_publish,
+    fold_visual_output, _before_publish,
 ):  # fmt: skip
     start = time.perf_counter()
     original_dir = Path(original_dir)
@@ -178,7 +188,7 @@ def _convert(
     arch = llm_architecture(original_config)
     files = weight_files(original_dir)
     tokenizer = load_tokenizer(original_dir, trust_remote_code)
-    config = convert_config(original_config, special_token_ids(tokenizer))
+    config = convert_config(original_config, special_token_ids(tokenizer), fold_visual_output=fold_visual_output)
 
     num_tensors = _count_tensors(files)
     with _progress_bar(progress, total=num_tensors, desc="reading", unit="tensor") as bar:
@@ -380,7 +390,7 @@ def _same(a, b):
 
 def check_round_trip(written, original, original_config, config, dtype, progress=False):
     """Written weights -> original layout must reproduce every original tensor (cast to `dtype`) bit
-    for bit; the folded InternLM2 `o_proj_ve` must equal the fold of the original tensors bit for bit."""
+    for bit; a folded InternLM2 `o_proj_ve` must equal the fold of the original tensors bit for bit."""
     arch = llm_architecture(original_config)
     rules = rules_for(arch)
     seen, folds = set(), 0

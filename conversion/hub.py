@@ -213,12 +213,18 @@ def model_card(config, *, source=None, license=None, dtype=None, verified=True):
         if verified
         else ""
     )
-    fold = (
-        "\nFor this InternLM2-based model the chained output projection of visual tokens, `wo_ve(wo(x))`, is\n"
-        "stored folded into one `o_proj_ve` (weight `W_ve @ W`), which computes the same.\n"
-        if not text.qk_norm
-        else ""
-    )
+    fold = ""
+    if not text.qk_norm and getattr(text, "chain_visual_output", False):
+        fold = (
+            "\nFor this InternLM2-based model the chained output projection of visual tokens, `wo_ve(wo(x))`, is\n"
+            "kept as in the original (`o_proj_ve(o_proj(x))`), so `navil convert --to-original` gives back the\n"
+            "original weights bit for bit.\n"
+        )
+    elif not text.qk_norm:
+        fold = (
+            "\nFor this InternLM2-based model the chained output projection of visual tokens, `wo_ve(wo(x))`, is\n"
+            "stored folded into one `o_proj_ve` (weight `W_ve @ W`), which computes the same.\n"
+        )
     body = f"""# NaViL
 
 NaViL (OpenGVLab, NeurIPS 2025) is a native multimodal large language model: a native-resolution vision

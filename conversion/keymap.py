@@ -8,6 +8,10 @@ A row is `(original, ours)` or `(original, ours, op)`:
   inputs of the op.
 * `ours = None` means "drop" (derived buffers some checkpoints carry).
 * `op` names the tensor surgery (`surgery.py`); no op is a plain rename.
+
+InternLM2's visual output projection `wo_ve(wo(x))` has two variants of its rows: kept chained (a rename; our
+`text_config.chain_visual_output=True`, the default) or folded into one `o_proj_ve` (`--fold-visual-output`).
+Functions that take a `text_config` pick the variant it describes (`rules_for_config`).
 """
 
 import functools
@@ -82,10 +86,6 @@ INTERNLM2_KEYS = (
                                                                  f"{_OL}.self_attn.k_proj{{ve}}.{{wb}}",
                                                                  f"{_OL}.self_attn.v_proj{{ve}}.{{wb}}"),     SPLIT_WQKV),
     (f"{_L}.attention.wo.{{wb}}",                               f"{_OL}.self_attn.o_proj.{{wb}}"),
-    ((f"{_L}.attention.wo_ve.weight", f"{_L}.attention.wo.weight"),
-                                                                f"{_OL}.self_attn.o_proj_ve.weight",          FOLD),
-    ((f"{_L}.attention.wo_ve.bias", f"{_L}.attention.wo_ve.weight", f"{_L}.attention.wo.bias"),
-                                                                f"{_OL}.self_attn.o_proj_ve.bias",            FOLD_BIAS),
     (f"{_L}.feed_forward{{ve}}.w1.weight",                      f"{_OL}.mlp{{ve}}.gate_proj.weight"),
     (f"{_L}.feed_forward{{ve}}.w3.weight",                      f"{_OL}.mlp{{ve}}.up_proj.weight"),
     (f"{_L}.feed_forward{{ve}}.w2.weight",                      f"{_OL}.mlp{{ve}}.down_proj.weight"),
@@ -94,9 +94,23 @@ INTERNLM2_KEYS = (
     ("language_model.model.rotary_emb.inv_freq",                None),
     (f"{_L}.attention.rotary_emb.inv_freq",                     None),
 )
+
+# InternLM2's visual output projection `wo_ve(wo(x))` (SPEC §8.2), two ways:
+INTERNLM2_CHAINED_VISUAL_OUTPUT = (  # kept chained (chain_visual_output=True): exact both ways
+    (f"{_L}.attention.wo_ve.{{wb}}",                            f"{_OL}.self_attn.o_proj_ve.{{wb}}"),
+)
+INTERNLM2_FOLDED_VISUAL_OUTPUT = (  # folded into one o_proj_ve = W_ve @ W (opt-in): no exact inverse
+    ((f"{_L}.attention.wo_ve.weight", f"{_L}.attention.wo.weight"),
+                                                                f"{_OL}.self_attn.o_proj_ve.weight",          FOLD),
+    ((f"{_L}.attention.wo_ve.bias", f"{_L}.attention.wo_ve.weight", f"{_L}.attention.wo.bias"),
+                                                                f"{_OL}.self_attn.o_proj_ve.bias",            FOLD_BIAS),
+)
 # fmt: on
 
-LLM_KEYS = {"Qwen3VEForCausalLM": QWEN3_KEYS, "InternLM2VEForCausalLM": INTERNLM2_KEYS}
+QWEN3 = "Qwen3VEForCausalLM"
+INTERNLM2 = "InternLM2VEForCausalLM"
+LLM_KEYS = {QWEN3: QWEN3_KEYS, INTERNLM2: INTERNLM2_KEYS + INTERNLM2_CHAINED_VISUAL_OUTPUT}
+FOLDED_LLM_KEYS = {INTERNLM2: INTERNLM2_KEYS + INTERNLM2_FOLDED_VISUAL_OUTPUT}  # fold_visual_output=True
 EXACT_OPS = (RENAME, SPLIT_WQKV)  # ops whose inverse reproduces the original bit for bit
 
 
@@ -140,13 +154,32 @@ def compile_table(table):
     return tuple(rules)
 
 
-def rules_for(llm_architecture):
-    """Compiled rules for a whole NaViL checkpoint whose language model is `llm_architecture`."""
+@functools.cache
+def rules_for(llm_architecture, fold_visual_output=False):
+    """Compiled rules for a whole NaViL checkpoint whose language model is `llm_architecture`;
+    `fold_visual_output` picks the folded InternLM2 variant (no effect on Qwen3, which has no chain)."""
     if llm_architecture not in LLM_KEYS:
         raise ValueError(
             f"unsupported language model architecture {llm_architecture!r}; supported: {', '.join(LLM_KEYS)}"
         )
-    return compile_table(VISION_AND_CONNECTOR_KEYS + LLM_KEYS[llm_architecture])
+    table = FOLDED_LLM_KEYS.get(llm_architecture) if fold_visual_output else None
+    return compile_table(VISION_AND_CONNECTOR_KEYS + (table or LLM_KEYS[llm_architecture]))
+
+
+def folds_visual_output(llm_architecture, text_config):
+    """Whether our layout described by `text_config` holds InternLM2's visual output chain folded."""
+    chained = bool(getattr(text_config, "chain_visual_output", False))
+    if llm_architecture != INTERNLM2 and chained:
+        raise KeyMismatchError(
+            f"chain_visual_output=True is InternLM2's layout; {llm_architecture} has no chained visual output "
+            "projection"
+        )
+    return llm_architecture == INTERNLM2 and not chained
+
+
+def rules_for_config(llm_architecture, text_config):
+    """The rules for the layout `text_config` describes (chained or folded InternLM2 visual output)."""
+    return rules_for(llm_architecture, folds_visual_output(llm_architecture, text_config))
 
 
 def _forward_op(rule, inputs, text_config):
@@ -214,7 +247,7 @@ def _apply(rule, bindings, key, original, text_config):
 def convert_tensor(key, original, llm_architecture, text_config):
     """{our key: tensor} produced from the original tensor `key` (plus the extra inputs its rule needs,
     looked up in `original`); empty for a dropped key."""
-    rule, bindings = match_source(rules_for(llm_architecture), key)
+    rule, bindings = match_source(rules_for_config(llm_architecture, text_config), key)
     if rule is None:
         raise KeyMismatchError(f"unexpected key (not in the original NaViL layout): {key}")
     return _apply(rule, bindings, key, original, text_config)[1] if rule.targets else {}
@@ -223,8 +256,9 @@ def convert_tensor(key, original, llm_architecture, text_config):
 def convert_state_dict(original, llm_architecture, text_config, progress=None):
     """Original-layout tensors -> our layout. Raises `KeyMismatchError` on keys no rule consumes.
 
+    The InternLM2 visual output is renamed (`text_config.chain_visual_output`) or folded (otherwise).
     `progress` is an optional callable called once per original key (a tqdm `update`)."""
-    rules = rules_for(llm_architecture)
+    rules = rules_for_config(llm_architecture, text_config)
     converted, consumed, unmatched = {}, set(), []
     for key in original:
         rule, bindings = match_source(rules, key)
@@ -253,12 +287,13 @@ def iter_original_tensors(state_dict, llm_architecture, text_config, exact_only=
     """Our layout -> original layout, one tensor at a time: yields `(original key, tensor)`.
 
     `state_dict` may be any mapping (a lazy reader of safetensors files works: tensors are fetched
-    one rule at a time). Renames and the wqkv merge are exact. The InternLM2 folded `o_proj_ve`
-    (`W_ve @ W`) has no exact inverse: with `exact_only=True` its original key is yielded with `None`;
-    otherwise it is recovered by least squares (approximately). Raises `KeyMismatchError` (after the
-    last tensor) if a key has no original counterpart.
+    one rule at a time). Renames (the chained InternLM2 `o_proj_ve` included) and the wqkv merge are
+    exact. A folded InternLM2 `o_proj_ve` (`W_ve @ W`, `text_config.chain_visual_output` False) has no
+    exact inverse: with `exact_only=True` its original key is yielded with `None`; otherwise it is
+    recovered by least squares (approximately). Raises `KeyMismatchError` (after the last tensor) if a
+    key has no original counterpart.
     """
-    rules = rules_for(llm_architecture)
+    rules = rules_for_config(llm_architecture, text_config)
     keys = list(state_dict.keys())
     consumed, restored = set(), {}  # restored: exact results the inexact inverses need
     for exact_pass in (True, False):  # exact rules first: the inexact inverses need their results

@@ -1,6 +1,24 @@
 """The original OpenGVLab NaViL checkpoint (SPEC §7): reading the folder, mapping its config to ours and
-the tensor names and shapes its config implies."""
+back, and the tensor names and shapes its config implies.
 
+Config mapping, both ways. The keys of the original config.json fall into three groups:
+
+* mapped -- the keys our `NaViLConfig` represents (`TOP_LEVEL_MAPPED`, `VISION_MAPPED`, `LLM_MAPPED` and
+  the per-architecture `LLM_MAPPED_BY_ARCH`): `convert_config` reads them into our fields and
+  `to_original_config` writes them back from our fields, so an edit of our config reaches the original;
+* boilerplate -- transformers' generic `PretrainedConfig` attributes at their generic defaults
+  (`GENERIC_DEFAULTS`) and save-time records (`_`-prefixed keys, `transformers_version`): no model
+  reads them, so they are neither kept nor written back;
+* everything else (`force_image_size`, `ps_version`, `use_flash_attn`, `skip_final_norm_weight`, ...):
+  we cannot know which ones the original code reads, so `convert_config` keeps all of them verbatim in
+  our config's `original_config_extras` (nested like the original: top-level keys, `vision_config`,
+  `llm_config`) and `to_original_config` writes them back unchanged.
+
+So original -> ours -> original gives back every non-boilerplate key (`significant_config`) with its value,
+and ours -> original -> ours gives our config unchanged.
+"""
+
+import copy
 import json
 from pathlib import Path
 
@@ -15,11 +33,12 @@ from configuration_navil import (
 )
 
 from .errors import ConversionError
-from .keymap import LLM_KEYS, KeyMismatchError, match_source, rules_for
+from .keymap import INTERNLM2, LLM_KEYS, QWEN3, KeyMismatchError, match_source, rules_for
 
 ORIGINAL_MODEL_TYPE = "navil_chat"
-QWEN3 = "Qwen3VEForCausalLM"
-INTERNLM2 = "InternLM2VEForCausalLM"
+ORIGINAL_ARCHITECTURES = ["NaViL"]
+ORIGINAL_VISION_MODEL_TYPE = "navil_vit"
+LLM_MODEL_TYPES = {QWEN3: "qwen3", INTERNLM2: "internlm2"}
 SUPPORTED_LLM_ARCHITECTURES = tuple(LLM_KEYS)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,6 +51,40 @@ VISION_FIELDS = (
 REQUIRED_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 REQUIRED_LLM_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 TOP_LEVEL_FIELDS = ("downsample_ratio", "template", "min_dynamic_patch", "max_dynamic_patch", "scale_downsample_ratio")
+LLM_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+# Keys our config represents (see the module docstring); the rest is carried in `original_config_extras`.
+TOP_LEVEL_MAPPED = ("model_type", "architectures", "torch_dtype", "vision_config", "llm_config", *TOP_LEVEL_FIELDS)
+VISION_MAPPED = ("model_type", *VISION_FIELDS)
+LLM_MAPPED = (
+    "architectures", "model_type", *REQUIRED_LLM_FIELDS, "num_key_value_heads", "hidden_act",
+    "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
+    "initializer_range", *LLM_TOKEN_FIELDS,
+)  # fmt: skip
+LLM_MAPPED_BY_ARCH = {QWEN3: ("head_dim", "attention_bias"), INTERNLM2: ("bias",)}  # InternLM2 derives head_dim
+EXTRAS_KEY = "original_config_extras"
+
+# transformers' generic PretrainedConfig attributes with their defaults, as transformers 4.x (which saved the
+# original checkpoints) writes them into every config and sub-config. No model reads them; a key listed here
+# that holds this value is boilerplate. Generic keys that LLM configs give defaults of their own (the token
+# ids, `tie_word_embeddings`) are deliberately not listed: they are always kept.
+GENERIC_DEFAULTS = {
+    "return_dict": True, "output_hidden_states": False, "output_attentions": False, "torchscript": False,
+    "torch_dtype": None, "use_bfloat16": False, "tf_legacy_loss": False, "pruned_heads": {},
+    "chunk_size_feed_forward": 0, "is_encoder_decoder": False, "is_decoder": False,
+    "cross_attention_hidden_size": None, "add_cross_attention": False, "tie_encoder_decoder": False,
+    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "typical_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False,
+    "return_dict_in_generate": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "architectures": None, "finetuning_task": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "tokenizer_class": None, "prefix": None, "sep_token_id": None, "decoder_start_token_id": None,
+    "task_specific_params": None, "problem_type": None,
+}  # fmt: skip
+SAVE_TIME_KEYS = ("transformers_version",)  # plus every `_`-prefixed key (_name_or_path, _commit_hash, ...)
 
 
 class OriginalCheckpointError(ConversionError):
@@ -150,9 +203,48 @@ def rope_parameters(llm_config):
     return {"rope_type": rope_type, "rope_theta": float(10000.0 if theta is None else theta), **params}
 
 
-def convert_config(original_config, token_ids):
+def is_boilerplate(key, value):
+    """A generic `PretrainedConfig` attribute at its generic default, or a save-time record."""
+    if key.startswith("_") or key in SAVE_TIME_KEYS:
+        return True
+    return key in GENERIC_DEFAULTS and _json(value) == _json(GENERIC_DEFAULTS[key])
+
+
+def _json(value):
+    return json.loads(json.dumps(value))  # int dict keys -> str, tuples -> lists, as in config.json
+
+
+def significant_config(original_config):
+    """The original config without boilerplate keys (at the top and in both sub-configs): what the
+    round trip original -> ours -> original gives back."""
+
+    def strip(section):
+        return {k: v for k, v in section.items() if not is_boilerplate(k, v)}
+
+    out = strip(original_config)
+    for name in ("vision_config", "llm_config"):
+        if isinstance(out.get(name), dict):
+            out[name] = strip(out[name])
+    return out
+
+
+def config_extras(original_config):
+    """The keys of an original config that our config does not represent and that are not boilerplate,
+    verbatim, nested like the original (stored as our config's `original_config_extras`)."""
+    arch = llm_architecture(original_config)
+    significant = significant_config(original_config)
+    extras = {k: copy.deepcopy(v) for k, v in significant.items() if k not in TOP_LEVEL_MAPPED}
+    for name, mapped in (("vision_config", VISION_MAPPED), ("llm_config", LLM_MAPPED + LLM_MAPPED_BY_ARCH[arch])):
+        section = {k: copy.deepcopy(v) for k, v in significant[name].items() if k not in mapped}
+        if section:
+            extras[name] = section
+    return extras
+
+
+def convert_config(original_config, token_ids, fold_visual_output=False):
     """Our `NaViLConfig` for an original config dict. `token_ids` maps token strings to ids
-    (`special_token_ids(tokenizer)`)."""
+    (`special_token_ids(tokenizer)`). InternLM2's visual output chain is kept (`chain_visual_output`)
+    unless `fold_visual_output`. Keys our config does not represent go to `original_config_extras`."""
     arch = llm_architecture(original_config)
     vc, llm = original_config["vision_config"], original_config["llm_config"]
     _require(vc, REQUIRED_VISION_FIELDS, "vision_config")
@@ -175,24 +267,25 @@ def convert_config(original_config, token_ids):
         "qk_norm": arch == QWEN3,
         "attention_bias": bias,
         "attention_out_bias": bias,
+        "chain_visual_output": arch == INTERNLM2 and not fold_visual_output,
         "tie_word_embeddings": bool(llm.get("tie_word_embeddings", False)),
-        "bos_token_id": llm.get("bos_token_id"),
-        "eos_token_id": llm.get("eos_token_id"),
-        "pad_token_id": llm.get("pad_token_id"),
+        **{k: llm.get(k) for k in LLM_TOKEN_FIELDS},
     }
     if "initializer_range" in llm:
         text_config["initializer_range"] = llm["initializer_range"]
 
     top = {k: original_config[k] for k in TOP_LEVEL_FIELDS if k in original_config}
     top["downsample_ratio"] = downsample_ratio
+    extras = config_extras(original_config)
     try:
-        return _navil_config(vision_config, text_config, token_ids, top)
+        return _navil_config(vision_config, text_config, token_ids, top, extras or None)
     except ValueError as e:
         raise OriginalCheckpointError(f"config.json cannot be mapped: {e}") from None
 
 
-def _navil_config(vision_config, text_config, token_ids, top):
+def _navil_config(vision_config, text_config, token_ids, top, extras):
     return NaViLConfig(
+        original_config_extras=extras,
         vision_config=vision_config,
         text_config=text_config,
         special_token_ids=[token_ids[t] for t in SPECIAL_TOKENS],
@@ -204,6 +297,96 @@ def _navil_config(vision_config, text_config, token_ids, top):
         architectures=["NaViLForConditionalGeneration"],
         **top,
     )
+
+
+def original_llm_architecture(config):
+    """The original language model class our config corresponds to: Qwen3 has per-head q/k norms,
+    InternLM2 has none (SPEC §6)."""
+    return QWEN3 if config.text_config.qk_norm else INTERNLM2
+
+
+def check_representable(config):
+    """Raise `ConversionError` naming the first setting of our config the original NaViL code cannot express."""
+    text, vision = config.text_config, config.vision_config
+    arch = original_llm_architecture(config)
+    problems = []
+    if float(vision.rope_theta) != 10000.0:
+        problems.append(f"vision_config.rope_theta is {vision.rope_theta} (the original fixes 10000)")
+    if text.attention_bias != text.attention_out_bias:
+        problems.append(
+            f"text_config.attention_bias ({text.attention_bias}) differs from attention_out_bias "
+            f"({text.attention_out_bias}) (the original has one bias flag for q/k/v/o)"
+        )
+    if text.mlp_bias:
+        problems.append("text_config.mlp_bias is true (the original FFNs have no bias)")
+    if arch == QWEN3 and getattr(text, "chain_visual_output", False):
+        problems.append("text_config.chain_visual_output is true with qk_norm (only InternLM2 chains o_proj_ve)")
+    if arch == INTERNLM2 and text.head_dim * text.num_attention_heads != text.hidden_size:
+        problems.append(
+            f"text_config.head_dim {text.head_dim} x {text.num_attention_heads} heads != hidden_size "
+            f"{text.hidden_size} (InternLM2 derives head_dim from them)"
+        )
+    if problems:
+        raise ConversionError(f"this config cannot be written in the original NaViL layout: {'; '.join(problems)}")
+    return arch
+
+
+def _rope_scaling(rope_parameters, arch):
+    params = dict(rope_parameters or {})
+    theta = float(params.pop("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type == "default" and not params:
+        return theta, None
+    # the key each original LLM reads: InternLM2's code `rope_scaling["type"]`, Qwen3's `rope_type`
+    return theta, {("type" if arch == INTERNLM2 else "rope_type"): rope_type, **params}
+
+
+def to_original_config(config, torch_dtype=None):
+    """The original config.json (a dict) for our `NaViLConfig`: the inverse of `convert_config`. Mapped keys
+    come from our fields, the rest from `original_config_extras` verbatim; `torch_dtype` (a torch dtype or
+    its name) is the dtype of the weights written beside it. Raises `ConversionError` when our config has
+    a setting the original cannot express."""
+    arch = check_representable(config)
+    text, vision = config.text_config, config.vision_config
+    extras = copy.deepcopy(getattr(config, EXTRAS_KEY, None) or {})
+
+    vision_config = {
+        **extras.pop("vision_config", {}),
+        "model_type": ORIGINAL_VISION_MODEL_TYPE,
+        **{k: copy.deepcopy(getattr(vision, k)) for k in VISION_FIELDS},
+    }
+    rope_theta, rope_scaling = _rope_scaling(text.rope_parameters, arch)
+    llm_config = {
+        **extras.pop("llm_config", {}),
+        "architectures": [arch],
+        "model_type": LLM_MODEL_TYPES[arch],
+        **{k: getattr(text, k) for k in REQUIRED_LLM_FIELDS},
+        "num_key_value_heads": text.num_key_value_heads,
+        "hidden_act": text.hidden_act,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": bool(text.tie_word_embeddings),
+        "initializer_range": text.initializer_range,
+        **{k: getattr(text, k) for k in LLM_TOKEN_FIELDS},
+    }
+    if arch == QWEN3:
+        llm_config.update(head_dim=text.head_dim, attention_bias=bool(text.attention_bias))
+    else:
+        llm_config["bias"] = bool(text.attention_bias)
+
+    original = {
+        **extras,
+        "model_type": ORIGINAL_MODEL_TYPE,
+        "architectures": list(ORIGINAL_ARCHITECTURES),
+        **{k: copy.deepcopy(getattr(config, k)) for k in TOP_LEVEL_FIELDS},
+        "vision_config": vision_config,
+        "llm_config": llm_config,
+    }
+    if torch_dtype is not None:
+        original["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+    return original
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -144,21 +144,23 @@ def test_unfold_recovers_the_second_projection():
 # Key maps on the fixtures
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("name", FIXTURES)
-def test_every_fixture_key_is_matched_by_exactly_one_rule(name):
+def test_every_fixture_key_is_matched_by_exactly_one_rule(name, fold):
     config = load_original_config(checkpoint(name))
-    rules = rules_for(config["llm_config"]["architectures"][0])
+    rules = rules_for(config["llm_config"]["architectures"][0], fold_visual_output=fold)
     for key in load_file(checkpoint(name) / "model.safetensors"):
         matching = [rule for rule in rules if rule.source_pattern.fullmatch(key)]
         assert len(matching) == 1, (key, matching)
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_fixture_converts_to_the_model_layout_and_back(name):
+@pytest.mark.parametrize("name,fold", [("qwen3", False), ("internlm2", False), ("internlm2", True)])
+def test_fixture_converts_to_the_model_layout_and_back(name, fold):
     original_config = load_original_config(checkpoint(name))
     arch = original_config["llm_config"]["architectures"][0]
     original = load_original_state_dict(checkpoint(name))
-    config = convert_config(original_config, TOKEN_IDS)
+    config = convert_config(original_config, TOKEN_IDS, fold_visual_output=fold)
+    assert config.text_config.chain_visual_output is (name == "internlm2" and not fold)
     converted = convert_state_dict(original, arch, config.text_config)
     with torch.device("meta"):
         model = NaViLForConditionalGeneration(config)
@@ -168,18 +170,26 @@ def test_fixture_converts_to_the_model_layout_and_back(name):
     assert torch.equal(converted["model.special_token_embedding.weight"], original["special_token_embedding.weight"])
 
     back, not_reproduced = to_original_state_dict(converted, arch, config.text_config, exact_only=True)
-    folded = (
-        {f"language_model.model.layers.{n}.attention.wo_ve.weight" for n in range(2)} if arch == INTERNLM2 else set()
-    )
+    folded = {f"language_model.model.layers.{n}.attention.wo_ve.weight" for n in range(2)} if fold else set()
     assert set(not_reproduced) == folded
     assert set(back) | folded == set(original)
     for key, tensor in back.items():
         assert torch.equal(tensor, original[key]), key
 
 
-def test_internlm2_fold_matches_the_chained_original_projection():
+def test_internlm2_visual_output_is_kept_chained_by_default():
     original = load_original_state_dict(checkpoint("internlm2"))
     config = convert_config(load_original_config(checkpoint("internlm2")), TOKEN_IDS)
+    converted = convert_state_dict(original, INTERNLM2, config.text_config)
+    for n in range(2):
+        wo_ve = original[f"language_model.model.layers.{n}.attention.wo_ve.weight"]
+        assert torch.equal(converted[f"model.language_model.layers.{n}.self_attn.o_proj_ve.weight"], wo_ve)
+        assert wo_ve.shape == (64, 64)  # hidden -> hidden
+
+
+def test_internlm2_fold_matches_the_chained_original_projection():
+    original = load_original_state_dict(checkpoint("internlm2"))
+    config = convert_config(load_original_config(checkpoint("internlm2")), TOKEN_IDS, fold_visual_output=True)
     converted = convert_state_dict(original, INTERNLM2, config.text_config)
     x = torch.randn(5, 64, dtype=torch.float64)
     for n in range(2):
@@ -290,6 +300,7 @@ def meta_state_dict(shapes):
     return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize(
     "llm,overrides,vision",
     [
@@ -299,11 +310,11 @@ def meta_state_dict(shapes):
         ("qwen3", {"attention_bias": True}, {"qk_normalization": True, "qkv_bias": False}),
     ],
 )
-def test_full_size_key_map_on_meta_tensors(llm, overrides, vision):
+def test_full_size_key_map_on_meta_tensors(llm, overrides, vision, fold):
     original = original_config(llm, **overrides)
     original["vision_config"].update(vision)
     arch = original["llm_config"]["architectures"][0]
-    config = convert_config(original, TOKEN_IDS)
+    config = convert_config(original, TOKEN_IDS, fold_visual_output=fold)
     shapes = expected_original_shapes(original)
     check_original_state_dict(shapes, original)
     converted = convert_state_dict(meta_state_dict(shapes), arch, config.text_config)
@@ -313,8 +324,10 @@ def test_full_size_key_map_on_meta_tensors(llm, overrides, vision):
     assert {k: tuple(v.shape) for k, v in converted.items()} == ours
     back, folded = to_original_state_dict(converted, arch, config.text_config, exact_only=True)
     assert {k: tuple(v.shape) for k, v in back.items()} == {k: s for k, s in shapes.items() if k not in folded}
-    if arch == INTERNLM2:
+    if arch == INTERNLM2 and fold:
         assert len(folded) == original["llm_config"]["num_hidden_layers"] * (2 if overrides.get("bias") else 1)
+    else:
+        assert folded == []
 
 
 def test_tied_checkpoint_without_lm_head_is_accepted_on_meta():

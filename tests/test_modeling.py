@@ -144,15 +144,17 @@ def _masked_reference_layer(layer, hidden, visual, position_embeddings):
     causal = torch.full((l, l), float("-inf")).triu(1)
     out, _ = modeling_navil.eager_attention_forward(attn, q, k, v, causal, attn.scaling)
     out = out.reshape(b, l, -1)
-    hidden = hidden + pick(attn.o_proj(out), attn.o_proj_ve(out))
+    visual_out = attn.o_proj_ve(attn.o_proj(out)) if attn.config.chain_visual_output else attn.o_proj_ve(out)
+    hidden = hidden + pick(attn.o_proj(out), visual_out)
     x = layer.post_attention_layernorm(hidden)
     return hidden + pick(layer.mlp(x), layer.mlp_ve(x))
 
 
+@pytest.mark.parametrize("chain", [False, True])
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
-def test_routed_layer_matches_masked_reference(share):
+def test_routed_layer_matches_masked_reference(share, chain):
     torch.manual_seed(1)
-    config = tiny_config().text_config
+    config = tiny_config(chain_visual_output=chain).text_config
     config._attn_implementation = "eager"
     layer = NaViLDecoderLayer(config, 0).eval()
     with torch.no_grad():
@@ -170,7 +172,7 @@ def test_routed_layer_matches_masked_reference(share):
         out = layer(routing.to_sorted(hidden), (b, l), routing, rope, causal)
         out = routing.to_natural(out, (b, l))
         ref = _masked_reference_layer(layer, hidden, visual, rope)
-    assert _report(f"routed vs masked (share {share})", out, ref) <= 1e-5
+    assert _report(f"routed vs masked (share {share}, chain {chain})", out, ref) <= 1e-5
 
 
 def test_text_only_step_takes_the_dense_path(monkeypatch):

@@ -151,3 +151,42 @@ def test_chat_errors_are_clear(converted):
     long_question = "word " * 5000
     with pytest.raises(ValueError, match="context"):
         model.chat(processor, long_question, generation_config=dict(max_new_tokens=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# InternLM2 with the visual output chain folded (`navil convert --fold-visual-output`, inference only)
+
+INTERNLM2 = "original-internlm2-tiny"
+
+
+@pytest.fixture(scope="module")
+def chained_and_folded(tmp_path_factory):
+    source = fixtures_dir() / INTERNLM2
+    models = {}
+    for form, flags in (("chained", []), ("folded", ["--fold-visual-output"])):
+        out = tmp_path_factory.mktemp(form) / "hub"
+        assert navil(["convert", str(source / "checkpoint"), str(out), "--quiet", *flags]) == 0
+        models[form] = AutoModel.from_pretrained(out, trust_remote_code=True, attn_implementation="eager").eval()
+    assert models["chained"].config.text_config.chain_visual_output is True
+    assert models["folded"].config.text_config.chain_visual_output is False
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    expected = json.loads((source / "expected.json").read_text())
+    return dict(source=source, models=models, processor=processor, expected=expected,
+                tensors=load_file(source / "expected.safetensors"))  # fmt: skip
+
+
+@pytest.mark.parametrize("index", CASES)
+def test_folded_internlm2_matches_original_and_chained(chained_and_folded, index):
+    _, _, inputs = _case(chained_and_folded, index)
+    with torch.no_grad():
+        logits = {form: model(**inputs).logits for form, model in chained_and_folded["models"].items()}
+        generated = chained_and_folded["models"]["folded"].generate(
+            **inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    expected = _expected(chained_and_folded, index, "logits")
+    diff = (logits["folded"] - expected).abs().max().item()
+    between = (logits["folded"] - logits["chained"]).abs().max().item()
+    print(f"internlm2 case{index} folded logits max-abs {diff:.3g} vs original, {between:.3g} vs chained")
+    assert diff <= 1e-4 and between <= 1e-5
+    new_tokens = generated[0, inputs["input_ids"].shape[1] :].tolist()
+    assert new_tokens == _expected(chained_and_folded, index, "generated_ids")[0].tolist()
