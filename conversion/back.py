@@ -60,7 +60,11 @@ from .original import (
 OUR_MODEL_TYPE = "navil"
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Keys of our config.json that say how a folder was saved, not what the model is.
-SAVE_RECORD_KEYS = ("auto_map", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_commit_hash")
+# Keys that record how a folder was saved or made (`initialized_from`: provenance `navil init-from-llm`
+# writes; the original layout has no place for it).
+SAVE_RECORD_KEYS = (
+    "auto_map", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_commit_hash", "initialized_from",
+)  # fmt: skip
 
 
 @dataclass
@@ -155,6 +159,12 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
     if original_dir.resolve() == converted_dir.resolve():
         raise ConversionError(f"ORIGINAL_DIR must be another folder than the converted folder {converted_dir}")
     text_config = config.text_config
+    origin = getattr(config, "initialized_from", None) or {}
+    if origin.get("family") not in (None, "qwen3", "internlm2"):
+        raise ConversionError(
+            f"{converted_dir} was built by navil init-from-llm from a {origin['family']} LLM; the original "
+            "OpenGVLab code has only the Qwen3 and InternLM2 variants, so it has no layout for this model"
+        )
     original_config = to_original_config(config)  # ConversionError if the original cannot express it
     arch = original_config["llm_config"]["architectures"][0]
     folded = folds_visual_output(arch, text_config)

@@ -6,7 +6,9 @@ starting checkpoint:
 1. load the LLM -- a local Hugging Face folder of a Llama, Qwen2, Qwen3 or InternLM2 causal LM, or a
    GGUF file (transformers' GGUF loader dequantizes it);
 2. copy its text weights; initialise every visual expert (q/k/v/o projections, q/k norms, FFN) as a
-   copy of its text twin, so a visual token is first processed exactly like a text token;
+   copy of its text twin, so a visual token is first processed exactly like a text token (InternLM2:
+   NaViL-2B chains the visual output projection after the text one, `o_proj_ve(o_proj(x))`, so there
+   `o_proj_ve` starts as the identity);
 3. add NaViL's 12 special tokens to the tokenizer; new embedding (and untied LM-head) rows are the
    mean of the trained rows, the special-token table starts equal to the plain embedding of its tokens;
 4. build a fresh vision encoder and connector sized by a named preset (`VISION_PRESETS`);
@@ -543,6 +545,16 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
     else:
         text_state["lm_head.weight"] = _resize_rows(text_state["lm_head.weight"], vocab_size, new_ids, trained_rows)
 
+    if source.family == "internlm2":
+        # NaViL-2B's InternLM2 layout: visual tokens get o_proj_ve(o_proj(x)) (SPEC §8.2). With o_proj_ve
+        # the identity the visual path starts equal to the text path, and the folder converts back to
+        # the original layout (`navil convert --to-original`).
+        text_kwargs["chain_visual_output"] = True
+        for key in [k for k in text_state if k.endswith("self_attn.o_proj_ve.weight")]:
+            text_state[key] = torch.eye(text_kwargs["hidden_size"], dtype=text_state[key].dtype)
+        for key in [k for k in text_state if k.endswith("self_attn.o_proj_ve.bias")]:
+            text_state[key] = torch.zeros(text_kwargs["hidden_size"], dtype=text_state[key].dtype)
+
     special = {}
     if source.generation_config is not None:
         special = {k: getattr(source.generation_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -566,6 +578,7 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
         template=template_name,
         min_dynamic_patch=min_dynamic_patch,
         max_dynamic_patch=max_dynamic_patch,
+        initialized_from={"llm": source.name, "family": source.family, "vision_preset": vision_preset},
     )
 
     torch.manual_seed(seed)

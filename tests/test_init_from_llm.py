@@ -62,8 +62,13 @@ def test_visual_experts_start_as_copies_of_their_text_twins(tmp_path, family):
     params = dict(model.named_parameters())
     twins = [(k, k.replace("_ve.", ".").replace("mlp_ve.", "mlp.")) for k in params if "_ve." in k]
     assert len(twins) == model.config.text_config.num_hidden_layers * (4 + 3 + (2 if family == "qwen3" else 0))
+    chained = family == "internlm2"  # NaViL-2B's layout: o_proj_ve(o_proj(x)), o_proj_ve starts as the identity
+    assert model.config.text_config.chain_visual_output == chained
     for visual, text in twins:
-        assert torch.equal(params[visual], params[text]), visual
+        if chained and "o_proj_ve" in visual:
+            assert torch.equal(params[visual], torch.eye(params[visual].shape[0])), visual
+        else:
+            assert torch.equal(params[visual], params[text]), visual
     # So an image token is processed exactly like a text token with the same embedding: routing a
     # sequence to the visual experts changes nothing yet.
     ids = torch.tensor([[3, 40, 41, 42, 43, 44]])
@@ -150,3 +155,14 @@ def test_errors(tmp_path, capsys):
     # A base model gets one of the original templates by name.
     assert navil(["init-from-llm", str(source), str(tmp_path / "out"), "--vision-preset", "tiny", "-q",
                   "--chat-template", "internlm2-chat"]) == 0  # fmt: skip
+
+
+def test_back_conversion_of_built_models(tmp_path, capsys):
+    """InternLM2- and Qwen3-based builds have an original layout; a Llama-based one does not, and says so."""
+    for family in ("internlm2", "qwen3"):
+        _, _, _, out = init(tmp_path, family)
+        assert navil(["convert", "--to-original", str(out), str(tmp_path / f"{family}-original"), "-q"]) == 0
+    _, _, _, out = init(tmp_path, "llama")
+    capsys.readouterr()
+    assert navil(["convert", "--to-original", str(out), str(tmp_path / "llama-original"), "-q"]) == 2
+    assert "built by navil init-from-llm from a llama LLM" in capsys.readouterr().err
