@@ -775,22 +775,20 @@ def init_model_card(config, *, source, vision_preset, license, dtype, parameters
         if verified
         else ""
     )
+    vision = config.vision_config
     body = f"""# NaViL initialised from {source}
 
-A NaViL-architecture model (OpenGVLab, NeurIPS 2025: a native-resolution vision encoder feeding an LLM
-whose every layer has separate attention projections and FFN for visual tokens) built with
-`navil init-from-llm` from the pretrained LLM `{source}`. **It is a starting point for training, not a
-trained multimodal model: the vision encoder and connector are randomly initialised** (vision preset
-`{vision_preset}`), so the model cannot see images yet. Text-only, it answers exactly as `{source}` does.
+A NaViL-architecture model (OpenGVLab, NeurIPS 2025: a native-resolution vision encoder feeding an LLM whose every layer has separate attention projections and FFN for visual tokens) built with `navil init-from-llm` from the pretrained LLM `{source}`.
+
+**It is a starting point for training, not a trained multimodal model: the vision encoder and connector are randomly initialised** (vision preset `{vision_preset}`), so the model cannot see images yet. Text-only, it answers exactly as `{source}` does.
 
 How it was made:
-- text weights copied from `{source}`; every visual expert (q/k/v/o projections, q/k norms, FFN)
-  initialised as a copy of its text twin;
+- text weights copied from `{source}`; every visual expert (q/k/v/o projections, q/k norms, FFN) initialised as a copy of its text twin{" (the chained visual output projection of NaViL-2B's InternLM2 layout as the identity)" if text.chain_visual_output else ""};
 - NaViL's 12 special tokens added to the tokenizer; new embedding rows are the mean of the trained rows;
 - the LLM's own chat template, extended so `{{"type": "image"}}` items become `<image>` placeholders;
-- vision encoder: preset `{vision_preset}`, {config.vision_config.num_hidden_layers} layers, width
-  {config.vision_config.hidden_size}; language model: {text.num_hidden_layers} layers, width {text.hidden_size},
-  vocabulary {text.vocab_size}; parameters: {counts}; weights {str(dtype).replace("torch.", "")}.
+- vision encoder: preset `{vision_preset}`, {vision.num_hidden_layers} layers, width {vision.hidden_size};
+- language model: {text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary {text.vocab_size};
+- parameters: {counts}; weights {str(dtype).replace("torch.", "")}.
 
 {checked}
 {usage_section(stop)}"""
