@@ -486,6 +486,31 @@ class ModalityRouting:
             return visual_fn(x) if self.all_visual else text_fn(x)
         return torch.cat([text_fn(x[: self.num_text]), visual_fn(x[self.num_text :])], dim=0)
 
+    def apply_add(self, residual: torch.Tensor, x: torch.Tensor, text_fn: Callable, visual_fn: Callable) -> torch.Tensor:
+        """`residual + apply(x, text_fn, visual_fn)`, each expert's rows added in place of the concatenation
+        (`out=` has no autograd, so with gradients on it is the plain sum)."""
+        if not self.mixed or torch.is_grad_enabled():
+            return residual + self.apply(x, text_fn, visual_fn)
+        out = torch.empty_like(residual)
+        n = self.num_text
+        torch.add(residual[:n], text_fn(x[:n]), out=out[:n])
+        torch.add(residual[n:], visual_fn(x[n:]), out=out[n:])
+        return out
+
+    def apply_to_natural(self, x: torch.Tensor, text_fn: Callable, visual_fn: Callable, shape) -> list[torch.Tensor]:
+        """Runs each expert on its rows of a sorted [T, ...] tensor; the experts return tuples of [rows, ...]
+        tensors, merged straight into natural order [B, L, ...] (one scatter each, no concatenation)."""
+        if not self.mixed:
+            return [t.unflatten(0, shape) for t in (visual_fn(x) if self.all_visual else text_fn(x))]
+        n = self.num_text
+        merged = []
+        for text, visual in zip(text_fn(x[:n]), visual_fn(x[n:])):
+            out = text.new_empty((self.num_tokens, *text.shape[1:]))
+            out.index_copy_(0, self.order[:n], text)
+            out.index_copy_(0, self.order[n:], visual)
+            merged.append(out.unflatten(0, shape))
+        return merged
+
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Reference attention: explicit softmax(q k^T) with GQA expansion. q: [B, H, L, D]."""
@@ -547,15 +572,15 @@ class NaViLTextAttention(nn.Module):
                 setattr(self, f"q_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
                 setattr(self, f"k_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
 
-    def _qkv(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
-        """One expert's q, k, v for tokens x [T, h] -> [T, (H + 2 KV) * D], q/k normed."""
+    def _qkv(self, x: torch.Tensor, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One expert's q [T, H * D], k and v [T, KV * D] for tokens x [T, h], q/k normed."""
         q = getattr(self, f"q_proj{suffix}")(x)
         k = getattr(self, f"k_proj{suffix}")(x)
         v = getattr(self, f"v_proj{suffix}")(x)
         if self.config.qk_norm:
             q = getattr(self, f"q_norm{suffix}")(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
             k = getattr(self, f"k_norm{suffix}")(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        return torch.cat([q, k, v], dim=-1)
+        return q, k, v
 
     def forward(
         self,
@@ -567,11 +592,8 @@ class NaViLTextAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        qkv = routing.apply(hidden_sorted, lambda x: self._qkv(x, ""), lambda x: self._qkv(x, "_ve"))
-        qkv = routing.to_natural(qkv, shape)  # [B, L, (H + 2 KV) * D]
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-        q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        qkv = routing.apply_to_natural(hidden_sorted, lambda x: self._qkv(x, ""), lambda x: self._qkv(x, "_ve"), shape)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in qkv)  # [B, H, L, D]
 
         cos, sin = position_embeddings  # [B, L, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -618,9 +640,7 @@ class NaViLDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_sorted), shape, routing, position_embeddings, attention_mask, past_key_values, **kwargs
         )
         hidden = residual + hidden
-        residual = hidden
-        hidden = routing.apply(self.post_attention_layernorm(hidden), self.mlp, self.mlp_ve)
-        return residual + hidden
+        return routing.apply_add(hidden, self.post_attention_layernorm(hidden), self.mlp, self.mlp_ve)
 
 
 class NaViLRotaryEmbedding(nn.Module):

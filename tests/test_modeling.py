@@ -135,9 +135,8 @@ def _masked_reference_layer(layer, hidden, visual, position_embeddings):
     b, l, _ = hidden.shape
     x = layer.input_layernorm(hidden)
     pick = lambda t, v: torch.where(visual[..., None], v, t)  # noqa: E731
-    qkv = pick(attn._qkv(x, ""), attn._qkv(x, "_ve"))
-    hq, hk = attn.num_heads * attn.head_dim, attn.num_key_value_heads * attn.head_dim
-    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2) for t in qkv.split([hq, hk, hk], -1))
+    qkv = [pick(t, v) for t, v in zip(attn._qkv(x, ""), attn._qkv(x, "_ve"))]
+    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2) for t in qkv)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)
     q = q * cos + modeling_navil.rotate_half(q) * sin
     k = k * cos + modeling_navil.rotate_half(k) * sin

@@ -1,0 +1,38 @@
+"""The benchmark scripts' --quick smoke runs: they run, and their equality checks hold (a routed
+model must equal the dense one it is timed against, the processor's pixel_values must equal the
+straightforward pipeline's, the vision encoder builds no patches^2 tensor). No timing asserts."""
+
+import importlib
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _script(name):
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("name", ["layer", "text_model", "decode", "preprocess", "vision"])
+def test_quick_run(name, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        _script(name).main(["--quick"])  # raises if an equality check fails
+    finally:
+        torch.set_num_threads(threads)  # quick runs use one thread
+    assert "| target |" in capsys.readouterr().out or name == "vision"
+
+
+def test_gpu_script_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: gpu.py would run the real measurements")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        _script("gpu").main([])
