@@ -9,7 +9,8 @@ Per image (SPEC.md §2), each image on its own:
   falls under `min_pixels` or the grid stops shrinking; scales are emitted smallest first;
 * per scale: bicubic resize of the uint8 image (as PIL does), zero padding bottom/right to a multiple
   of `patch_size * merge_size`, rescale 1/255, normalise (padded pixels end at -1.0), then cut into
-  `[3, 16, 16]` patches in 2x2-merge-block order.
+  `[3, 16, 16]` patches in 2x2-merge-block order. The scales (and images) of one call run on several
+  threads, each writing its own slice of the output; the result does not depend on the thread count.
 
 The shape math (`smart_resize`, `scale_pyramid`, `image_token_layout`, `num_image_tokens`, ...) is
 pure module-level code so a serving engine can count tokens without building the processor.
@@ -17,6 +18,7 @@ pure module-level code so a serving engine can count tokens without building the
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 MAX_ASPECT_RATIO = 200
+PARALLEL_MIN_PATCHES = 1024  # below this a call is too short for threads to pay off
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +156,7 @@ def load_rgb_image(image):
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"empty image: width={image.width}, height={image.height}")
+    image.load()  # decode now: the scales are resized from several threads
     return image
 
 
@@ -188,16 +192,25 @@ def flatten_images(images):
     return [images]
 
 
-def normalize_(pixel_values, rescale_factor, image_mean, image_std):
-    """In place on float32 `[N, 3, p, p]` holding 0-255 values: `(x * rescale_factor - mean) / std`,
-    in float32 and in the order `ToTensor` + `Normalize` use (so 1/255 is a division by 255)."""
-    if math.isclose(rescale_factor, 1 / 255, rel_tol=1e-12):
-        pixel_values /= np.float32(255)
-    else:
-        pixel_values *= np.float32(rescale_factor)
-    pixel_values -= np.asarray(image_mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    pixel_values /= np.asarray(image_std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return pixel_values
+NORMALIZE_CHUNK = 128  # patches per normalisation step: ~400 KB of float32, stays in L2 cache
+
+
+def normalize_patches_into(out, patches, rescale_factor, image_mean, image_std):
+    """`out[:] = (float32(patches) * rescale_factor - mean) / std` for uint8 `[N, 3, p, p]` patches, in
+    float32 and in the order `ToTensor` + `Normalize` use (a rescale of 1/255 is a division by 255),
+    chunk by chunk so each chunk's three float passes run in cache."""
+    by_division = math.isclose(rescale_factor, 1 / 255, rel_tol=1e-12)
+    mean = np.asarray(image_mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(image_std, dtype=np.float32).reshape(1, 3, 1, 1)
+    for start in range(0, len(patches), NORMALIZE_CHUNK):
+        chunk, dest = patches[start : start + NORMALIZE_CHUNK], out[start : start + NORMALIZE_CHUNK]
+        if by_division:  # uint8 -> float32 is exact, so casting inside the ufunc changes nothing
+            np.divide(chunk, np.float32(255), out=dest, dtype=np.float32)
+        else:
+            np.multiply(chunk, np.float32(rescale_factor), out=dest, dtype=np.float32)
+        dest -= mean
+        dest /= std
+    return out
 
 
 def merge_block_view(padded, patch_size=16, merge_size=2):
@@ -232,6 +245,9 @@ class NaViLImageProcessor(BaseImageProcessor):
         multi_scale: `False` keeps the base scale only.
         image_mean, image_std, rescale_factor: normalisation `(x * rescale_factor - mean) / std`.
         resample: PIL resampling filter (bicubic).
+        num_threads: threads that process the scales (and images) of one call side by side -- PIL's
+            resize and numpy release the GIL; `None` uses every CPU (at most 8). Results do not depend
+            on it.
 
     Returns (`__call__`): `pixel_values` `[P, 3, patch, patch]` float32 (all images, per image all its
     scales smallest first), `image_grid_thw` `[S, 3]` int64 rows `[1, grid_h, grid_w]`, `num_scales`
@@ -254,6 +270,7 @@ class NaViLImageProcessor(BaseImageProcessor):
         image_std=(0.5, 0.5, 0.5),
         rescale_factor=1 / 255,
         resample=Image.BICUBIC,
+        num_threads=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -275,6 +292,9 @@ class NaViLImageProcessor(BaseImageProcessor):
             raise ValueError(f"image_mean and image_std need 3 values (RGB), got {image_mean} and {image_std}")
         self.rescale_factor = float(rescale_factor)
         self.resample = int(resample)
+        if num_threads is not None and int(num_threads) < 1:
+            raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+        self.num_threads = None if num_threads is None else int(num_threads)
 
     def pyramid(self, height, width):
         """`scale_pyramid` with this processor's settings."""
@@ -289,6 +309,18 @@ class NaViLImageProcessor(BaseImageProcessor):
             height, width, self.min_pixels, self.max_pixels, self.scale_downsample_ratio,
             self.patch_size, self.merge_size, self.multi_scale,
         )  # fmt: skip
+
+    def _process_scale(self, image, resized_h, resized_w, grid_h, grid_w, out):
+        """One scale of one image into `out` `[grid_h * grid_w, 3, p, p]`: bicubic resize, zero pad,
+        uint8 reorder into merge-block patch order (one copy), then cast + normalise into `out`."""
+        p = self.patch_size
+        resized = image
+        if (resized_w, resized_h) != image.size:
+            resized = image.resize((resized_w, resized_h), resample=self.resample)
+        padded = np.zeros((grid_h * p, grid_w * p, 3), dtype=np.uint8)
+        padded[:resized_h, :resized_w] = np.asarray(resized)
+        patches = np.ascontiguousarray(merge_block_view(padded, p, self.merge_size)).reshape(-1, 3, p, p)
+        normalize_patches_into(out, patches, self.rescale_factor, self.image_mean, self.image_std)
 
     def __call__(self, images, return_tensors=None, **kwargs):
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
@@ -308,20 +340,20 @@ class NaViLImageProcessor(BaseImageProcessor):
         num_patches = sum(grid_h * grid_w for plan in plans for _, _, grid_h, grid_w in plan)
         p = self.patch_size
         pixel_values = np.empty((num_patches, 3, p, p), dtype=np.float32)
-        offset = 0
+        jobs, offset = [], 0
         for image, plan in zip(rgb_images, plans):
             for resized_h, resized_w, grid_h, grid_w in plan:
-                resized = image
-                if (resized_w, resized_h) != image.size:
-                    resized = image.resize((resized_w, resized_h), resample=self.resample)
-                padded = np.zeros((grid_h * p, grid_w * p, 3), dtype=np.uint8)
-                padded[:resized_h, :resized_w] = np.asarray(resized)
-                # uint8 reorder into merge-block patch order (one copy), then one cast into the output
-                patches = np.ascontiguousarray(merge_block_view(padded, p, self.merge_size))
                 n = grid_h * grid_w
-                pixel_values[offset : offset + n] = patches.reshape(n, 3, p, p)
+                jobs.append((image, resized_h, resized_w, grid_h, grid_w, pixel_values[offset : offset + n]))
                 offset += n
-        normalize_(pixel_values, self.rescale_factor, self.image_mean, self.image_std)
+        threads = min(len(jobs), self.num_threads or min(os.cpu_count() or 1, 8))
+        if threads > 1 and num_patches >= PARALLEL_MIN_PATCHES:
+            jobs.sort(key=lambda job: -job[3] * job[4])  # largest first: the threads finish together
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda job: self._process_scale(*job), jobs))  # re-raises a job's exception
+        else:
+            for job in jobs:
+                self._process_scale(*job)
 
         image_grid_thw = np.array([[1, gh, gw] for plan in plans for _, _, gh, gw in plan], dtype=np.int64)
         num_scales = np.array([len(plan) for plan in plans], dtype=np.int64)

@@ -382,3 +382,17 @@ def test_save_load_through_auto_classes(tmp_path):
     image_processor = AutoImageProcessor.from_pretrained(str(out_dir), trust_remote_code=True)
     assert type(image_processor).__name__ == "NaViLImageProcessor"
     assert image_processor.to_dict()["max_pixels"] == processor.image_processor.max_pixels == 256 * 256
+
+
+def test_thread_count_does_not_change_pixel_values():
+    """Scales and images run on threads, each writing its own slice: any thread count, same bytes."""
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((300, 500), (90, 40), (1100, 700))]
+    results = [
+        NaViLImageProcessor(num_threads=threads)(images, return_tensors="np")["pixel_values"] for threads in (1, 2, 5)
+    ]
+    assert results[0].shape[0] > 1024  # large enough for the threaded path
+    for other in results[1:]:
+        assert np.array_equal(results[0], other)
+    with pytest.raises(ValueError, match="num_threads must be at least 1"):
+        NaViLImageProcessor(num_threads=0)
