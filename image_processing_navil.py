@@ -26,7 +26,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 MAX_ASPECT_RATIO = 200
-PARALLEL_MIN_PATCHES = 1024  # below this a call is too short for threads to pay off
+PARALLEL_MIN_PATCHES = 2048  # below this (about a 720x720 image) thread start-up costs more than it saves
 
 
 # --------------------------------------------------------------------------------------------------

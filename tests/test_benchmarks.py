@@ -29,6 +29,14 @@ def test_quick_run(name, capsys):
     assert "| target |" in capsys.readouterr().out or name == "vision"
 
 
+def test_gpu_script_quick_runs_anywhere(capsys):
+    """The GPU script's code paths (parity, measured peak, prefill FLOPs, decode) at tiny sizes on CPU."""
+    _script("gpu").main(["--quick"])
+    out = capsys.readouterr().out
+    for row in ("matmul peak", "vision features", "logits", "prefill 256 tokens", "MFU", "decode batch 32"):
+        assert row in out, row
+
+
 def test_gpu_script_without_cuda_says_so():
     import torch
 

@@ -391,7 +391,7 @@ def test_thread_count_does_not_change_pixel_values():
     results = [
         NaViLImageProcessor(num_threads=threads)(images, return_tensors="np")["pixel_values"] for threads in (1, 2, 5)
     ]
-    assert results[0].shape[0] > 1024  # large enough for the threaded path
+    assert results[0].shape[0] > 2048  # large enough for the threaded path
     for other in results[1:]:
         assert np.array_equal(results[0], other)
     with pytest.raises(ValueError, match="num_threads must be at least 1"):
