@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,9 +110,13 @@ def load_tokenizer(original_dir, trust_remote_code=False):
     from transformers.utils import logging
 
     verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns about model_type navil_chat
+    # AutoTokenizer reads config.json too and warns about it (model_type navil_chat; InternLM2's legacy
+    # rope_scaling key): noise about a file the tokenizer does not use.
+    logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(original_dir), trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+            return AutoTokenizer.from_pretrained(str(original_dir), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 -- any failure here means "no usable tokenizer"
         hint = "" if trust_remote_code else " (if it needs its own code, pass --trust-remote-code)"
         raise ConversionError(f"cannot load the tokenizer in {original_dir}: {e}{hint}") from e
