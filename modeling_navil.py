@@ -24,7 +24,6 @@ Attention backends are functions selected by `attn_implementation` (`eager`, `sd
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass

@@ -25,7 +25,6 @@ Verification (`verify=True`, before anything is moved into place):
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +35,14 @@ from .convert import (
     LICENSE_FILES,
     TOKENIZER_FILES,
     SafetensorsFolder,
-    _normalize_permissions,
     _progress_bar,
     _same,
     check_output_dir,
     check_tokenizer,
     load_tokenizer,
-    publish,
     resolve_dtype,
+    staged_folder,
+    transformers_progress_bars,
 )
 from .errors import ConversionError, VerificationError
 from .keymap import KeyMismatchError, convert_state_dict, folds_visual_output, iter_original_tensors, rules_for_config
@@ -99,16 +98,8 @@ def convert_to_original(
     existing output, a folded folder without `approximate`, a config the original cannot express) and
     `VerificationError` when a check fails; in both cases `original_dir` is left as it was.
     """
-    from transformers.utils import logging as hf_logging
-
-    bars_were_disabled = hf_logging.is_progress_bar_enabled() is False
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
+    with transformers_progress_bars(progress):
         return _convert_to_original(converted_dir, original_dir, force, verify, progress, approximate, max_shard_size)
-    finally:
-        if not progress and not bars_were_disabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_converted_config(converted_dir):
@@ -181,9 +172,8 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
     dtype = resolve_dtype("auto", original)
     original_config["torch_dtype"] = str(dtype).removeprefix("torch.")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{original_dir.name}.tmp-", dir=original_dir.parent))
     checks, error = {}, None
-    try:
+    with staged_folder(original_dir, force) as tmp:
         _write(tmp, original, original_config, tokenizer, converted_dir, max_shard_size)
         num_written = len(original)
         if verify:
@@ -194,11 +184,6 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
             checks["tokenizer"] = _quietly(check_tokenizer, tmp, tokenizer)
         elif approximate and folded:
             _, error = compare_forward(original, ours, arch, text_config)
-        _normalize_permissions(tmp)
-        publish(tmp, original_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return BackConversionResult(
         original_dir=original_dir,
         config=original_config,

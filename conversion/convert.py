@@ -24,6 +24,7 @@ Verification (`--verify`, the default):
    prompt with one small image.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -99,6 +100,40 @@ def _cast(state_dict, dtype):
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
 
 
+@contextlib.contextmanager
+def transformers_progress_bars(enabled):
+    """transformers' own bars (GGUF dequantization, weight loading, saving) follow ours: off when
+    `enabled` is false, restored afterwards; left as the user set them otherwise."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_disabled = not hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and not bars_were_disabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir, force):
+    """A temporary folder beside `out_dir` to build in. When the block finishes it gets the usual
+    permissions and is renamed into `out_dir` (`publish`); on any failure it is removed, so nothing
+    half-written is ever left. The copy of code files transformers caches for it is forgotten either way."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _normalize_permissions(tmp)
+        publish(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _forget_remote_module(tmp)
+
+
 def _progress_bar(enabled, **kwargs):
     from tqdm.auto import tqdm
 
@@ -167,19 +202,11 @@ def convert_checkpoint(
     Returns a `ConversionResult`. Raises `ConversionError` on bad input and `VerificationError` when a
     check fails; in both cases `out_dir` is left as it was.
     """
-    from transformers.utils import logging as hf_logging
-
-    bars_were_disabled = hf_logging.is_progress_bar_enabled() is False
-    if not progress:
-        hf_logging.disable_progress_bar()  # transformers' own bars (saving, loading) follow ours
-    try:
+    with transformers_progress_bars(progress):
         return _convert(
             original_dir, out_dir, dtype, force, verify, progress, max_shard_size, trust_remote_code,
             attn_implementation, fold_visual_output, _before_publish,
         )  # fmt: skip
-    finally:
-        if not progress and not bars_were_disabled:
-            hf_logging.enable_progress_bar()
 
 
 def _convert(
@@ -217,9 +244,8 @@ def _convert(
     card = model_card(
         config, source=_source_name(original_dir), license=read_license(original_dir), dtype=target, verified=verify
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     checks = {}
-    try:
+    with staged_folder(out_dir, force) as tmp:
         steps = len(extra) + 7  # + weights, processor, 4 code files, README.md
         with _progress_bar(progress, total=steps, desc="writing", unit="file") as bar:
             write_hub_folder(
@@ -243,13 +269,6 @@ def _convert(
             checks["logits"] = check_reloaded_logits(tmp, inputs, expected_logits, target, attn_implementation)
         if _before_publish is not None:  # test hook: simulate a failure between verification and publishing
             _before_publish(tmp)
-        _normalize_permissions(tmp)
-        publish(tmp, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _forget_remote_module(tmp)
     return ConversionResult(
         out_dir=out_dir,
         config=config,

@@ -23,11 +23,8 @@ modeling code: with `trust_remote_code=True` that code is the reference; without
 transformers' `LlamaForCausalLM` on the unfused weights.
 """
 
-import contextlib
 import json
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +33,13 @@ import torch
 
 from .convert import (
     DTYPES,
-    _forget_remote_module,
-    _normalize_permissions,
     _progress_bar,
     check_output_dir,
-    load_tokenizer,
     check_reloaded_logits,
     in_memory_logits,
-    publish,
+    load_tokenizer,
+    staged_folder,
+    transformers_progress_bars,
 )
 from .errors import ConversionError, VerificationError
 from .hub import model_from_state_dict, write_hub_folder
@@ -662,7 +658,7 @@ def init_from_llm(
 ):
     """Build a NaViL from the LLM at `src` (folder or .gguf) and write it to `out_dir` (see the module
     docstring). `dtype="auto"` keeps the LLM's dtype (float32 for a GGUF file, which is dequantized)."""
-    with _transformers_progress_bars(progress):
+    with transformers_progress_bars(progress):
         return _init_from_llm(
             src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,
             max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size,
@@ -701,8 +697,7 @@ def _init_from_llm(
     stop = " or ".join(f"`{tokenizer.convert_ids_to_tokens(i)}`" for i in (eos if isinstance(eos, list) else [eos]))
     card = init_model_card(config, source=source_name, vision_preset=vision_preset, license=source_license,
                            dtype=target, parameters=parameters, verified=verify, stop=stop)  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, force) as tmp:
         with _progress_bar(progress, total=7, desc="writing", unit="file") as bar:
             write_hub_folder(
                 model, config, tokenizer, tmp, processor=processor,
@@ -713,31 +708,11 @@ def _init_from_llm(
             inputs, expected = in_memory_logits(tmp, model, target, attn_implementation)
             del model
             checks["logits"] = check_reloaded_logits(tmp, inputs, expected, target, attn_implementation)
-        _normalize_permissions(tmp)
-        publish(tmp, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _forget_remote_module(tmp)
     return InitResult(
         out_dir=out_dir, config=config, family=config_family(config), vision_preset=vision_preset, dtype=target,
         parameters=parameters, added_tokens=added, text_max_abs_diff=worst, verified=verify, checks=checks,
         seconds=time.perf_counter() - start,
     )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _transformers_progress_bars(enabled):
-    """transformers' own bars (GGUF dequantization, weight loading) follow `progress`."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
 def config_family(config):
