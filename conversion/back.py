@@ -40,7 +40,7 @@ from .convert import (
     check_output_dir,
     check_tokenizer,
     load_tokenizer,
-    resolve_dtype,
+    checkpoint_dtype,
     staged_folder,
     transformers_progress_bars,
 )
@@ -169,7 +169,7 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
         for key, tensor in iter_original_tensors(ours, arch, text_config, exact_only=not approximate):
             original[key] = tensor
             bar.update()
-    dtype = resolve_dtype("auto", original)
+    dtype = checkpoint_dtype(original)
     original_config["torch_dtype"] = str(dtype).removeprefix("torch.")
 
     checks, error = {}, None

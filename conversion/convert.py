@@ -81,16 +81,21 @@ class ConversionResult:
     seconds: float = 0.0
 
 
-def resolve_dtype(dtype, original_state_dict):
-    """`"auto"` keeps the checkpoint's floating dtype (the most common one); otherwise a `DTYPES` name."""
+def checkpoint_dtype(state_dict):
+    """A checkpoint's floating dtype: the most common one by element count (float32 if none)."""
+    counts = {}
+    for tensor in state_dict.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def resolve_dtype(dtype, auto_dtype):
+    """A torch dtype as it is, `"auto"` (or `None`) as `auto_dtype` (the source's), otherwise a `DTYPES` name."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        counts = {}
-        for tensor in original_state_dict.values():
-            if tensor.is_floating_point():
-                counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
-        return max(counts, key=counts.get) if counts else torch.float32
+        return auto_dtype
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -230,7 +235,7 @@ def _convert(
         converted = convert_state_dict(original, arch, config.text_config, progress=bar.update)
     _tie_lm_head(original, converted, original_config, config)
 
-    target = resolve_dtype(dtype, original)
+    target = resolve_dtype(dtype, checkpoint_dtype(original))
     config.dtype = target
     model = model_from_state_dict(_cast(converted, target), config)
     model.config._attn_implementation = attn_implementation

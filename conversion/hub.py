@@ -47,14 +47,18 @@ def build_processor(tokenizer, config):
     return NaViLProcessor.for_config(config, tokenizer)
 
 
-def build_generation_config(tokenizer):
-    """Greedy chat defaults: stop at `<|im_end|>`, pad with the tokenizer's pad token."""
+def build_generation_config(tokenizer, eos_token_id=None, pad_token_id=None, bos_token_id=None):
+    """Greedy chat defaults: stop at `eos_token_id` (default `<|im_end|>`, the original templates' end of
+    turn; an id or a list), pad with `pad_token_id`, else the tokenizer's pad token, else the (first)
+    stop token; `bos_token_id` defaults to the tokenizer's."""
     from transformers import GenerationConfig
 
-    end = tokenizer.get_vocab()["<|im_end|>"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    end = tokenizer.get_vocab()["<|im_end|>"] if eos_token_id is None else eos_token_id
+    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        pad = end[0] if isinstance(end, list) else end
     return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
+        bos_token_id=tokenizer.bos_token_id if bos_token_id is None else bos_token_id,
         eos_token_id=end,
         pad_token_id=pad,
         do_sample=False,

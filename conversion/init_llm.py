@@ -38,11 +38,12 @@ from .convert import (
     check_reloaded_logits,
     in_memory_logits,
     load_tokenizer,
+    resolve_dtype,
     staged_folder,
     transformers_progress_bars,
 )
 from .errors import ConversionError, VerificationError
-from .hub import model_from_state_dict, write_hub_folder
+from .hub import build_generation_config, model_from_state_dict, write_hub_folder
 from .surgery import split_internlm2_wqkv
 
 TEXT_PARITY_TOLERANCE = 1e-4
@@ -623,22 +624,6 @@ def check_text_parity(model, source, tokenizer, new_token_ids=(), attn_implement
     )
 
 
-def generation_config_for(config):
-    from transformers import GenerationConfig
-
-    from .hub import DEFAULT_MAX_NEW_TOKENS
-
-    eos = config.text_config.eos_token_id
-    pad = config.text_config.pad_token_id
-    return GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
-        do_sample=False,
-        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-    )
-
-
 def init_from_llm(
     src,
     out_dir,
@@ -673,7 +658,7 @@ def _init_from_llm(
     out_dir = check_output_dir(out_dir, force)
     vision_preset_config(vision_preset)  # an unknown preset fails before the (slow) load
     source = load_source(src, trust_remote_code=trust_remote_code, progress=progress)
-    target = _resolve_dtype(dtype, source)
+    target = resolve_dtype(dtype, source_dtype(source))
     model, config, processor, added = build_navil(
         source, vision_preset, seed=seed, chat_template=chat_template,
         min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch,
@@ -688,12 +673,13 @@ def _init_from_llm(
         "connector": sum(p.numel() for p in model.model.connector.parameters()),
         "language model": sum(p.numel() for p in model.model.language_model.parameters()),
     }
-    source_name, source_license = source.name, source.license
+    source_name, source_license, family = source.name, source.license, source.family
     del source  # the reference model is not needed any more
     if target != torch.float32:
         model = model.to(target)
     config.dtype = target
-    eos = config.text_config.eos_token_id
+    text = config.text_config
+    eos = text.eos_token_id
     stop = " or ".join(f"`{tokenizer.convert_ids_to_tokens(i)}`" for i in (eos if isinstance(eos, list) else [eos]))
     card = init_model_card(config, source=source_name, vision_preset=vision_preset, license=source_license,
                            dtype=target, parameters=parameters, verified=verify, stop=stop)  # fmt: skip
@@ -701,7 +687,9 @@ def _init_from_llm(
         with _progress_bar(progress, total=7, desc="writing", unit="file") as bar:
             write_hub_folder(
                 model, config, tokenizer, tmp, processor=processor,
-                generation_config=generation_config_for(config), model_card=card,
+                generation_config=build_generation_config(
+                    tokenizer, text.eos_token_id, text.pad_token_id, text.bos_token_id
+                ), model_card=card,
                 max_shard_size=max_shard_size, progress=lambda description: bar.update(),
             )  # fmt: skip
         if verify:
@@ -709,29 +697,20 @@ def _init_from_llm(
             del model
             checks["logits"] = check_reloaded_logits(tmp, inputs, expected, target, attn_implementation)
     return InitResult(
-        out_dir=out_dir, config=config, family=config_family(config), vision_preset=vision_preset, dtype=target,
+        out_dir=out_dir, config=config, family=family, vision_preset=vision_preset, dtype=target,
         parameters=parameters, added_tokens=added, text_max_abs_diff=worst, verified=verify, checks=checks,
         seconds=time.perf_counter() - start,
     )  # fmt: skip
 
 
-def config_family(config):
-    return "qwen3" if config.text_config.qk_norm else "llama-style"
-
-
-def _resolve_dtype(dtype, source):
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        name = _config_value(source.config, "dtype")
-        if name is None and isinstance(source.config, dict):
-            name = source.config.get("torch_dtype")  # older config.json files
-        if isinstance(name, torch.dtype):
-            return name
-        return DTYPES.get(str(name).replace("torch.", ""), torch.float32) if name else torch.float32
-    if dtype not in DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def source_dtype(source):
+    """The dtype the LLM's config names (float32 when it names none, e.g. a dequantized GGUF)."""
+    name = _config_value(source.config, "dtype")
+    if name is None and isinstance(source.config, dict):
+        name = source.config.get("torch_dtype")  # older config.json files
+    if isinstance(name, torch.dtype):
+        return name
+    return DTYPES.get(str(name).replace("torch.", ""), torch.float32) if name else torch.float32
 
 
 def init_model_card(config, *, source, vision_preset, license, dtype, parameters, verified, stop):
