@@ -210,7 +210,7 @@ def _shard_size(text):
 
 
 def run_convert(args):
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, print_checks
 
     if args.to_original:
         return run_convert_to_original(args)
@@ -238,10 +238,7 @@ def run_convert(args):
         f"wrote {result.out_dir} ({result.num_written_tensors} tensors from {result.num_original_tensors} original, "
         f"{dtype}) in {result.seconds:.1f} s"
     )
-    for name, outcome in result.checks.items():
-        print(f"  verified {name}: {outcome}")
-    if not result.verified:
-        print("  not verified (--no-verify)")
+    print_checks(result)
     if args.push_to_hub:
         return _push(args, result.out_dir, args.push_to_hub)
     return EXIT_OK
@@ -288,6 +285,7 @@ def _push(args, folder, repo_id):
 
 
 def run_init_from_llm(args):
+    from .convert import print_checks
     from .init_llm import DEFAULT_PRESET, describe_presets, init_from_llm
 
     if args.list_presets:
@@ -295,8 +293,6 @@ def run_init_from_llm(args):
         return EXIT_OK
     if not args.llm or not args.out_dir:
         raise UsageError("LLM_DIR_OR_GGUF and OUT_DIR are required")
-    if not Path(args.llm).exists():
-        raise UsageError(f"{args.llm}: no such folder or .gguf file")
     result = init_from_llm(
         args.llm,
         args.out_dir,
@@ -316,10 +312,7 @@ def run_init_from_llm(args):
     dtype = str(result.dtype).replace("torch.", "")
     print(f"wrote {result.out_dir} (vision preset {result.vision_preset}; {counts}; {dtype}) in {result.seconds:.1f} s")
     print(f"  added tokens: {' '.join(result.added_tokens) or 'none (the tokenizer had them)'}")
-    for name, outcome in result.checks.items():
-        print(f"  verified {name}: {outcome}")
-    if not result.verified:
-        print("  not verified (--no-verify)")
+    print_checks(result)
     return EXIT_OK
 
 
@@ -327,6 +320,7 @@ def run_convert_to_original(args):
     """`navil convert --to-original OUT_DIR ORIGINAL_DIR`: the positionals are read source first, as in
     the forward direction (here the converted folder, then the original-layout folder to create)."""
     from .back import convert_to_original
+    from .convert import print_checks
 
     unsupported = [
         flag
@@ -356,15 +350,12 @@ def run_convert_to_original(args):
         f"wrote {result.original_dir} in the original layout ({result.num_written_tensors} tensors from "
         f"{result.num_tensors}, {dtype}) in {result.seconds:.1f} s"
     )
-    for name, outcome in result.checks.items():
-        print(f"  verified {name}: {outcome}")
+    print_checks(result)
     if result.approximate:
         print(
             f"  approximate: wo_ve recovered by least squares from the folded o_proj_ve; max-abs error of the "
             f"refolded product {result.approximation_error:.3g}"
         )
-    if not result.verified:
-        print("  not verified (--no-verify)")
     return EXIT_OK
 
 

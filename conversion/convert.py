@@ -90,6 +90,14 @@ def checkpoint_dtype(state_dict):
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+def print_checks(result, file=None):
+    """One line per verification check of a conversion result (or that it was not verified)."""
+    for name, outcome in result.checks.items():
+        print(f"  verified {name}: {outcome}", file=file)
+    if not result.verified:
+        print("  not verified (--no-verify)", file=file)
+
+
 def resolve_dtype(dtype, auto_dtype):
     """A torch dtype as it is, `"auto"` (or `None`) as `auto_dtype` (the source's), otherwise a `DTYPES` name."""
     if isinstance(dtype, torch.dtype):

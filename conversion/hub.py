@@ -190,14 +190,19 @@ stop at {stop}, at most {DEFAULT_MAX_NEW_TOKENS} new tokens) are in `generation_
 """
 
 
+def card_front_matter(license=None):
+    """The model card's YAML front matter lines (the Hub reads library, task, license and tags from it)."""
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
+    if license:
+        front.append(f"license: {license}")
+    return front + ["tags:", "  - navil", "  - multimodal", "  - custom_code", "---", ""]
+
+
 def model_card(config, *, source=None, license=None, dtype=None, verified=True):
     """README.md for a converted folder."""
     text = config.text_config
     llm = "Qwen3" if text.qk_norm else "InternLM2"
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
-    if license:
-        front.append(f"license: {license}")
-    front += ["tags:", "  - navil", "  - multimodal", "  - custom_code", "---", ""]
+    front = card_front_matter(license)
     vision = config.vision_config
     params = [
         f"- vision encoder: {vision.num_hidden_layers} layers, width {vision.hidden_size}, {vision.patch_size}-px patches, "

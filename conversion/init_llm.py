@@ -715,13 +715,10 @@ def source_dtype(source):
 
 def init_model_card(config, *, source, vision_preset, license, dtype, parameters, verified, stop):
     """README.md for a folder built by `navil init-from-llm`."""
-    from .hub import usage_section
+    from .hub import card_front_matter, usage_section
 
     text = config.text_config
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
-    if license:
-        front.append(f"license: {license}")
-    front += ["tags:", "  - navil", "  - multimodal", "  - custom_code", "---", ""]
+    front = card_front_matter(license)
     counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in parameters.items())
     checked = (
         "Before writing, its logits on text-only prompts were checked against the LLM's own "
