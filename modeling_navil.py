@@ -984,7 +984,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         processor = self._as_processor(processor)
         if pixel_values is not None and images is not None:
             raise ValueError("pass either images= or the original pixel_values=, not both")
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        images = self._image_list(images)
         if pixel_values is not None:
             grid, num_scales = self._original_image_layout(num_patches_list, num_scales)
             num_images = len(num_scales)
@@ -1049,7 +1049,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             raise ValueError("batch_chat() needs a non-empty list of questions")
         if images is None:
             images = [[] for _ in questions]
-        images = [[] if sample is None else list(sample) if isinstance(sample, (list, tuple)) else [sample] for sample in images]
+        images = [self._image_list(sample) for sample in images]
         if len(images) != len(questions):
             raise ValueError(f"batch_chat() got {len(questions)} questions but {len(images)} image lists")
         processor = self._as_processor(processor)
@@ -1069,6 +1069,13 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         return [
             processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, prompt_length:]
         ]
+
+    @staticmethod
+    def _image_list(images) -> list:
+        """One turn's (or sample's) images as a list: `None` is none, a single image is one."""
+        if images is None:
+            return []
+        return list(images) if isinstance(images, (list, tuple)) else [images]
 
     @staticmethod
     def _with_placeholders(question: str, num_images: int) -> str:
