@@ -12,6 +12,21 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+# The two fixture checkpoints by LLM family, and token ids of a tokenizer layout the config tests use.
+FIXTURES = {"qwen3": "original-qwen3-tiny", "internlm2": "original-internlm2-tiny"}
+
+
+def token_ids():
+    from configuration_navil import SPECIAL_TOKENS
+
+    return {t: i for i, t in enumerate(("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *SPECIAL_TOKENS))}
+
+
+def checkpoint(name) -> Path:
+    """The original-layout checkpoint folder of fixture `name` (`qwen3` or `internlm2`)."""
+    return fixtures_dir() / FIXTURES[name] / "checkpoint"
+
+
 def fixtures_dir() -> Path:
     """The parity fixtures: `$NAVIL_FIXTURES`, else `<repo>/../shared/fixtures`."""
     return Path(os.environ.get("NAVIL_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import fixtures_dir
+from conftest import FIXTURES, checkpoint, token_ids
 from safetensors.torch import load_file, save_file
 from tiny import tiny_config
 
@@ -30,12 +30,7 @@ from conversion.original import (
     to_original_config,
 )
 
-FIXTURES = {"qwen3": "original-qwen3-tiny", "internlm2": "original-internlm2-tiny"}
-TOKEN_IDS = {t: i for i, t in enumerate(("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *SPECIAL_TOKENS))}
-
-
-def checkpoint(name):
-    return fixtures_dir() / FIXTURES[name] / "checkpoint"
+TOKEN_IDS = token_ids()
 
 
 def without_volatile(config):

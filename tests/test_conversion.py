@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, fixtures_dir
+from conftest import FIXTURES, REPO_ROOT, checkpoint, token_ids
 from safetensors.torch import load_file, save_file
 
 from configuration_navil import SPECIAL_TOKENS
@@ -43,12 +43,7 @@ from conversion.surgery import (
 )
 from modeling_navil import NaViLForConditionalGeneration
 
-FIXTURES = {"qwen3": "original-qwen3-tiny", "internlm2": "original-internlm2-tiny"}
-TOKEN_IDS = {t: i for i, t in enumerate(("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *SPECIAL_TOKENS))}
-
-
-def checkpoint(name):
-    return fixtures_dir() / FIXTURES[name] / "checkpoint"
+TOKEN_IDS = token_ids()
 
 
 def copy_checkpoint(name, dest):
