@@ -14,6 +14,13 @@ Three configs, one per piece:
 
 from transformers import PretrainedConfig
 
+try:  # importing it refuses a transformers older than the supported floor, with one clear line
+    from .compat_navil import MIN_TRANSFORMERS  # noqa: F401
+except ImportError as error:
+    if "transformers>=" in str(error):
+        raise
+    from compat_navil import MIN_TRANSFORMERS  # noqa: F401
+
 # The 12 tokens whose *prompt* embeddings come from `special_token_embedding` (SPEC §3), in table order.
 SPECIAL_TOKENS = (
     "</box>", "<box>", "<IMG_CONTEXT>", "</img>", "<img>", "</quad>",
@@ -200,6 +207,11 @@ class NaViLConfig(PretrainedConfig):
             `<IMG_FRAME_BREAK>`.
         template: chat template name of the original (`qwen3-chat`, `internlm2-chat`).
         min_dynamic_patch, max_dynamic_patch, scale_downsample_ratio: image settings (SPEC §2).
+        special_token_table: where the 12 special tokens take their embedding from
+            `special_token_embedding`: `"prompt"` (the original's behaviour, SPEC §8.3: prompt tokens only;
+            generated ones use the plain embedding; what converted checkpoints need for parity) or
+            `"everywhere"` (SPEC §10: generated tokens too, so a model trained with teacher forcing sees at
+            generation what it saw in training).
         original_config_extras: keys of the original OpenGVLab config.json that this config does not
             represent (e.g. `force_image_size`, `ps_version`), kept verbatim by `navil convert` so that
             `navil convert --to-original` writes them back; nested like the original (top-level keys,
@@ -226,9 +238,12 @@ class NaViLConfig(PretrainedConfig):
         max_dynamic_patch=24576,
         scale_downsample_ratio=0.7071,
         original_config_extras=None,
+        special_token_table="prompt",
         tie_word_embeddings=None,
         **kwargs,
     ):
+        if special_token_table not in ("prompt", "everywhere"):
+            raise ValueError(f"special_token_table must be 'prompt' or 'everywhere', got {special_token_table!r}")
         if isinstance(vision_config, dict) or vision_config is None:
             vision_config = NaViLVisionConfig(**(vision_config or {}))
         if isinstance(text_config, dict) or text_config is None:
@@ -258,6 +273,7 @@ class NaViLConfig(PretrainedConfig):
         self.max_dynamic_patch = max_dynamic_patch
         self.scale_downsample_ratio = scale_downsample_ratio
         self.original_config_extras = original_config_extras
+        self.special_token_table = special_token_table
         if tie_word_embeddings is None:
             tie_word_embeddings = text_config.tie_word_embeddings
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

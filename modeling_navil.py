@@ -35,16 +35,21 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import ModelOutput, logging
 
 try:  # remote code: a package of sibling files
+    from .compat_navil import cache_field, create_causal_mask, output_cache, pop_cache, rope_inv_freq
     from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 except ImportError:  # the installed top-level modules
+    from compat_navil import cache_field, create_causal_mask, output_cache, pop_cache, rope_inv_freq
     from configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 
 try:  # optional kernel: only on CUDA machines that built flash-attn
@@ -81,6 +86,15 @@ class NaViLRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def _output_flags(config, output_hidden_states, output_attentions, return_dict) -> tuple[bool, bool, bool]:
+    """The call's output flags, defaulting to the config's (transformers' convention)."""
+    return (
+        bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None else output_hidden_states),
+        bool(getattr(config, "output_attentions", False) if output_attentions is None else output_attentions),
+        bool(getattr(config, "return_dict", True) if return_dict is None else return_dict),
+    )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +176,20 @@ def vision_sdpa_attention(query, key, value, segments: PackedSegments, scale: fl
     return _grouped_attention(query, key, value, segments, scale, _sdpa_kernel)
 
 
+def vision_eager_attention_with_weights(query, key, value, segments: PackedSegments, scale: float):
+    """`vision_eager_attention` that also returns the attention weights: one [H, len, len] map per
+    segment (image scale or window), in `cu_seqlens` order. Only for `output_attentions`."""
+    out = torch.empty_like(query)
+    maps = []
+    for index in segments.groups:
+        flat = index.reshape(-1)
+        q, k, v = (t.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2) for t in (query, key, value))
+        weights = F.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32).to(q.dtype)
+        out.index_copy_(0, flat, torch.matmul(weights, v).transpose(1, 2).flatten(0, 1))
+        maps += zip(index[:, 0].tolist(), weights.unbind(0))
+    return out, tuple(w for _, w in sorted(maps, key=lambda item: item[0]))
+
+
 def vision_flash_attention(query, key, value, segments: PackedSegments, scale: float) -> torch.Tensor:
     """Varlen flash attention: flash-attn if installed, else torch's varlen kernel, else sdpa."""
     if query.is_cuda and flash_attn_varlen_func is not None:
@@ -229,8 +257,14 @@ class VisionLayout:
     windowed: PackedSegments  # one segment per window
 
 
-def vision_layout(grid_thw: torch.Tensor | np.ndarray, window_size: int, merge: int, device) -> VisionLayout:
+@torch.compiler.disable  # host-side (numpy) by design: one graph break under torch.compile
+def vision_layout(
+    grid_thw: torch.Tensor | np.ndarray, window_size: int, merge: int, device, num_patches: int | None = None
+) -> VisionLayout:
+    """The packed sequence's layout; `num_patches` (the rows of `pixel_values`) is checked against the grid."""
     grids = np.asarray(grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(-1, 3)
+    if num_patches is not None and int(grids.prod(-1).sum()) != num_patches:
+        raise ValueError(f"image_grid_thw describes {int(grids.prod(-1).sum())} patches but pixel_values has {num_patches}")
     unit = merge * merge
     window = window_size // merge
     orders, positions, scale_lengths, window_lengths = [], [], [], []
@@ -345,16 +379,20 @@ class NaViLVisionAttention(nn.Module):
             self.q_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.k_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states, rotary: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments):
+    def forward(
+        self, hidden_states, rotary: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments, output_attentions=False
+    ):
         n = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).view(n, 3, -1).unbind(1)  # each [N, C]
         if self.config.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.reshape(n, self.num_heads, self.head_dim) for t in (q, k, v))  # [N, H, D]
         q, k = apply_vision_rotary(q, *rotary), apply_vision_rotary(k, *rotary)
-        attention = vision_attention_function(self.config._attn_implementation)
-        out = attention(q, k, v, segments, self.scale)  # [N, H, D]
-        return self.proj(out.reshape(n, -1))
+        if output_attentions:
+            out, weights = vision_eager_attention_with_weights(q, k, v, segments, self.scale)
+        else:
+            out, weights = vision_attention_function(self.config._attn_implementation)(q, k, v, segments, self.scale), None
+        return self.proj(out.reshape(n, -1)), weights  # [N, C], per-segment maps or None
 
 
 class NaViLVisionMLP(nn.Module):
@@ -381,10 +419,21 @@ class NaViLVisionBlock(GradientCheckpointingLayer):
         self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
         self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
 
-    def forward(self, hidden_states, rotary, layout: VisionLayout):
+    def forward(self, hidden_states, rotary, layout: VisionLayout, output_attentions=False):
         segments = layout.full if self.full_attention else layout.windowed
-        hidden_states = hidden_states + self.ls1 * self.attn(self.norm1(hidden_states), rotary, segments)
-        return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states))
+        attended, weights = self.attn(self.norm1(hidden_states), rotary, segments, output_attentions)
+        hidden_states = hidden_states + self.ls1 * attended
+        return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states)), weights
+
+
+class NaViLPatchEmbed(nn.Conv2d):
+    """`Conv2d(3, C, 16, stride 16)` on [N, 3, 16, 16] patches, computed as the one matrix product it
+    is. A module of its own so that hooks (accelerate's offload) see every read of its weight."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [N, 3, p, p] -> [N, C]
+        n = pixel_values.shape[0]
+        weight = self.weight
+        return F.linear(pixel_values.to(weight.dtype).reshape(n, -1), weight.reshape(weight.shape[0], -1), self.bias)
 
 
 class NaViLVisionModel(NaViLPreTrainedModel):
@@ -400,27 +449,50 @@ class NaViLVisionModel(NaViLPreTrainedModel):
     def __init__(self, config: NaViLVisionConfig):
         super().__init__(config)
         self.config = config
-        self.patch_embed = nn.Conv2d(
+        self.patch_embed = NaViLPatchEmbed(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.rotary = NaViLVisionRotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
         self.layers = nn.ModuleList([NaViLVisionBlock(config, i) for i in range(config.num_hidden_layers)])
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        n = pixel_values.shape[0]
-        expected = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
-        if expected != n:
-            raise ValueError(f"image_grid_thw describes {expected} patches but pixel_values has {n}")
-        weight = self.patch_embed.weight
-        # A 16x16 conv with stride 16 on a 16x16 patch is one matrix product.
-        hidden = F.linear(pixel_values.to(weight.dtype).reshape(n, -1), weight.reshape(weight.shape[0], -1), self.patch_embed.bias)
-        layout = vision_layout(grid_thw, self.config.window_size, self.config.spatial_merge_size, hidden.device)
+    def get_input_embeddings(self):
+        return self.patch_embed
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        """`last_hidden_state` [N, C] in window order; `hidden_states`: the patch embeddings and every
+        layer's output, [N, C] each, in window order; `attentions`: per layer, one [H, len, len] map
+        per attended segment (eager weights, computed only when asked for)."""
+        output_hidden_states, output_attentions, return_dict = _output_flags(
+            self.config, output_hidden_states, output_attentions, return_dict
+        )
+        merge, n = self.config.spatial_merge_size, pixel_values.shape[0]
+        layout = vision_layout(grid_thw, self.config.window_size, merge, pixel_values.device, num_patches=n)
+        hidden = self.patch_embed(pixel_values)
         hidden = hidden.index_select(0, layout.patch_order)  # window order, kept to the end
         cos, sin = self.rotary(layout.positions)
+        all_hidden = [hidden] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for layer in self.layers:
-            hidden = layer(hidden, (cos, sin), layout)
-        return hidden
+            hidden, weights = layer(hidden, (cos, sin), layout, output_attentions)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            if output_attentions:
+                all_attentions.append(weights)
+        output = BaseModelOutput(
+            last_hidden_state=hidden,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class NaViLConnector(nn.Module):
@@ -444,6 +516,19 @@ class NaViLConnector(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable  # the one host sync of a routed forward
+def _routing_order(visual_mask: torch.Tensor):
+    """(visual tokens, text-first stable order, its inverse); no permutation unless both kinds occur."""
+    flat = visual_mask.reshape(-1).to(torch.bool)
+    num_visual = int(flat.sum())
+    if not 0 < num_visual < flat.numel():
+        return num_visual, None, None
+    order = torch.argsort(flat.to(torch.int8), stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(flat.numel(), device=flat.device)
+    return num_visual, order, inverse
+
+
 class ModalityRouting:
     """Sorts the tokens of a forward text-first, visual-last, once; every layer reuses it.
 
@@ -451,16 +536,15 @@ class ModalityRouting:
     order, where `[:n_text]` and `[n_text:]` are plain views for the two experts.
     """
 
-    def __init__(self, visual_mask: torch.Tensor):
-        flat = visual_mask.reshape(-1).to(torch.bool)
-        self.num_tokens = flat.numel()
-        self.num_visual = int(flat.sum())  # the one host sync of a routed forward
+    def __init__(self, visual_mask: torch.Tensor | None, num_tokens: int | None = None):
+        """`visual_mask` [B, L] (True: visual expert); None means every one of `num_tokens` is text,
+        known without looking (a decode step: no host sync, nothing for torch.compile to break on)."""
+        if visual_mask is None:
+            self.num_tokens, self.num_visual, self.order, self.inverse = num_tokens, 0, None, None
+        else:
+            self.num_tokens = visual_mask.numel()
+            self.num_visual, self.order, self.inverse = _routing_order(visual_mask)
         self.num_text = self.num_tokens - self.num_visual
-        self.order = self.inverse = None
-        if 0 < self.num_visual < self.num_tokens:
-            self.order = torch.argsort(flat.to(torch.int8), stable=True)
-            self.inverse = torch.empty_like(self.order)
-            self.inverse[self.order] = torch.arange(self.num_tokens, device=flat.device)
 
     @property
     def mixed(self) -> bool:
@@ -561,25 +645,40 @@ class NaViLTextAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         h, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        for suffix in ("", "_ve"):
-            setattr(self, f"q_proj{suffix}", nn.Linear(h, q_dim, bias=config.attention_bias))
-            setattr(self, f"k_proj{suffix}", nn.Linear(h, kv_dim, bias=config.attention_bias))
-            setattr(self, f"v_proj{suffix}", nn.Linear(h, kv_dim, bias=config.attention_bias))
-            o_in = h if suffix and config.chain_visual_output else q_dim
-            setattr(self, f"o_proj{suffix}", nn.Linear(o_in, h, bias=config.attention_out_bias))
-            if config.qk_norm:
-                setattr(self, f"q_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
-                setattr(self, f"k_norm{suffix}", NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps))
+        bias, out_bias = config.attention_bias, config.attention_out_bias
+        self.q_proj = nn.Linear(h, q_dim, bias=bias)
+        self.k_proj = nn.Linear(h, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(h, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, h, bias=out_bias)
+        self.q_proj_ve = nn.Linear(h, q_dim, bias=bias)
+        self.k_proj_ve = nn.Linear(h, kv_dim, bias=bias)
+        self.v_proj_ve = nn.Linear(h, kv_dim, bias=bias)
+        # InternLM2's chained visual output o_proj_ve(o_proj(x)) maps hidden -> hidden (SPEC §8.2).
+        self.o_proj_ve = nn.Linear(h if config.chain_visual_output else q_dim, h, bias=out_bias)
+        if config.qk_norm:
+            self.q_norm = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm_ve = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm_ve = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def _qkv(self, x: torch.Tensor, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One expert's q [T, H * D], k and v [T, KV * D] for tokens x [T, h], q/k normed."""
-        q = getattr(self, f"q_proj{suffix}")(x)
-        k = getattr(self, f"k_proj{suffix}")(x)
-        v = getattr(self, f"v_proj{suffix}")(x)
-        if self.config.qk_norm:
-            q = getattr(self, f"q_norm{suffix}")(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-            k = getattr(self, f"k_norm{suffix}")(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+    def _text_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        norms = (self.q_norm, self.k_norm) if self.config.qk_norm else None
+        return self._qkv(x, self.q_proj, self.k_proj, self.v_proj, norms)
+
+    def _visual_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        norms = (self.q_norm_ve, self.k_norm_ve) if self.config.qk_norm else None
+        return self._qkv(x, self.q_proj_ve, self.k_proj_ve, self.v_proj_ve, norms)
+
+    def _qkv(self, x, q_proj, k_proj, v_proj, norms):
+        """One expert's q [T, H * D], k and v [T, KV * D] for tokens x [T, h], q/k normed per head."""
+        q, k, v = q_proj(x), k_proj(x), v_proj(x)
+        if norms is not None:
+            q = norms[0](q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+            k = norms[1](k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
         return q, k, v
+
+    def _visual_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj_ve(self.o_proj(x)) if self.config.chain_visual_output else self.o_proj_ve(x)
 
     def forward(
         self,
@@ -588,10 +687,10 @@ class NaViLTextAttention(nn.Module):
         routing: ModalityRouting,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
-        qkv = routing.apply_to_natural(hidden_sorted, lambda x: self._qkv(x, ""), lambda x: self._qkv(x, "_ve"), shape)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        qkv = routing.apply_to_natural(hidden_sorted, self._text_qkv, self._visual_qkv, shape)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in qkv)  # [B, H, L, D]
 
         cos, sin = position_embeddings  # [B, L, D]
@@ -599,8 +698,8 @@ class NaViLTextAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
 
         implementation = text_attention_implementation(self.config._attn_implementation)
         attention = (
@@ -608,7 +707,7 @@ class NaViLTextAttention(nn.Module):
             if implementation == "eager"
             else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         )
-        out, _ = attention(
+        out, weights = attention(
             self,
             q,
             k,
@@ -619,8 +718,7 @@ class NaViLTextAttention(nn.Module):
             **kwargs,
         )  # [B, L, H, D]
         out = routing.to_sorted(out.reshape(*shape, -1))
-        visual = (lambda x: self.o_proj_ve(self.o_proj(x))) if self.config.chain_visual_output else self.o_proj_ve
-        return routing.apply(out, self.o_proj, visual)
+        return routing.apply(out, self.o_proj, self._visual_output), weights
 
 
 class NaViLDecoderLayer(GradientCheckpointingLayer):
@@ -632,34 +730,30 @@ class NaViLDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_sorted, shape, routing, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_sorted, shape, routing, position_embeddings, attention_mask, cache=None, **kwargs):
         # Norms act per token, so they run on the sorted stream unchanged.
         residual = hidden_sorted
-        hidden = self.self_attn(
-            self.input_layernorm(hidden_sorted), shape, routing, position_embeddings, attention_mask, past_key_values, **kwargs
+        hidden, weights = self.self_attn(
+            self.input_layernorm(hidden_sorted), shape, routing, position_embeddings, attention_mask, cache, **kwargs
         )
         hidden = residual + hidden
-        return routing.apply_add(hidden, self.post_attention_layernorm(hidden), self.mlp, self.mlp_ve)
+        return routing.apply_add(hidden, self.post_attention_layernorm(hidden), self.mlp, self.mlp_ve), weights
 
 
 class NaViLRotaryEmbedding(nn.Module):
-    """1D RoPE of the LLM; any static rope type transformers knows (default, linear, llama3, yarn...)."""
+    """1D RoPE of the LLM; every rope type transformers knows (default, linear, llama3, yarn, dynamic
+    NTK, longrope...). Positions beyond `max_position_embeddings` are what scaling is for: no limit."""
 
     def __init__(self, config: NaViLTextConfig):
         super().__init__()
         self.config = config
         self.rope_type = config.rope_parameters.get("rope_type", "default")
-
-    def inv_freq(self, device) -> tuple[torch.Tensor, float]:
-        if self.rope_type == "default":
-            dim, base = self.config.head_dim, self.config.rope_parameters["rope_theta"]
-            return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)), 1.0
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
-        return inv_freq.float(), scaling
+        self.dynamic = self.rope_type in ("dynamic", "longrope")
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        inv_freq, scaling = self.inv_freq(x.device)
+        seq_len = int(position_ids.max()) + 1 if self.dynamic else None  # the dynamic types follow the length
+        inv_freq, scaling = rope_inv_freq(self.config, x.device, seq_len)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
@@ -676,6 +770,34 @@ class _AttentionConfigView:
         return getattr(self._config, name)
 
 
+class NaViLTokenEmbedding(nn.Embedding):
+    """The token embedding, aware of NaViL's special-token table (SPEC §3, §8.3, §10).
+
+    `embed(ids)` (and calling the module) gives what the model feeds for `ids` as prompt: the 12
+    special tokens take their rows of `special_token_embedding`; `plain` marks positions that take
+    the plain embedding instead (tokens generated under the prompt-only rule). The table is the
+    `NaViLModel`'s own module, referenced here without being registered a second time, so weight
+    names and tying are unchanged; it is called as a module, so hooks (offload) see it."""
+
+    def attach_special_table(self, table: nn.Embedding, special_token_ids):
+        self.__dict__["_special_table"] = table  # not a submodule: it stays `model.special_token_embedding`
+        self.special_token_ids = list(special_token_ids or [])
+
+    def forward(self, input_ids: torch.Tensor, plain: torch.Tensor | bool | None = None) -> torch.Tensor:
+        """`plain`: a [B, L] mask of positions that take the plain embedding, True for all, None for none."""
+        embeds = super().forward(input_ids)
+        table = self.__dict__.get("_special_table")
+        if table is None or not getattr(self, "special_token_ids", None) or plain is True:
+            return embeds
+        table_ids = torch.tensor(self.special_token_ids, device=input_ids.device)
+        match = input_ids.unsqueeze(-1) == table_ids  # [..., 12]
+        is_special = match.any(-1)
+        if plain is not None:
+            is_special = is_special & ~plain
+        rows = table(match.to(torch.int64).argmax(-1))
+        return torch.where(is_special.unsqueeze(-1), rows.to(embeds.dtype), embeds)
+
+
 class NaViLTextModel(NaViLPreTrainedModel):
     """Decoder stack with modality experts. Takes input embeddings and a visual-token mask."""
 
@@ -685,61 +807,91 @@ class NaViLTextModel(NaViLPreTrainedModel):
     def __init__(self, config: NaViLTextConfig):
         super().__init__(config)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens = NaViLTokenEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([NaViLDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = NaViLRotaryEmbedding(config)
         self.post_init()
 
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
     def forward(
         self,
-        inputs_embeds: torch.Tensor,
-        visual_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        visual_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
+        """`visual_mask` [B, L]: True where a token is routed to the visual experts (none when omitted)."""
+        cache = pop_cache(kwargs, cache, past_key_values)
+        output_hidden_states, output_attentions, return_dict = _output_flags(
+            self.config, output_hidden_states, output_attentions, return_dict
+        )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past + length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"the sequence has {past + length} tokens but the model's context is "
-                f"{self.config.max_position_embeddings} (max_position_embeddings)"
-            )
+        checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers)
+        if checkpointing and self.training and torch.is_grad_enabled():
+            if use_cache or cache is not None:
+                logger.warning_once("gradient checkpointing in training runs without a cache (`use_cache=False`)")
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
+            if torch.is_tensor(attention_mask) and attention_mask.ndim == 2:
                 # Left padding: positions count real tokens only, so a padded row equals its unpadded run.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
 
         implementation = text_attention_implementation(self.config._attn_implementation)
+        if output_attentions and implementation != "eager":
+            logger.warning_once(
+                f"output_attentions needs eager attention; {implementation!r} returns no attention weights"
+            )
         mask = create_causal_mask(
-            config=_AttentionConfigView(self.config, implementation),
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
+            _AttentionConfigView(self.config, implementation), inputs_embeds, attention_mask, cache, position_ids
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         if position_embeddings[0].shape[0] != batch:
             position_embeddings = tuple(t.expand(batch, -1, -1) for t in position_embeddings)
 
-        if visual_mask is None:
-            visual_mask = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
-        routing = ModalityRouting(visual_mask)
+        routing = ModalityRouting(visual_mask, num_tokens=batch * length)
         hidden = routing.to_sorted(inputs_embeds)
-        for layer in self.layers:
-            hidden = layer(
-                hidden, (batch, length), routing, position_embeddings, mask, past_key_values=past_key_values, **kwargs
-            )
+        all_hidden = [inputs_embeds] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for i, layer in enumerate(self.layers):
+            hidden, weights = layer(hidden, (batch, length), routing, position_embeddings, mask, cache=cache, **kwargs)
+            if output_hidden_states and i < len(self.layers) - 1:
+                all_hidden.append(routing.to_natural(hidden, (batch, length)))
+            if output_attentions:
+                all_attentions.append(weights)
         hidden = routing.to_natural(self.norm(hidden), (batch, length))
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+        if output_hidden_states:
+            all_hidden.append(hidden)  # the last entry is the normed output the LM head reads
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            **cache_field(cache if use_cache else None),
+        )
+        return output if return_dict else output.to_tuple()
 
 
 def _processor_class():
@@ -756,6 +908,44 @@ def _processor_class():
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class NaViLModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `image_outputs`: the vision encoder's output for the images of this
+    forward (`get_image_features`), when there were any."""
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+
+@dataclass
+class NaViLCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `image_outputs` (see `NaViLModelOutputWithPast`)."""
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+
+@torch.compiler.disable  # host-side
+def tokens_per_image(image_grid_thw: torch.Tensor, num_scales, merge: int) -> list[int]:
+    """LLM tokens of every image: the sum over its scales (`num_scales` rows of `image_grid_thw` each;
+    every row is one image when `num_scales` is None) of t * h * w / merge^2."""
+    rows = (image_grid_thw.prod(-1) // (merge * merge)).tolist()
+    if num_scales is None:
+        return rows
+    counts = num_scales.tolist() if torch.is_tensor(num_scales) else list(num_scales)
+    if sum(counts) != len(rows):
+        raise ValueError(f"num_scales {counts} adds up to {sum(counts)} but image_grid_thw has {len(rows)} rows")
+    starts = np.cumsum([0, *counts])
+    return [sum(rows[starts[i] : starts[i + 1]]) for i in range(len(counts))]
+
+
+def _past_length(cache) -> int:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+@torch.compiler.disable  # a host sync, kept out of compiled graphs
+def _count(mask: torch.Tensor) -> int:
+    return int(mask.sum())
+
+
 class NaViLModel(NaViLPreTrainedModel):
     """Vision encoder + connector + special-token table + language model (no LM head)."""
 
@@ -765,40 +955,93 @@ class NaViLModel(NaViLPreTrainedModel):
         self.connector = NaViLConnector(config)
         self.special_token_embedding = nn.Embedding(12, config.text_config.hidden_size)
         self.language_model = NaViLTextModel(config.text_config)
+        self._attach_special_table()
         self.post_init()
+
+    def _attach_special_table(self):
+        self.language_model.embed_tokens.attach_special_table(self.special_token_embedding, self.config.special_token_ids)
 
     def get_input_embeddings(self):
         return self.language_model.embed_tokens
 
     def set_input_embeddings(self, value):
+        if not isinstance(value, NaViLTokenEmbedding):  # keep the special-token table on a new embedding
+            embedding = NaViLTokenEmbedding(value.num_embeddings, value.embedding_dim, value.padding_idx, device="meta")
+            embedding.weight = value.weight
+            value = embedding
         self.language_model.embed_tokens = value
+        self._attach_special_table()
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """[N_patches, 3, 16, 16] -> [N_patches / 4, hidden] LLM-ready features, in window order."""
-        return self.connector(self.vision_model(pixel_values, image_grid_thw))
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        num_scales: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Images -> LLM-ready features.
 
-    def embed_prompt(self, input_ids: torch.Tensor, past_length: int, num_prompt_tokens: int | None) -> torch.Tensor:
-        """Token embeddings; prompt positions of the 12 special tokens use the separate table."""
-        embeds = self.language_model.embed_tokens(input_ids)
-        special_ids = self.config.special_token_ids
-        if not special_ids:
-            return embeds
-        if num_prompt_tokens is not None and past_length >= num_prompt_tokens:
-            return embeds  # a decode step: generated tokens use the plain embedding (SPEC §8.3)
-        table_ids = torch.tensor(special_ids, device=input_ids.device)
-        match = input_ids.unsqueeze(-1) == table_ids  # [B, L, 12]
-        is_special = match.any(-1)
-        if num_prompt_tokens is not None:
-            position = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
-            is_special = is_special & (position < num_prompt_tokens)
-        table = self.special_token_embedding(match.to(torch.int64).argmax(-1))
-        return torch.where(is_special.unsqueeze(-1), table.to(embeds.dtype), embeds)
+        `pixel_values` [N_patches, 3, 16, 16] and `image_grid_thw` [S, 3] as the processor gives them;
+        `num_scales` groups the grid rows into images (one row per image when omitted).
+        Returns `last_hidden_state` [N_patches, C] (the vision encoder's output, window order),
+        `pooler_output`: one [tokens_i, hidden] tensor of connector features per image, and the vision
+        encoder's `hidden_states` / `attentions` when asked for."""
+        _, _, return_dict = _output_flags(self.config, None, None, return_dict)
+        vision = self.vision_model(
+            pixel_values, image_grid_thw, output_hidden_states, output_attentions, return_dict=True
+        )
+        features = self.connector(vision.last_hidden_state)  # [N_patches / 4, hidden]
+        split = tokens_per_image(image_grid_thw, num_scales, self.config.vision_config.spatial_merge_size)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=vision.last_hidden_state,
+            pooler_output=features.split(split),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _token_embedding(self, token_id: int, like: torch.Tensor) -> torch.Tensor:
+        """What `get_input_embeddings()` gives for one token, as compared against `inputs_embeds`."""
+        return self.get_input_embeddings()(torch.tensor([token_id], device=like.device))[0].to(like.dtype)
+
+    def _token_mask(self, token_ids, input_ids, inputs_embeds) -> torch.Tensor:
+        """[B, L] True where the token is one of `token_ids`: from `input_ids`, or else recognised in
+        `inputs_embeds` by its embedding (as transformers' multimodal models do)."""
+        token_ids = [i for i in token_ids if i is not None]
+        if input_ids is not None:
+            return torch.isin(input_ids, torch.tensor(token_ids, device=input_ids.device))
+        mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        for token_id in token_ids:
+            mask |= (inputs_embeds == self._token_embedding(token_id, inputs_embeds)).all(-1)
+        return mask
+
+    @staticmethod
+    def _all_generated(cache, num_prompt_tokens) -> bool:
+        """Every token of this forward was generated (a decode step): all are text (SPEC §3)."""
+        return num_prompt_tokens is not None and _past_length(cache) >= num_prompt_tokens
+
+    def _plain_positions(self, input_ids, past_length, num_prompt_tokens):
+        """Positions whose special tokens take the plain embedding: those at or after
+        `num_prompt_tokens` (generated tokens, SPEC §8.3), unless the config says the table applies
+        everywhere (§10). True means every position, None none."""
+        if self.config.special_token_table == "everywhere" or num_prompt_tokens is None:
+            return None
+        if past_length >= num_prompt_tokens:
+            return True  # a decode step
+        if past_length + input_ids.shape[1] <= num_prompt_tokens:
+            return None  # all prompt
+        position = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (position >= num_prompt_tokens).expand_as(input_ids)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        num_scales: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
@@ -806,40 +1049,65 @@ class NaViLModel(NaViLPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_prompt_tokens: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> NaViLModelOutputWithPast | tuple:
+        cache = pop_cache(kwargs, cache, past_key_values)
+        output_hidden_states, output_attentions, return_dict = _output_flags(
+            self.config, output_hidden_states, output_attentions, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if inputs_embeds is None:
-            inputs_embeds = self.embed_prompt(input_ids, past, num_prompt_tokens)
-        if mm_token_type_ids is None and input_ids is not None:
-            visual = [self.config.image_token_id, self.config.image_start_token_id]
-            mm_token_type_ids = torch.isin(input_ids, torch.tensor([i for i in visual if i is not None], device=input_ids.device))
+            plain = self._plain_positions(input_ids, _past_length(cache), num_prompt_tokens)
+            inputs_embeds = self.language_model.embed_tokens(input_ids, plain=plain)
+        if mm_token_type_ids is None and not self._all_generated(cache, num_prompt_tokens):
+            visual = (self.config.image_token_id, self.config.image_start_token_id)
+            mm_token_type_ids = self._token_mask(visual, input_ids, inputs_embeds)
+        image_outputs = None
         if pixel_values is not None:
-            inputs_embeds = self._insert_image_features(input_ids, inputs_embeds, pixel_values, image_grid_thw)
-        return self.language_model(
-            inputs_embeds,
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            image_outputs = self.get_image_features(
+                pixel_values, image_grid_thw, num_scales, output_hidden_states, output_attentions, return_dict=True
+            )
+            inputs_embeds = self._insert_image_features(input_ids, inputs_embeds, image_outputs.pooler_output)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
             visual_mask=mm_token_type_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            cache=cache,
             **kwargs,
         )
+        output = NaViLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=image_outputs,
+            **cache_field(output_cache(outputs)),
+        )
+        return output if return_dict else output.to_tuple()
 
-    def _insert_image_features(self, input_ids, inputs_embeds, pixel_values, image_grid_thw):
-        if image_grid_thw is None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        if input_ids is None:
-            raise ValueError("pixel_values need input_ids to locate the <IMG_CONTEXT> tokens")
-        slots = input_ids == self.config.image_token_id
-        num_slots = int(slots.sum())
-        features = self.get_image_features(pixel_values, image_grid_thw)
+    def _insert_image_features(self, input_ids, inputs_embeds, per_image_features) -> torch.Tensor:
+        slots = self._token_mask((self.config.image_token_id,), input_ids, inputs_embeds)
+        features = torch.cat(per_image_features) if len(per_image_features) > 1 else per_image_features[0]
+        num_slots = _count(slots)
         if num_slots != features.shape[0]:
+            hint = (
+                "build the prompt with the processor from the same images"
+                if input_ids is not None
+                else "inputs_embeds must come from model.get_input_embeddings()(input_ids)"
+            )
             raise ValueError(
-                f"the prompt has {num_slots} <IMG_CONTEXT> tokens but the images give {features.shape[0]} features "
-                f"(image_grid_thw {image_grid_thw.tolist()}); build the prompt with the processor from the same images"
+                f"the prompt has {num_slots} <IMG_CONTEXT> tokens but the images give {features.shape[0]} features; {hint}"
             )
         return inputs_embeds.masked_scatter(slots.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
@@ -867,6 +1135,9 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def get_image_features(self, pixel_values, image_grid_thw, num_scales=None, **kwargs):
+        return self.model.get_image_features(pixel_values, image_grid_thw, num_scales, **kwargs)
+
     @property
     def vision_model(self):
         return self.model.vision_model
@@ -890,27 +1161,38 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_prompt_tokens: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> NaViLCausalLMOutputWithPast | tuple:
         r"""
-        num_scales: scales per image (informational; `image_grid_thw` has one row per scale).
+        num_scales: scales per image (`image_grid_thw` has one row per scale); groups the image outputs.
         mm_token_type_ids: 1 where a token is routed to the visual experts; derived from `input_ids`
             (`<IMG_CONTEXT>`, `<img>`) when omitted.
         num_prompt_tokens: tokens at positions below this take the special-token table embedding;
             `generate` sets it to the prompt length so generated special tokens use the plain
-            embedding, as the original does. `None`: every input token is prompt.
+            embedding, as the original does (`config.special_token_table == "prompt"`). `None`: every
+            input token is prompt.
+        cache / past_key_values: the KV cache (transformers 5.24 renamed it `cache`; both are accepted).
         """
+        _, _, return_dict = _output_flags(self.config, None, None, return_dict)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
+            num_scales=num_scales,
             mm_token_type_ids=mm_token_type_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_prompt_tokens=num_prompt_tokens,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            cache=pop_cache(kwargs, cache, past_key_values),
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -922,21 +1204,100 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        output = NaViLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            **cache_field(output_cache(outputs)),
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------------------ generation
 
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
-        if input_ids is not None:
-            kwargs.setdefault("num_prompt_tokens", input_ids.shape[1])
+        prompt = input_ids if kwargs.get("inputs_embeds") is None else kwargs["inputs_embeds"]
+        if prompt is not None:
+            kwargs.setdefault("num_prompt_tokens", prompt.shape[1])
         return super().generate(input_ids=input_ids, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
-        inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
-        )
-        if not is_first_iteration and kwargs.get("use_cache", True):
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        prompt_types = kwargs.get("mm_token_type_ids")
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cached = any(inputs.get(name) is not None for name in ("cache", "past_key_values"))
+        if not kwargs.get("is_first_iteration", False) and cached and kwargs.get("use_cache", True):
             for key in ("pixel_values", "image_grid_thw", "num_scales"):
                 inputs.pop(key, None)
+        step = inputs.get("input_ids")
+        if prompt_types is not None and step is not None:
+            step_types = self._step_token_types(prompt_types, input_ids, step.shape[1], kwargs)
+            if step_types is None:
+                inputs.pop("mm_token_type_ids", None)
+            else:
+                inputs["mm_token_type_ids"] = step_types
         return inputs
+
+    @staticmethod
+    def _step_token_types(prompt_types, input_ids, step_length, kwargs) -> torch.Tensor:
+        """`mm_token_type_ids` of the tokens this step feeds (the last `step_length` of `input_ids`):
+        the prompt's own types, and text (0) for every generated or candidate token, whatever
+        transformers did (or did not do) to extend the prompt's mask."""
+        total = input_ids.shape[1]
+        prompt_length = kwargs.get("num_prompt_tokens") or prompt_types.shape[1]
+        if total - step_length >= prompt_length:
+            return None  # all generated: text, known without a mask (no host sync in a decode step)
+        prompt_types = prompt_types[:, : min(prompt_length, total)]
+        if prompt_types.shape[1] < total:
+            pad = prompt_types.new_zeros(prompt_types.shape[0], total - prompt_types.shape[1])
+            prompt_types = torch.cat([prompt_types, pad], dim=1)
+        return prompt_types[:, total - step_length :]
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """transformers repeats every tensor row-wise; the packed images are not one row per sample:
+        each sample's patches, grid rows and scale counts are repeated as a block instead."""
+        images = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "image_grid_thw", "num_scales")}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if expand_size > 1 and images["pixel_values"] is not None:
+            sample_ids = input_ids[::expand_size] if input_ids is not None and input_ids.numel() else None
+            sample_embeds = model_kwargs.get("inputs_embeds")
+            sample_embeds = sample_embeds[::expand_size] if sample_embeds is not None else None
+            images = self._repeat_images_per_sample(images, sample_ids, sample_embeds, expand_size)
+        model_kwargs.update({key: value for key, value in images.items() if value is not None})
+        return input_ids, model_kwargs
+
+    def _repeat_images_per_sample(self, images, input_ids, inputs_embeds, times: int) -> dict:
+        grid, num_scales = images["image_grid_thw"], images["num_scales"]
+        merge = self.config.vision_config.spatial_merge_size
+        slots = self.model._token_mask((self.config.image_token_id,), input_ids, inputs_embeds).sum(-1).tolist()
+        row_tokens = (grid.prod(-1) // (merge * merge)).tolist()
+        row_patches = grid.prod(-1).tolist()
+        scale_counts = num_scales.tolist() if num_scales is not None else [1] * len(row_tokens)
+        # Walk the images in order, giving each sample the images whose tokens fill its slots.
+        pieces = {"pixel_values": [], "image_grid_thw": [], "num_scales": []}
+        row = patch = image = 0
+        for sample, wanted in enumerate(slots):
+            rows, got = [], 0
+            first_image = image
+            while got < wanted:
+                if image >= len(scale_counts):
+                    raise ValueError(f"sample {sample}: the images do not fill its {wanted} <IMG_CONTEXT> tokens")
+                rows += range(row, row + scale_counts[image])
+                got += sum(row_tokens[r] for r in range(row, row + scale_counts[image]))
+                row += scale_counts[image]
+                image += 1
+            if got != wanted:
+                raise ValueError(f"sample {sample} has {wanted} <IMG_CONTEXT> tokens but its images give {got}")
+            patches = sum(row_patches[r] for r in rows)
+            for _ in range(times):
+                pieces["pixel_values"].append(images["pixel_values"][patch : patch + patches])
+                pieces["image_grid_thw"].append(grid[row - len(rows) : row])
+                if num_scales is not None:
+                    pieces["num_scales"].append(num_scales[first_image:image])
+            patch += patches
+        return {key: torch.cat(value) if value else None for key, value in pieces.items()}
 
     # ---------------------------------------------------------------------------------------- chat
 

@@ -17,6 +17,8 @@ from _common import interleaved, machine, median, print_table, text_dims, text_m
 import torch
 from transformers.cache_utils import DynamicCache
 
+from compat_navil import CACHE_KWARG
+
 TARGET = 1.05
 
 
@@ -43,15 +45,15 @@ def main(argv=None):
     caches = {}
     with torch.inference_mode():
         caches["dense"] = DynamicCache(config=dense.config)
-        dense(input_ids=prompt, past_key_values=caches["dense"], use_cache=True)
+        dense(input_ids=prompt, **{CACHE_KWARG: caches["dense"]}, use_cache=True)
         caches["ours"] = DynamicCache(config=ours.config.text_config)
-        ours(input_ids=prompt, past_key_values=caches["ours"], use_cache=True, num_prompt_tokens=args.context)
+        ours(input_ids=prompt, **{CACHE_KWARG: caches["ours"]}, use_cache=True, num_prompt_tokens=args.context)
 
         def run_dense():
-            return dense(input_ids=step, past_key_values=caches["dense"], use_cache=True).logits
+            return dense(input_ids=step, **{CACHE_KWARG: caches["dense"]}, use_cache=True).logits
 
         def run_ours():
-            return ours(input_ids=step, past_key_values=caches["ours"], use_cache=True, num_prompt_tokens=args.context).logits
+            return ours(input_ids=step, **{CACHE_KWARG: caches["ours"]}, use_cache=True, num_prompt_tokens=args.context).logits
 
         def reset(name):
             extra = caches[name].get_seq_length() - args.context

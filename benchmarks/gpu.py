@@ -28,6 +28,8 @@ from _common import median, print_table
 import torch
 from transformers.cache_utils import DynamicCache
 
+from compat_navil import CACHE_KWARG
+
 import modeling_navil
 from configuration_navil import NaViLConfig
 
@@ -100,7 +102,7 @@ def parity(device, quick: bool) -> list:
     with torch.inference_mode():
         for attn in ("eager", "flash_attention_2"):
             model.set_attn_implementation(attn)
-            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).float()
+            features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output).float()
             out[attn] = (features, model(**inputs).logits.float())
         reference = build(text, vision, "eager", device, dtype=torch.float32)
         reference_logits = reference(**dict(inputs, pixel_values=inputs["pixel_values"].float())).logits
@@ -175,13 +177,13 @@ def decode(args, device) -> list:
         step = torch.randint(0, vocab, (batch, 1), device=device)
         cache = DynamicCache(config=model.config.text_config)
         with torch.inference_mode():
-            model(input_ids=prompt, past_key_values=cache, use_cache=True, num_prompt_tokens=args.context)
+            model(input_ids=prompt, **{CACHE_KWARG: cache}, use_cache=True, num_prompt_tokens=args.context)
 
             def one_step():
                 extra = cache.get_seq_length() - args.context
                 if extra:
                     cache.crop(-extra)
-                model(input_ids=step, past_key_values=cache, use_cache=True, num_prompt_tokens=args.context)
+                model(input_ids=step, **{CACHE_KWARG: cache}, use_cache=True, num_prompt_tokens=args.context)
 
             seconds = timer(device, one_step, 3 if args.quick else 20, warmup=1 if args.quick else 3)
         rows.append([f"decode batch {batch}, context {args.context}, bf16, {args.attn}",

@@ -19,8 +19,9 @@ from _common import (
 )  # fmt: skip
 
 import torch
-from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+
+from compat_navil import create_causal_mask
 
 from modeling_navil import ModalityRouting, NaViLDecoderLayer, NaViLRotaryEmbedding, _AttentionConfigView
 
@@ -57,14 +58,9 @@ def main(argv=None):
     position_ids = torch.arange(length).unsqueeze(0)
     with torch.inference_mode():
         dense_pe = Qwen3RotaryEmbedding(dense_config)(x, position_ids)
-        dense_mask = create_causal_mask(
-            config=dense_config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids
-        )
+        dense_mask = create_causal_mask(dense_config, x, None, None, position_ids)
         ours_pe = NaViLRotaryEmbedding(ours_config)(x, position_ids)
-        ours_mask = create_causal_mask(
-            config=_AttentionConfigView(ours_config, "sdpa"), inputs_embeds=x, attention_mask=None,
-            past_key_values=None, position_ids=position_ids,
-        )  # fmt: skip
+        ours_mask = create_causal_mask(_AttentionConfigView(ours_config, "sdpa"), x, None, None, position_ids)
 
     cases = [(0.0, 1), (0.5, 1), (0.5, 3), (0.75, 1), (0.75, 3), (1.0, 1)]
     rows, all_met = [], True
@@ -78,7 +74,7 @@ def main(argv=None):
                 return dense(x, attention_mask=dense_mask, position_ids=position_ids, position_embeddings=dense_pe)
 
             def run_layer():
-                return ours(x_sorted, (1, length), routing, ours_pe, ours_mask)
+                return ours(x_sorted, (1, length), routing, ours_pe, ours_mask)[0]
 
             def run_setup():
                 r = ModalityRouting(mask)
@@ -86,7 +82,7 @@ def main(argv=None):
 
             def run_layer_setup():
                 r = ModalityRouting(mask)
-                h = ours(r.to_sorted(x), (1, length), r, ours_pe, ours_mask)
+                h, _ = ours(r.to_sorted(x), (1, length), r, ours_pe, ours_mask)
                 return r.to_natural(h, (1, length))
 
             diff = (run_layer_setup() - run_dense()).abs().max().item()

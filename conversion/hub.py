@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-CODE_MODULES = ("configuration_navil", "modeling_navil", "image_processing_navil", "processing_navil")
+CODE_MODULES = (
+    "configuration_navil",
+    "modeling_navil",
+    "image_processing_navil",
+    "processing_navil",
+    "compat_navil",
+)
 MODEL_CLASS = "modeling_navil.NaViLForConditionalGeneration"
 AUTO_MAP = {
     "AutoConfig": "configuration_navil.NaViLConfig",

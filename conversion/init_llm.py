@@ -576,6 +576,8 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
         min_dynamic_patch=min_dynamic_patch,
         max_dynamic_patch=max_dynamic_patch,
         initialized_from={"llm": source.name, "family": source.family, "vision_preset": vision_preset},
+        # A model built to be trained: generated special tokens see the table too (SPEC §10).
+        special_token_table="everywhere",
     )
 
     torch.manual_seed(seed)

@@ -54,7 +54,12 @@ TOP_LEVEL_FIELDS = ("downsample_ratio", "template", "min_dynamic_patch", "max_dy
 LLM_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 # Keys our config represents (see the module docstring); the rest is carried in `original_config_extras`.
-TOP_LEVEL_MAPPED = ("model_type", "architectures", "torch_dtype", "vision_config", "llm_config", *TOP_LEVEL_FIELDS)
+# `special_token_table` is ours (SPEC §10); an original config.json carries it only when a model trained with this
+# package applies the table everywhere (the original code ignores it and applies the table to the prompt only).
+TOP_LEVEL_MAPPED = (
+    "model_type", "architectures", "torch_dtype", "vision_config", "llm_config", "special_token_table",
+    *TOP_LEVEL_FIELDS,
+)  # fmt: skip
 VISION_MAPPED = ("model_type", *VISION_FIELDS)
 LLM_MAPPED = (
     "architectures", "model_type", *REQUIRED_LLM_FIELDS, "num_key_value_heads", "hidden_act",
@@ -276,6 +281,8 @@ def convert_config(original_config, token_ids, fold_visual_output=False):
 
     top = {k: original_config[k] for k in TOP_LEVEL_FIELDS if k in original_config}
     top["downsample_ratio"] = downsample_ratio
+    # What the original computes (SPEC §8.3: the table on prompt tokens only) unless the folder says otherwise.
+    top["special_token_table"] = original_config.get("special_token_table", "prompt")
     extras = config_extras(original_config)
     try:
         return _navil_config(vision_config, text_config, token_ids, top, extras or None)
@@ -384,6 +391,8 @@ def to_original_config(config, torch_dtype=None):
         "vision_config": vision_config,
         "llm_config": llm_config,
     }
+    if config.special_token_table != "prompt":  # round-trips; the original code itself ignores it
+        original["special_token_table"] = config.special_token_table
     if torch_dtype is not None:
         original["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
     return original

@@ -120,7 +120,7 @@ def test_vision_variants_run_and_differ():
     for kwargs in ({}, {"qk_normalization": True}, {"norm_type": "layer_norm"}, {"fullatt": None}):
         model = tiny_model(**kwargs)
         with torch.no_grad():
-            out = model.model.vision_model(inputs["pixel_values"], inputs["image_grid_thw"])
+            out = model.model.vision_model(inputs["pixel_values"], inputs["image_grid_thw"]).last_hidden_state
         assert torch.isfinite(out).all()
         outs.append(out)
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], outs[3])
@@ -135,7 +135,7 @@ def _masked_reference_layer(layer, hidden, visual, position_embeddings):
     b, l, _ = hidden.shape
     x = layer.input_layernorm(hidden)
     pick = lambda t, v: torch.where(visual[..., None], v, t)  # noqa: E731
-    qkv = [pick(t, v) for t, v in zip(attn._qkv(x, ""), attn._qkv(x, "_ve"))]
+    qkv = [pick(t, v) for t, v in zip(attn._text_qkv(x), attn._visual_qkv(x))]
     q, k, v = (t.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2) for t in qkv)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)
     q = q * cos + modeling_navil.rotate_half(q) * sin
@@ -168,7 +168,7 @@ def test_routed_layer_matches_masked_reference(share, chain):
     assert routing.mixed == (0 < visual.sum() < b * l)
     causal = torch.full((l, l), float("-inf")).triu(1)
     with torch.no_grad():
-        out = layer(routing.to_sorted(hidden), (b, l), routing, rope, causal)
+        out, _ = layer(routing.to_sorted(hidden), (b, l), routing, rope, causal)
         out = routing.to_natural(out, (b, l))
         ref = _masked_reference_layer(layer, hidden, visual, rope)
     assert _report(f"routed vs masked (share {share}, chain {chain})", out, ref) <= 1e-5
@@ -191,18 +191,25 @@ def test_text_only_step_takes_the_dense_path(monkeypatch):
 def test_special_table_applies_to_prompt_positions_only():
     model = tiny_model()
     ids = torch.tensor([[20, SPECIAL_IDS[0], 21, SPECIAL_IDS[8]]])
-    plain = model.model.language_model.embed_tokens(ids)
+    embed = model.get_input_embeddings()
+    plain = torch.nn.Embedding.forward(embed, ids)
     table = model.model.special_token_embedding.weight
-    full = model.model.embed_prompt(ids, past_length=0, num_prompt_tokens=None)
+    full = embed(ids)  # what get_input_embeddings() gives is the prompt embedding
     assert torch.equal(full[0, 1], table[0]) and torch.equal(full[0, 3], table[8])
     assert torch.equal(full[0, 0], plain[0, 0])
     # Tokens past the prompt (generated) keep the plain embedding, with or without a cache.
-    part = model.model.embed_prompt(ids, past_length=0, num_prompt_tokens=2)
+    part = embed(ids, plain=model.model._plain_positions(ids, 0, num_prompt_tokens=2))
     assert torch.equal(part[0, 1], table[0]) and torch.equal(part[0, 3], plain[0, 3])
-    step = model.model.embed_prompt(ids[:, 3:], past_length=3, num_prompt_tokens=3)
+    step = embed(ids[:, 3:], plain=model.model._plain_positions(ids[:, 3:], 3, num_prompt_tokens=3))
     assert torch.equal(step[0, 0], plain[0, 3])
+    # SPEC §10: with the table everywhere, generated special tokens take it too.
+    model.config.special_token_table = "everywhere"
+    assert model.model._plain_positions(ids[:, 3:], 3, num_prompt_tokens=3) is None
 
 
+def test_special_token_table_setting_is_validated():
+    with pytest.raises(ValueError, match="special_token_table must be 'prompt' or 'everywhere'"):
+        tiny_config(special_token_table="sometimes")
 
 
 @pytest.mark.parametrize("with_image", [True, False])
@@ -328,12 +335,23 @@ def test_grid_and_pixels_mismatch_is_an_error():
         model(**inputs)
 
 
-def test_sequence_longer_than_context_is_an_error():
-    model = tiny_model(max_position_embeddings=16)
-    with pytest.raises(ValueError, match="model's context is 16"):
-        model(input_ids=torch.arange(20, 37)[None])
-
-
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_runs_beyond_max_position_embeddings(rope_type):
+    """Scaling is for positions past the trained context: nothing blocks them, and dynamic NTK is applied
+    (unchanged within the context, a stretched base beyond it)."""
+    scaling = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+    if rope_type == "yarn":
+        scaling["original_max_position_embeddings"] = 16
+    ids = torch.arange(20, 60)[None]  # 40 tokens, context 16
+    model = tiny_model(max_position_embeddings=16, rope_parameters=scaling)
+    default = tiny_model(max_position_embeddings=16)
+    with torch.no_grad():
+        long = model(input_ids=ids).logits
+        assert torch.isfinite(long).all()
+        if rope_type == "dynamic":
+            short = ids[:, :12]
+            assert torch.equal(model(input_ids=short).logits, default(input_ids=short).logits)
+            assert (long - default(input_ids=ids).logits).abs().max() > 1e-3
 def test_bfloat16_forward_tracks_float32():
     model = tiny_model(seed=8, attn="sdpa")
     inputs = multimodal_inputs(GRIDS)

@@ -20,7 +20,15 @@ SPECIAL_IDS = [15, 14, 7, 6, 5, 11, 10, 13, 12, 16, 8, 9]  # SPECIAL_TOKENS orde
 VOCAB = 128
 
 
-def tiny_config(qk_norm=True, window_size=4, fullatt=(1,), norm_type="rms_norm", qk_normalization=False, **text):
+def tiny_config(
+    qk_norm=True,
+    window_size=4,
+    fullatt=(1,),
+    norm_type="rms_norm",
+    qk_normalization=False,
+    special_token_table="prompt",
+    **text,
+):
     text_config = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512, qk_norm=qk_norm,
@@ -42,6 +50,7 @@ def tiny_config(qk_norm=True, window_size=4, fullatt=(1,), norm_type="rms_norm",
         image_frame_break_token_id=FRAME_BREAK,
         min_dynamic_patch=4,
         max_dynamic_patch=64,
+        special_token_table=special_token_table,
     )
 
 

@@ -1,0 +1,135 @@
+"""The one place where NaViL's remote code touches transformers internals that move between releases.
+
+Every converted folder carries this file next to the model code, frozen at the version it was pushed
+with, so the rest of the code reads the same on every supported transformers and only this file
+knows what differs:
+
+* the floor: transformers older than `MIN_TRANSFORMERS` is refused with one line naming it;
+* the cache's name: `past_key_values` up to 5.23, `cache` from 5.24 on (forward and generation
+  kwargs, mask helpers, model-output fields);
+* the causal-mask helper's signature;
+* RoPE inverse frequencies for every rope type transformers knows, with the sequence length the
+  dynamic types (dynamic NTK, longrope) need.
+
+Supported and tested: transformers 5.16.1 (the oldest that vLLM 0.32 accepts) to 5.24.0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import transformers
+from transformers import GenerationMixin
+from transformers.masking_utils import create_causal_mask as _create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+MIN_TRANSFORMERS = "5.16.1"
+TESTED_TRANSFORMERS = ("5.16.1", "5.24.0")  # oldest and newest release the test suite runs on
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(5, 24, 0) for "5.24.0", "5.24.0.dev0" or "5.24.0rc1"."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+TRANSFORMERS_VERSION = transformers.__version__
+if _release(TRANSFORMERS_VERSION) < _release(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"NaViL needs transformers>={MIN_TRANSFORMERS}, found {TRANSFORMERS_VERSION}: "
+        f"pip install -U 'transformers>={MIN_TRANSFORMERS}'"
+    )
+
+
+if _release(TRANSFORMERS_VERSION) > _release(TESTED_TRANSFORMERS[1]):
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning_once(
+        f"NaViL's remote code was tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}; "
+        f"this is {TRANSFORMERS_VERSION}. If something breaks, pip install 'transformers<={TESTED_TRANSFORMERS[1]}'"
+    )
+
+
+def _accepts(function, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
+# The cache's keyword in model forwards and in `generate`'s model kwargs: `cache` from 5.24 on.
+CACHE_KWARG = "cache" if _accepts(GenerationMixin.prepare_inputs_for_generation, "cache") else "past_key_values"
+# The cache's field in model outputs (`BaseModelOutputWithPast.cache` from 5.24 on).
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_KWARG = "cache" if _accepts(_create_causal_mask, "cache") else "past_key_values"
+# Names under which a forward may receive the cache, on any supported version.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def pop_cache(kwargs: dict, *explicit):
+    """The cache, given under any of its names (explicit arguments first, then `kwargs`, which loses it).
+    Two different caches are an error."""
+    found = [c for c in (*explicit, *(kwargs.pop(name, None) for name in CACHE_KWARGS)) if c is not None]
+    if any(c is not found[0] for c in found[1:]):
+        raise ValueError("pass the cache once, as `cache` or `past_key_values`, not both")
+    return found[0] if found else None
+
+
+def output_cache(outputs):
+    """The cache a model output carries, on any supported version (no deprecation warning)."""
+    return outputs.get(CACHE_FIELD) if hasattr(outputs, "get") else None
+
+
+def cache_field(cache) -> dict:
+    """Keyword arguments that put `cache` into a model output."""
+    return {CACHE_FIELD: cache}
+
+
+def create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
+    """transformers' causal mask for `config._attn_implementation` (None where the backend needs none).
+
+    `generate` with a compileable (static) cache prepares the masks itself, as a dict by layer type
+    (every NaViL text layer is `full_attention`); those are used as they are."""
+    if isinstance(attention_mask, dict):
+        return attention_mask["full_attention"]
+    return _create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{_MASK_CACHE_KWARG: cache},
+    )
+
+
+# Rope types whose frequencies depend on the sequence length.
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def rope_inv_freq(config, device, seq_len: int | None = None):
+    """(inverse frequencies [head_dim / 2] in float32, attention scaling) of `config.rope_parameters`.
+
+    `seq_len` (the longest position + 1 of this forward) drives the dynamic rope types: dynamic NTK
+    stretches the base beyond `max_position_embeddings`, longrope switches to its long factors beyond
+    `original_max_position_embeddings`; the static types ignore it."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type == "default":  # not in ROPE_INIT_FUNCTIONS since 5.0
+        import torch
+
+        dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        known = ", ".join(["default", *sorted(ROPE_INIT_FUNCTIONS)])
+        raise ValueError(f"unknown rope_type {rope_type!r} in rope_parameters; transformers knows {known}")
+    kwargs = {"seq_len": seq_len} if rope_type in DYNAMIC_ROPE_TYPES and seq_len is not None else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
+    return inv_freq.float(), scaling
+
+
+__all__ = [
+    "CACHE_FIELD",
+    "CACHE_KWARG",
+    "MIN_TRANSFORMERS",
+    "cache_field",
+    "create_causal_mask",
+    "output_cache",
+    "pop_cache",
+    "rope_inv_freq",
+]
