@@ -910,17 +910,20 @@ def _processor_class():
 
 @dataclass
 class NaViLModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus `image_outputs`: the vision encoder's output for the images of this
-    forward (`get_image_features`), when there were any."""
+    """`BaseModelOutputWithPast` plus, when the forward had images, `image_outputs` (what
+    `get_image_features` returns for them) and `image_hidden_states` [image tokens, hidden] (the connector
+    features placed at the `<IMG_CONTEXT>` tokens, in order)."""
 
     image_outputs: BaseModelOutputWithPooling | None = None
+    image_hidden_states: torch.Tensor | None = None
 
 
 @dataclass
 class NaViLCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus `image_outputs` (see `NaViLModelOutputWithPast`)."""
+    """`CausalLMOutputWithPast` plus `image_outputs` and `image_hidden_states` (see `NaViLModelOutputWithPast`)."""
 
     image_outputs: BaseModelOutputWithPooling | None = None
+    image_hidden_states: torch.Tensor | None = None
 
 
 @torch.compiler.disable  # host-side
@@ -937,13 +940,34 @@ def tokens_per_image(image_grid_thw: torch.Tensor, num_scales, merge: int) -> li
     return [sum(rows[starts[i] : starts[i + 1]]) for i in range(len(counts))]
 
 
+def _generated_positions(input_ids: torch.Tensor, past_length: int, num_prompt_tokens: int):
+    """[B, L] True where a token of this forward lies at or after `num_prompt_tokens` (was generated);
+    True when all do (a decode step), None when none do."""
+    if past_length >= num_prompt_tokens:
+        return True
+    if past_length + input_ids.shape[1] <= num_prompt_tokens:
+        return None
+    position = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (position >= num_prompt_tokens).expand_as(input_ids)
+
+
 def _past_length(cache) -> int:
     return cache.get_seq_length() if cache is not None else 0
 
 
-@torch.compiler.disable  # a host sync, kept out of compiled graphs
-def _count(mask: torch.Tensor) -> int:
-    return int(mask.sum())
+@torch.compiler.disable  # host-side: one graph break under torch.compile
+def _image_token_counts(slots: torch.Tensor, image_grid_thw, num_scales, merge: int, from_ids: bool) -> list[int]:
+    """Tokens of every image, checked against the prompt's `<IMG_CONTEXT>` slots."""
+    counts = tokens_per_image(image_grid_thw, num_scales, merge)
+    num_slots = int(slots.sum())
+    if num_slots != sum(counts):
+        hint = (
+            "build the prompt with the processor from the same images"
+            if from_ids
+            else "inputs_embeds must come from model.get_input_embeddings()(input_ids)"
+        )
+        raise ValueError(f"the prompt has {num_slots} <IMG_CONTEXT> tokens but the images give {sum(counts)} features; {hint}")
+    return counts
 
 
 class NaViLModel(NaViLPreTrainedModel):
@@ -980,12 +1004,14 @@ class NaViLModel(NaViLPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        image_token_counts: list[int] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         """Images -> LLM-ready features.
 
         `pixel_values` [N_patches, 3, 16, 16] and `image_grid_thw` [S, 3] as the processor gives them;
-        `num_scales` groups the grid rows into images (one row per image when omitted).
+        `num_scales` groups the grid rows into images (one row per image when omitted);
+        `image_token_counts`: the tokens of every image when already known (`tokens_per_image`).
         Returns `last_hidden_state` [N_patches, C] (the vision encoder's output, window order),
         `pooler_output`: one [tokens_i, hidden] tensor of connector features per image, and the vision
         encoder's `hidden_states` / `attentions` when asked for."""
@@ -994,7 +1020,9 @@ class NaViLModel(NaViLPreTrainedModel):
             pixel_values, image_grid_thw, output_hidden_states, output_attentions, return_dict=True
         )
         features = self.connector(vision.last_hidden_state)  # [N_patches / 4, hidden]
-        split = tokens_per_image(image_grid_thw, num_scales, self.config.vision_config.spatial_merge_size)
+        split = image_token_counts
+        if split is None:
+            split = tokens_per_image(image_grid_thw, num_scales, self.config.vision_config.spatial_merge_size)
         output = BaseModelOutputWithPooling(
             last_hidden_state=vision.last_hidden_state,
             pooler_output=features.split(split),
@@ -1017,24 +1045,6 @@ class NaViLModel(NaViLPreTrainedModel):
         for token_id in token_ids:
             mask |= (inputs_embeds == self._token_embedding(token_id, inputs_embeds)).all(-1)
         return mask
-
-    @staticmethod
-    def _all_generated(cache, num_prompt_tokens) -> bool:
-        """Every token of this forward was generated (a decode step): all are text (SPEC §3)."""
-        return num_prompt_tokens is not None and _past_length(cache) >= num_prompt_tokens
-
-    def _plain_positions(self, input_ids, past_length, num_prompt_tokens):
-        """Positions whose special tokens take the plain embedding: those at or after
-        `num_prompt_tokens` (generated tokens, SPEC §8.3), unless the config says the table applies
-        everywhere (§10). True means every position, None none."""
-        if self.config.special_token_table == "everywhere" or num_prompt_tokens is None:
-            return None
-        if past_length >= num_prompt_tokens:
-            return True  # a decode step
-        if past_length + input_ids.shape[1] <= num_prompt_tokens:
-            return None  # all prompt
-        position = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
-        return (position >= num_prompt_tokens).expand_as(input_ids)
 
     def forward(
         self,
@@ -1061,20 +1071,31 @@ class NaViLModel(NaViLPreTrainedModel):
         )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        generated = None  # positions generated after the prompt (None: none, True: all)
+        if input_ids is not None and num_prompt_tokens is not None:
+            generated = _generated_positions(input_ids, _past_length(cache), num_prompt_tokens)
         if inputs_embeds is None:
-            plain = self._plain_positions(input_ids, _past_length(cache), num_prompt_tokens)
+            plain = None if self.config.special_token_table == "everywhere" else generated
             inputs_embeds = self.language_model.embed_tokens(input_ids, plain=plain)
-        if mm_token_type_ids is None and not self._all_generated(cache, num_prompt_tokens):
+        if mm_token_type_ids is None and generated is not True:
+            # Prompt tokens route by type (SPEC §3); generated tokens are text, as in `generate`.
             visual = (self.config.image_token_id, self.config.image_start_token_id)
             mm_token_type_ids = self._token_mask(visual, input_ids, inputs_embeds)
-        image_outputs = None
+            if generated is not None:
+                mm_token_type_ids = mm_token_type_ids & ~generated
+        image_outputs = features = None
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise ValueError("pixel_values given without image_grid_thw")
+            slots = self._token_mask((self.config.image_token_id,), input_ids, inputs_embeds)
+            merge = self.config.vision_config.spatial_merge_size
+            counts = _image_token_counts(slots, image_grid_thw, num_scales, merge, input_ids is not None)
             image_outputs = self.get_image_features(
-                pixel_values, image_grid_thw, num_scales, output_hidden_states, output_attentions, return_dict=True
+                pixel_values, image_grid_thw, num_scales, output_hidden_states, output_attentions, True, counts
             )
-            inputs_embeds = self._insert_image_features(input_ids, inputs_embeds, image_outputs.pooler_output)
+            features = image_outputs.pooler_output
+            features = torch.cat(features) if len(features) > 1 else features[0]
+            inputs_embeds = inputs_embeds.masked_scatter(slots.unsqueeze(-1), features.to(inputs_embeds.dtype))
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             visual_mask=mm_token_type_ids,
@@ -1092,24 +1113,10 @@ class NaViLModel(NaViLPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=image_outputs,
+            image_hidden_states=features,
             **cache_field(output_cache(outputs)),
         )
         return output if return_dict else output.to_tuple()
-
-    def _insert_image_features(self, input_ids, inputs_embeds, per_image_features) -> torch.Tensor:
-        slots = self._token_mask((self.config.image_token_id,), input_ids, inputs_embeds)
-        features = torch.cat(per_image_features) if len(per_image_features) > 1 else per_image_features[0]
-        num_slots = _count(slots)
-        if num_slots != features.shape[0]:
-            hint = (
-                "build the prompt with the processor from the same images"
-                if input_ids is not None
-                else "inputs_embeds must come from model.get_input_embeddings()(input_ids)"
-            )
-            raise ValueError(
-                f"the prompt has {num_slots} <IMG_CONTEXT> tokens but the images give {features.shape[0]} features; {hint}"
-            )
-        return inputs_embeds.masked_scatter(slots.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
 
 class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
@@ -1210,6 +1217,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
+            image_hidden_states=outputs.image_hidden_states,
             **cache_field(output_cache(outputs)),
         )
         return output if return_dict else output.to_tuple()

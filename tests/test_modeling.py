@@ -198,13 +198,10 @@ def test_special_table_applies_to_prompt_positions_only():
     assert torch.equal(full[0, 1], table[0]) and torch.equal(full[0, 3], table[8])
     assert torch.equal(full[0, 0], plain[0, 0])
     # Tokens past the prompt (generated) keep the plain embedding, with or without a cache.
-    part = embed(ids, plain=model.model._plain_positions(ids, 0, num_prompt_tokens=2))
+    part = embed(ids, plain=modeling_navil._generated_positions(ids, 0, num_prompt_tokens=2))
     assert torch.equal(part[0, 1], table[0]) and torch.equal(part[0, 3], plain[0, 3])
-    step = embed(ids[:, 3:], plain=model.model._plain_positions(ids[:, 3:], 3, num_prompt_tokens=3))
+    step = embed(ids[:, 3:], plain=modeling_navil._generated_positions(ids[:, 3:], 3, num_prompt_tokens=3))
     assert torch.equal(step[0, 0], plain[0, 3])
-    # SPEC §10: with the table everywhere, generated special tokens take it too.
-    model.config.special_token_table = "everywhere"
-    assert model.model._plain_positions(ids[:, 3:], 3, num_prompt_tokens=3) is None
 
 
 def test_special_token_table_setting_is_validated():
