@@ -9,7 +9,8 @@ knows what differs:
   kwargs, mask helpers, model-output fields);
 * the causal-mask helper's signature;
 * RoPE inverse frequencies for every rope type transformers knows, with the sequence length the
-  dynamic types (dynamic NTK, longrope) need.
+  dynamic types (dynamic NTK, longrope) need;
+* the marker `apply_chat_template(..., sanitize_control_tokens=True)` puts before user text (5.23+).
 
 Supported and tested: transformers 5.16.1 (the oldest that vLLM 0.32 accepts) to 5.24.0.
 """
@@ -34,9 +35,14 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
+class UnsupportedTransformersError(RuntimeError):
+    """transformers is older than NaViL's floor (not an ImportError: the sibling-import fallbacks must
+    not swallow it)."""
+
+
 TRANSFORMERS_VERSION = transformers.__version__
 if _release(TRANSFORMERS_VERSION) < _release(MIN_TRANSFORMERS):
-    raise ImportError(
+    raise UnsupportedTransformersError(
         f"NaViL needs transformers>={MIN_TRANSFORMERS}, found {TRANSFORMERS_VERSION}: "
         f"pip install -U 'transformers>={MIN_TRANSFORMERS}'"
     )
@@ -99,6 +105,12 @@ def create_causal_mask(config, inputs_embeds, attention_mask, cache, position_id
     )
 
 
+try:  # transformers >= 5.23: `apply_chat_template(..., sanitize_control_tokens=True)` marks user text with it
+    from transformers.utils.chat_template_utils import _CONTROL_TOKEN_START as CONTROL_TOKEN_START
+except ImportError:
+    CONTROL_TOKEN_START = None
+
+
 # Rope types whose frequencies depend on the sequence length.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
@@ -125,6 +137,7 @@ def rope_inv_freq(config, device, seq_len: int | None = None):
 
 __all__ = [
     "CACHE_FIELD",
+    "CONTROL_TOKEN_START",
     "CACHE_KWARG",
     "MIN_TRANSFORMERS",
     "cache_field",

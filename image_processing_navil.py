@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
 
 MAX_ASPECT_RATIO = 200
 PARALLEL_MIN_PATCHES = 2048  # below this (about a 720x720 image) thread start-up costs more than it saves
@@ -231,6 +232,41 @@ def patchify(padded, patch_size=16, merge_size=2):
     return merge_block_view(padded, patch_size, merge_size).reshape(-1, channels, patch_size, patch_size)
 
 
+class NaViLImagesKwargs(ImagesKwargs, total=False):
+    """The image settings a call may override (`NaViLImageProcessor.__call__`, or a processor's
+    `images_kwargs` / flat keyword arguments): besides the standard `do_rescale`, `rescale_factor`,
+    `do_normalize`, `image_mean`, `image_std`, `resample` and `return_tensors`:
+
+    * `min_pixels`, `max_pixels`: pixel-area bounds of the base scale;
+    * `min_dynamic_patch`, `max_dynamic_patch`: the same bounds in patches (used when the matching
+      `*_pixels` is not given);
+    * `scale_downsample_ratio`, `multi_scale`: the scale pyramid;
+    * `num_threads`: threads for one call (does not change the result).
+
+    The other standard image keys (`size`, `do_resize`, `crop_size`, `do_pad`, ...) have no meaning for
+    NaViL's native-resolution pyramid and are rejected."""
+
+    min_pixels: int | None
+    max_pixels: int | None
+    min_dynamic_patch: int | None
+    max_dynamic_patch: int | None
+    scale_downsample_ratio: float | None
+    multi_scale: bool | None
+    num_threads: int | None
+
+
+# Call-time overrides `preprocess` accepts: NaViLImagesKwargs' own keys and these standard ones.
+_CALL_SETTINGS = (
+    *NaViLImagesKwargs.__annotations__.keys() - ImagesKwargs.__annotations__.keys(),
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "resample",
+)
+
+
 class NaViLImageProcessor(BaseImageProcessor):
     r"""Turns images into NaViL's multi-scale patch sequence.
 
@@ -243,11 +279,15 @@ class NaViLImageProcessor(BaseImageProcessor):
         min_dynamic_patch, max_dynamic_patch: the original checkpoints' names for those bounds, in patches.
         scale_downsample_ratio: side ratio between consecutive scales (0.7071 ~ halving the area).
         multi_scale: `False` keeps the base scale only.
-        image_mean, image_std, rescale_factor: normalisation `(x * rescale_factor - mean) / std`.
+        image_mean, image_std, rescale_factor: normalisation `(x * rescale_factor - mean) / std`;
+            `do_rescale=False` / `do_normalize=False` skip the rescale / the mean-std step.
         resample: PIL resampling filter (bicubic).
         num_threads: threads that process the scales (and images) of one call side by side -- PIL's
             resize and numpy release the GIL; `None` uses every CPU (at most 8). Results do not depend
             on it.
+
+    Every setting but `patch_size` and `merge_size` (which must match the model) can also be given to a
+    single call (`NaViLImagesKwargs`), e.g. `image_processor(images, max_pixels=512 * 512)`.
 
     Returns (`__call__`): `pixel_values` `[P, 3, patch, patch]` float32 (all images, per image all its
     scales smallest first), `image_grid_thw` `[S, 3]` int64 rows `[1, grid_h, grid_w]`, `num_scales`
@@ -255,6 +295,7 @@ class NaViLImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "image_grid_thw", "num_scales"]
+    valid_kwargs = NaViLImagesKwargs
 
     def __init__(
         self,
@@ -271,6 +312,8 @@ class NaViLImageProcessor(BaseImageProcessor):
         rescale_factor=1 / 255,
         resample=Image.BICUBIC,
         num_threads=None,
+        do_rescale=True,
+        do_normalize=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -295,32 +338,78 @@ class NaViLImageProcessor(BaseImageProcessor):
         if num_threads is not None and int(num_threads) < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
         self.num_threads = None if num_threads is None else int(num_threads)
+        self.do_rescale = bool(do_rescale)
+        self.do_normalize = bool(do_normalize)
 
-    def pyramid(self, height, width):
-        """`scale_pyramid` with this processor's settings."""
+    def _settings(self, overrides=None):
+        """This processor's settings with a call's `overrides` (`NaViLImagesKwargs` keys) applied and
+        checked; `None` values mean "the processor's own"."""
+        overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+        unknown = sorted(set(overrides) - set(_CALL_SETTINGS))
+        if unknown:
+            raise TypeError(f"NaViLImageProcessor got unexpected arguments: {', '.join(unknown)}")
+        settings = {key: getattr(self, key) for key in _CALL_SETTINGS}
+        settings.update(overrides)
+        p2 = self.patch_size**2
+        if "min_pixels" not in overrides and "min_dynamic_patch" in overrides:
+            settings["min_pixels"] = int(overrides["min_dynamic_patch"]) * p2
+        if "max_pixels" not in overrides and "max_dynamic_patch" in overrides:
+            settings["max_pixels"] = int(overrides["max_dynamic_patch"]) * p2
+        min_pixels, max_pixels = int(settings["min_pixels"]), int(settings["max_pixels"])
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+        ratio = float(settings["scale_downsample_ratio"])
+        if not 0 < ratio < 1:
+            raise ValueError(f"scale_downsample_ratio must be in (0, 1), got {ratio}")
+        threads = settings["num_threads"]
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"num_threads must be at least 1, got {threads}")
+        mean, std = [float(m) for m in settings["image_mean"]], [float(s) for s in settings["image_std"]]
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {mean} and {std}")
+        settings.update(
+            min_pixels=min_pixels, max_pixels=max_pixels, scale_downsample_ratio=ratio,
+            multi_scale=bool(settings["multi_scale"]), num_threads=None if threads is None else int(threads),
+            image_mean=mean, image_std=std, rescale_factor=float(settings["rescale_factor"]),
+            resample=int(settings["resample"]), do_rescale=bool(settings["do_rescale"]),
+            do_normalize=bool(settings["do_normalize"]),
+        )  # fmt: skip
+        return settings
+
+    def pyramid(self, height, width, **overrides):
+        """`scale_pyramid` with this processor's settings (or a call's `overrides`)."""
+        return self._pyramid(height, width, self._settings(overrides))
+
+    def _pyramid(self, height, width, s):
         return scale_pyramid(
-            height, width, self.min_pixels, self.max_pixels, self.scale_downsample_ratio,
-            self.patch_size, self.merge_size, self.multi_scale,
+            height, width, s["min_pixels"], s["max_pixels"], s["scale_downsample_ratio"],
+            self.patch_size, self.merge_size, s["multi_scale"],
         )  # fmt: skip
 
-    def num_image_tokens(self, height, width):
-        """Prompt tokens one image of this size expands to (see module-level `num_image_tokens`)."""
+    def num_image_tokens(self, height, width, **overrides):
+        """Prompt tokens one image of this size expands to (see module-level `num_image_tokens`), with
+        this processor's settings (or a call's `overrides`)."""
+        s = self._settings(overrides)
         return num_image_tokens(
-            height, width, self.min_pixels, self.max_pixels, self.scale_downsample_ratio,
-            self.patch_size, self.merge_size, self.multi_scale,
+            height, width, s["min_pixels"], s["max_pixels"], s["scale_downsample_ratio"],
+            self.patch_size, self.merge_size, s["multi_scale"],
         )  # fmt: skip
 
-    def _process_scale(self, image, resized_h, resized_w, grid_h, grid_w, out):
+    def _process_scale(self, image, resized_h, resized_w, grid_h, grid_w, out, settings):
         """One scale of one image into `out` `[grid_h * grid_w, 3, p, p]`: bicubic resize, zero pad,
         uint8 reorder into merge-block patch order (one copy), then cast + normalise into `out`."""
         p = self.patch_size
         resized = image
         if (resized_w, resized_h) != image.size:
-            resized = image.resize((resized_w, resized_h), resample=self.resample)
+            resized = image.resize((resized_w, resized_h), resample=settings["resample"])
         padded = np.zeros((grid_h * p, grid_w * p, 3), dtype=np.uint8)
         padded[:resized_h, :resized_w] = np.asarray(resized)
         patches = np.ascontiguousarray(merge_block_view(padded, p, self.merge_size)).reshape(-1, 3, p, p)
-        normalize_patches_into(out, patches, self.rescale_factor, self.image_mean, self.image_std)
+        rescale_factor = settings["rescale_factor"] if settings["do_rescale"] else 1.0
+        mean, std = settings["image_mean"], settings["image_std"]
+        if not settings["do_normalize"]:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        normalize_patches_into(out, patches, rescale_factor, mean, std)
 
     def __call__(self, images, return_tensors=None, **kwargs):
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
@@ -329,13 +418,14 @@ class NaViLImageProcessor(BaseImageProcessor):
         """Process a single image, a list, or a nested list (one list per sample; flattened).
 
         Every image is processed independently (no setting carries from one image to the next).
+        `kwargs` override this processor's settings for this call (`NaViLImagesKwargs`; `None` keeps
+        the processor's own); any other argument is a `TypeError`.
         """
-        if kwargs:
-            raise TypeError(f"NaViLImageProcessor got unexpected arguments: {', '.join(sorted(kwargs))}")
+        settings = self._settings(kwargs)
         rgb_images = [load_rgb_image(image) for image in flatten_images(images)]
         if not rgb_images:
             raise ValueError("no images given")
-        plans = [self.pyramid(image.height, image.width) for image in rgb_images]
+        plans = [self._pyramid(image.height, image.width, settings) for image in rgb_images]
 
         num_patches = sum(grid_h * grid_w for plan in plans for _, _, grid_h, grid_w in plan)
         p = self.patch_size
@@ -344,9 +434,9 @@ class NaViLImageProcessor(BaseImageProcessor):
         for image, plan in zip(rgb_images, plans):
             for resized_h, resized_w, grid_h, grid_w in plan:
                 n = grid_h * grid_w
-                jobs.append((image, resized_h, resized_w, grid_h, grid_w, pixel_values[offset : offset + n]))
+                jobs.append((image, resized_h, resized_w, grid_h, grid_w, pixel_values[offset : offset + n], settings))
                 offset += n
-        threads = min(len(jobs), self.num_threads or min(os.cpu_count() or 1, 8))
+        threads = min(len(jobs), settings["num_threads"] or min(os.cpu_count() or 1, 8))
         if threads > 1 and num_patches >= PARALLEL_MIN_PATCHES:
             jobs.sort(key=lambda job: -job[3] * job[4])  # largest first: the threads finish together
             with ThreadPoolExecutor(threads) as pool:
@@ -363,6 +453,7 @@ class NaViLImageProcessor(BaseImageProcessor):
 
 __all__ = [
     "NaViLImageProcessor",
+    "NaViLImagesKwargs",
     "image_token_layout",
     "num_image_context_tokens",
     "num_image_tokens",

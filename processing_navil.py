@@ -14,12 +14,16 @@
 
 import json
 import os
+import re
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 try:
+    from .compat_navil import CONTROL_TOKEN_START
     from .configuration_navil import (
         IMAGE_CONTEXT_TOKEN,
         IMAGE_END_TOKEN,
@@ -29,8 +33,9 @@ try:
         SPECIAL_TOKENS,
         VISUAL_EXPERT_TOKENS,
     )
-    from .image_processing_navil import NaViLImageProcessor, flatten_images
+    from .image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images
 except ImportError:  # imported as a top-level module (tests, scripts next to the file)
+    from compat_navil import CONTROL_TOKEN_START
     from configuration_navil import (
         IMAGE_CONTEXT_TOKEN,
         IMAGE_END_TOKEN,
@@ -40,9 +45,13 @@ except ImportError:  # imported as a top-level module (tests, scripts next to th
         SPECIAL_TOKENS,
         VISUAL_EXPERT_TOKENS,
     )
-    from image_processing_navil import NaViLImageProcessor, flatten_images
+    from image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images
 
 IMAGE_PLACEHOLDER = "<image>"
+# A placeholder / an <IMG_CONTEXT> that is not marked user text (see `sanitize_control_tokens`).
+_UNMARKED = f"(?<!{re.escape(CONTROL_TOKEN_START)})" if CONTROL_TOKEN_START else ""
+_PLACEHOLDER_RE = re.compile(_UNMARKED + re.escape(IMAGE_PLACEHOLDER))
+_CONTEXT_TOKEN_RE = re.compile(_UNMARKED + re.escape(IMAGE_CONTEXT_TOKEN))
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -163,6 +172,20 @@ def image_placeholder_expansion(grids, merge_size=2):
     return "".join(parts)
 
 
+class NaViLProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of `NaViLProcessor.__call__`, routed by transformers' `_merge_kwargs`: flat
+    (`padding=True`, `max_pixels=...`), per modality (`text_kwargs={...}`, `images_kwargs={...}`) or
+    `common_kwargs={"return_tensors": "pt"}`. Text keys go to the tokenizer, image keys
+    (`NaViLImagesKwargs`: `min_pixels`, `max_pixels`, `scale_downsample_ratio`, `multi_scale`, ...) to
+    the image processor, `return_tensors` to both.
+
+    Defaults: left padding; `padding` unset pads to the longest prompt when there are several and
+    not at all for one (the tokenizer's own `padding_side` is not used)."""
+
+    images_kwargs: NaViLImagesKwargs
+    _defaults = {"text_kwargs": {"padding_side": "left"}}
+
+
 class NaViLProcessor(ProcessorMixin):
     r"""Image processor + tokenizer + chat template for NaViL.
 
@@ -171,8 +194,15 @@ class NaViLProcessor(ProcessorMixin):
         tokenizer: the checkpoint's tokenizer; it must carry the 12 special tokens and `<|im_start|>`,
             `<|im_end|>` as single tokens.
         chat_template: a Jinja template, or a name in `CHAT_TEMPLATES` (`"qwen3-chat"`, `"internlm2-chat"`).
+
+    Token attributes: `image_token` is `"<image>"`, the placeholder that `__call__` expands (one per
+    image; it is text, not a token of the vocabulary). `image_token_id` is the id of `<IMG_CONTEXT>`,
+    the token repeated for every connector output (the model's `config.image_token_id`); it is also
+    `image_context_token_id`, with `image_context_token = "<IMG_CONTEXT>"`. `image_token_ids` are the
+    tokens marked 1 in `mm_token_type_ids` (`<IMG_CONTEXT>` and `<img>`, the visual-expert tokens).
     """
 
+    valid_processor_kwargs = NaViLProcessorKwargs
     image_placeholder = IMAGE_PLACEHOLDER
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -196,8 +226,10 @@ class NaViLProcessor(ProcessorMixin):
             raise ValueError(
                 f"the tokenizer splits tokens NaViL needs whole (add them as special tokens): {' '.join(split)}"
             )
-        self.image_token = IMAGE_CONTEXT_TOKEN
-        self.image_token_id = vocab[IMAGE_CONTEXT_TOKEN]
+        self.image_token = IMAGE_PLACEHOLDER
+        self.image_context_token = IMAGE_CONTEXT_TOKEN
+        self.image_context_token_id = vocab[IMAGE_CONTEXT_TOKEN]
+        self.image_token_id = self.image_context_token_id
         self.image_start_token_id = vocab[IMAGE_START_TOKEN]
         self.image_end_token_id = vocab[IMAGE_END_TOKEN]
         self.image_line_break_token_id = vocab[IMAGE_LINE_BREAK_TOKEN]
@@ -228,86 +260,132 @@ class NaViLProcessor(ProcessorMixin):
         )
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """The sub-processors of a saved processor: the tokenizer as transformers loads it, the image
+        processor as `NaViLImageProcessor` directly. transformers would go through `AutoImageProcessor`,
+        which needs the class registered (or remote code) and, in transformers 5.16, torchvision."""
+        path, subfolder = pretrained_model_name_or_path, kwargs.pop("subfolder", "")
+        args = []
+        for attribute in cls.get_attributes():
+            if attribute == "image_processor":
+                args.append(NaViLImageProcessor.from_pretrained(path, subfolder=subfolder, **kwargs))
+            else:
+                args.append(cls._load_tokenizer_from_pretrained(attribute, path, subfolder=subfolder, **kwargs))
+        return args
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "mm_token_type_ids", *self.image_processor.model_input_names]
 
-    def _images_per_sample(self, texts, images):
-        """Group `images` by sample: a list per sample, or a flat list spread over the placeholders in order."""
-        counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]
+    @property
+    def image_token_ids(self):
+        """The ids marked 1 in `mm_token_type_ids` (transformers' `create_mm_token_type_ids` reads this)."""
+        return list(self.visual_expert_token_ids)
+
+    def _images_per_sample(self, counts, images):
+        """Group `images` by sample (`counts`: placeholders per prompt): a list per sample, or a flat list
+        spread over the placeholders in order."""
+        rule = f"the {IMAGE_PLACEHOLDER} tokens in the prompts should be the same as the number of images"
         if images is None:
-            images = [[] for _ in texts]
+            images = [[] for _ in counts]
         elif isinstance(images, (list, tuple)) and images and all(isinstance(x, (list, tuple)) for x in images):
-            if len(images) != len(texts):
-                raise ValueError(f"images has {len(images)} per-sample lists but text has {len(texts)} samples")
+            if len(images) != len(counts):
+                raise ValueError(
+                    f"images has {len(images)} per-sample lists but text has {len(counts)} samples ({rule}, "
+                    "sample by sample)"
+                )
             images = [flatten_images(i) for i in images]
         else:
             flat = flatten_images(images)
-            if len(texts) == 1:
+            if len(counts) == 1:
                 images = [flat]
             elif len(flat) != sum(counts):
                 raise ValueError(
-                    f"{len(flat)} images given (flat list) but the {len(texts)} prompts have {sum(counts)} "
-                    f"{IMAGE_PLACEHOLDER} placeholders in total; pass one list of images per sample"
+                    f"{len(flat)} images given (flat list) but the {len(counts)} prompts have {sum(counts)} "
+                    f"{IMAGE_PLACEHOLDER} placeholders in total ({rule}); pass one list of images per sample"
                 )
             else:
                 starts = np.cumsum([0, *counts])
-                images = [flat[starts[i] : starts[i + 1]] for i in range(len(texts))]
+                images = [flat[starts[i] : starts[i + 1]] for i in range(len(counts))]
         for i, (count, sample_images) in enumerate(zip(counts, images)):
             if count != len(sample_images):
                 raise ValueError(
                     f"sample {i}: {len(sample_images)} images given but the prompt has {count} "
-                    f"{IMAGE_PLACEHOLDER} placeholders"
+                    f"{IMAGE_PLACEHOLDER} placeholders ({rule})"
                 )
         return images
 
-    def __call__(self, text=None, images=None, return_tensors=None, padding=None, padding_side="left", **kwargs):
+    def _split_kwargs(self, kwargs):
+        """Route `__call__` keyword arguments (flat, per modality, `common_kwargs`) with transformers'
+        `_merge_kwargs`. Returns `(text_kwargs, images_kwargs, return_tensors, return_offsets)`."""
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"NaViLProcessor takes text and images only, got {modality}")
+        # NaViL pads on the left unless told otherwise: a padding_side saved with the tokenizer is not
+        # a NaViL default.
+        init_kwargs = {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "padding_side"}
+        merged = self._merge_kwargs(NaViLProcessorKwargs, tokenizer_init_kwargs=init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
+        # `mm_token_type_ids` are always returned (the model routes with them); these flags are processor
+        # kwargs in newer transformers and text kwargs in older ones.
+        text_kwargs.pop("return_mm_token_type_ids", None)
+        return_offsets = bool(
+            text_kwargs.pop("return_text_replacement_offsets", None) or merged.get("return_text_replacement_offsets")
+        )
+        return text_kwargs, images_kwargs, return_tensors, return_offsets
+
+    def __call__(
+        self,
+        text: TextInput | list[TextInput] | None = None,
+        images: ImageInput | None = None,
+        **kwargs: Unpack[NaViLProcessorKwargs],
+    ) -> BatchFeature:
         """Tokenise prompts with `<image>` placeholders and process their images.
 
         Args:
-            text: a prompt or a list of prompts; each `<image>` is one image of that sample, in order.
+            text: a prompt or a list of prompts; each `<image>` (`self.image_token`) is one image of that
+                sample, in order.
             images: `None`, one list of images per sample (`[[img], [img2, img3]]`), or a flat list
                 (a single sample; for several samples, spread over the placeholders in order). Items:
                 `PIL.Image`, file paths, HWC uint8 numpy arrays / torch tensors.
-            return_tensors: `"pt"`, `"np"` or `None` (lists).
-            padding: tokenizer padding; `None` (default) pads to the longest prompt when there are several.
-            padding_side: `"left"` (default, what generation wants) or `"right"`.
-            **kwargs: passed to the tokenizer (`truncation`, `max_length`, ...).
+            **kwargs: `NaViLProcessorKwargs`, flat or nested: tokenizer arguments (`padding`,
+                `padding_side` -- default `"left"` --, `truncation`, `max_length`, ...), image processor
+                arguments (`min_pixels`, `max_pixels`, `multi_scale`, ...), `return_tensors` (`"pt"`,
+                `"np"` or `None` for lists), `return_text_replacement_offsets`. `padding` unset pads to
+                the longest prompt when there are several.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `mm_token_type_ids` (1 at `<IMG_CONTEXT>`
             and `<img>`: the tokens routed to the visual experts) and, with images, `pixel_values`,
             `image_grid_thw`, `num_scales`.
         """
+        text_kwargs, images_kwargs, return_tensors, return_offsets = self._split_kwargs(kwargs)
         if text is None:
             if images is None:
                 raise ValueError("NaViLProcessor needs text, images, or both")
-            return self.image_processor(images, return_tensors=return_tensors)
+            return self.image_processor(images, return_tensors=return_tensors, **images_kwargs)
         texts = _as_text_list(text)
-        images = self._images_per_sample(texts, images)
+        counts = [len(_PLACEHOLDER_RE.findall(t)) for t in texts]
+        images = self._images_per_sample(counts, images)
         flat_images = [image for sample in images for image in sample]
-        image_inputs = self.image_processor(flat_images) if flat_images else {}
-        grids, num_scales = image_inputs.get("image_grid_thw"), image_inputs.get("num_scales")
-        data = self._tokenize_with_layout(texts, grids, num_scales, padding, padding_side, **kwargs)
+        image_inputs = dict(self.image_processor(flat_images, **images_kwargs)) if flat_images else {}
+        replacements = [self.replace_image_token(image_inputs, i) for i in range(len(flat_images))]
+        data = self._tokenize_with_replacements(texts, replacements, text_kwargs, return_offsets)
         data.update(image_inputs)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
-    def from_image_layout(
-        self,
-        text,
-        image_grid_thw=None,
-        num_scales=None,
-        return_tensors=None,
-        padding=None,
-        padding_side="left",
-        **kwargs,
-    ):
+    def from_image_layout(self, text, image_grid_thw=None, num_scales=None, **kwargs: Unpack[NaViLProcessorKwargs]):
         """Tokenise prompts for images that were already processed (e.g. the original `pixel_values`
         call form): each `<image>`, in order over the batch, takes the next `num_scales[i]` rows of
-        `image_grid_thw`. Returns `input_ids`, `attention_mask`, `mm_token_type_ids` and, with images,
-        `image_grid_thw` and `num_scales` (no `pixel_values`)."""
+        `image_grid_thw`. Keyword arguments as in `__call__` (the text ones apply). Returns `input_ids`,
+        `attention_mask`, `mm_token_type_ids` and, with images, `image_grid_thw` and `num_scales` (no
+        `pixel_values`)."""
+        text_kwargs, _, return_tensors, return_offsets = self._split_kwargs(kwargs)
         texts = _as_text_list(text)
-        data = {}
+        layout = {}
         if image_grid_thw is not None:
             image_grid_thw = np.asarray(_to_list(image_grid_thw), dtype=np.int64).reshape(-1, 3)
             num_scales = [len(image_grid_thw)] if num_scales is None else _to_list(num_scales)
@@ -317,36 +395,112 @@ class NaViLProcessor(ProcessorMixin):
                     f"num_scales {num_scales.tolist()} adds up to {num_scales.sum()} but image_grid_thw has "
                     f"{len(image_grid_thw)} rows"
                 )
-            data = {"image_grid_thw": image_grid_thw, "num_scales": num_scales}
-        placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+            layout = {"image_grid_thw": image_grid_thw, "num_scales": num_scales}
+        placeholders = sum(len(_PLACEHOLDER_RE.findall(t)) for t in texts)
         given = 0 if num_scales is None else len(num_scales)
         if placeholders != given:
             where = "sample 0: " if len(texts) == 1 else ""
             prompts = "the prompt has" if len(texts) == 1 else f"the {len(texts)} prompts have"
-            raise ValueError(f"{where}{given} images given but {prompts} {placeholders} {IMAGE_PLACEHOLDER} placeholders")
-        text_inputs = self._tokenize_with_layout(texts, image_grid_thw, num_scales, padding, padding_side, **kwargs)
-        data = {**text_inputs, **data}
-        return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def _tokenize_with_layout(self, texts, image_grid_thw, num_scales, padding, padding_side, **kwargs):
-        """Expand the `<image>` placeholders (in order over the batch) with the given layout, tokenise,
-        and mark the visual-expert tokens."""
-        if num_scales is not None and len(num_scales):
-            grids = _to_list(image_grid_thw)
-            starts = np.cumsum([0, *_to_list(num_scales)])
-            merge = self.image_processor.merge_size
-            blocks = iter(
-                image_placeholder_expansion(grids[starts[i] : starts[i + 1]], merge) for i in range(len(starts) - 1)
+            raise ValueError(
+                f"{where}{given} images given but {prompts} {placeholders} {IMAGE_PLACEHOLDER} placeholders"
             )
-            texts = ["".join(_interleave(t.split(IMAGE_PLACEHOLDER), blocks)) for t in texts]
-        if padding is None:
-            padding = len(texts) > 1
-        inputs = self.tokenizer(texts, padding=padding, padding_side=padding_side, **kwargs)
+        replacements = [self.replace_image_token(layout, i) for i in range(given)]
+        data = {**self._tokenize_with_replacements(texts, replacements, text_kwargs, return_offsets), **layout}
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def replace_image_token(self, image_inputs, image_idx, **kwargs):
+        """The text `<image>` number `image_idx` (over the batch) becomes, from the processed images'
+        `image_grid_thw` and `num_scales` (SPEC.md §3)."""
+        num_scales = _to_list(image_inputs["num_scales"])
+        start = int(sum(num_scales[:image_idx]))
+        grids = _to_list(image_inputs["image_grid_thw"])[start : start + int(num_scales[image_idx])]
+        return image_placeholder_expansion(grids, self.image_processor.merge_size)
+
+    def get_text_with_replacements(self, text, images_replacements=(), videos_replacements=(), audio_replacements=()):
+        """Replace the `<image>` placeholders of the prompts `text`, in order over the batch, with
+        `images_replacements`. Returns the expanded prompts and, per prompt, one dict per placeholder
+        (`type`, `span` and `new_span` character offsets, `text`, `replacement`) as transformers'
+        `ProcessorMixin.get_text_with_replacements` does. Placeholders that `apply_chat_template(...,
+        sanitize_control_tokens=True)` marked as user text are left alone."""
+        if videos_replacements or audio_replacements:
+            raise ValueError("NaViLProcessor takes text and images only")
+        replacements = iter(images_replacements)
+        expanded, batch_offsets = [], []
+        for sample in text:
+            pieces, offsets, last, shift = [], [], 0, 0
+            if images_replacements:
+                for match in _PLACEHOLDER_RE.finditer(sample):
+                    start, end = match.span()
+                    replacement = next(replacements)
+                    pieces += [sample[last:start], replacement]
+                    new_start = start + shift
+                    offsets.append(
+                        {
+                            "type": "image",
+                            "span": (start, end),
+                            "new_span": (new_start, new_start + len(replacement)),
+                            "text": match.group(),
+                            "replacement": replacement,
+                        }
+                    )
+                    shift += len(replacement) - (end - start)
+                    last = end
+            pieces.append(sample[last:])
+            expanded.append("".join(pieces))
+            batch_offsets.append(offsets)
+        return expanded, batch_offsets
+
+    def _tokenize_with_replacements(self, texts, replacements, text_kwargs, return_offsets):
+        """Expand the `<image>` placeholders with `replacements` (in order over the batch), tokenise,
+        mark the visual-expert tokens, and check that no image token was cut (truncation)."""
+        texts, offsets = self.get_text_with_replacements(list(texts), replacements)
+        text_kwargs = dict(text_kwargs)
+        if text_kwargs.get("padding") is None:
+            text_kwargs["padding"] = len(texts) > 1
+        inputs = self.tokenizer(texts, **text_kwargs)
+        self._check_special_mm_tokens(texts, inputs, modalities=["image"])
         visual_ids = np.array(self.visual_expert_token_ids)
         inputs["mm_token_type_ids"] = [
             np.isin(ids, visual_ids).astype(np.int64).tolist() for ids in inputs["input_ids"]
         ]
-        return dict(inputs)
+        data = dict(inputs)
+        if return_offsets:
+            data["text_replacement_offsets"] = offsets
+        return data
+
+    def _check_special_mm_tokens(self, text, text_inputs, modalities):
+        """Every `<IMG_CONTEXT>` of the expanded prompts `text` must be in `input_ids` (truncation can cut
+        them, and the model then has more image features than slots). Counts `<IMG_CONTEXT>`, the token
+        the expansion repeats, rather than transformers' default `image_token` (our `<image>`
+        placeholder, which is gone after expansion)."""
+        if "image" not in modalities:
+            return
+        in_ids = [list(ids).count(self.image_context_token_id) for ids in _to_list(text_inputs["input_ids"])]
+        in_text = [len(_CONTEXT_TOKEN_RE.findall(sample)) for sample in text]
+        if in_ids != in_text:
+            raise ValueError(
+                f"{IMAGE_CONTEXT_TOKEN} tokens per prompt: {in_text} in the expanded text but {in_ids} in "
+                "input_ids; truncation cut image tokens: disable truncation or raise max_length"
+            )
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Per image of the given `(height, width)` sizes, without processing pixels (the helper serving
+        engines such as vLLM call): `num_image_tokens`, the tokens `mm_token_type_ids` marks (`<img>` and
+        every `<IMG_CONTEXT>`), and `num_image_patches`, its rows of `pixel_values`. `kwargs`: image
+        settings as in `__call__`. (The whole expansion, breaks and `</img>` included, is
+        `image_processor.num_image_tokens(height, width)`.)"""
+        data = {}
+        if image_sizes is not None:
+            images_kwargs = self._merge_kwargs(NaViLProcessorKwargs, **kwargs)["images_kwargs"]
+            images_kwargs.pop("return_tensors", None)
+            settings = self.image_processor._settings(images_kwargs)
+            merge = self.image_processor.merge_size
+            patches = [
+                sum(gh * gw for _, _, gh, gw in self.image_processor._pyramid(int(h), int(w), settings))
+                for h, w in image_sizes
+            ]
+            data = {"num_image_tokens": [1 + n // merge**2 for n in patches], "num_image_patches": patches}
+        return MultiModalData(**data)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -364,13 +518,6 @@ def _as_text_list(text):
 
 def _to_list(value):
     return value.tolist() if hasattr(value, "tolist") else list(value)
-
-
-def _interleave(pieces, blocks):
-    yield pieces[0]
-    for piece in pieces[1:]:
-        yield next(blocks)
-        yield piece
 
 
 def save_processor(processor, out_dir):
@@ -405,6 +552,7 @@ __all__ = [
     "CHAT_TEMPLATES",
     "DEFAULT_SYSTEM_MESSAGE",
     "NaViLProcessor",
+    "NaViLProcessorKwargs",
     "extend_chat_template",
     "image_placeholder_expansion",
     "save_processor",

@@ -23,7 +23,13 @@ from image_processing_navil import (
     scale_pyramid,
     smart_resize,
 )
-from processing_navil import CHAT_TEMPLATES, DEFAULT_SYSTEM_MESSAGE, NaViLProcessor, save_processor
+from processing_navil import (
+    CHAT_TEMPLATES,
+    DEFAULT_SYSTEM_MESSAGE,
+    NaViLProcessor,
+    NaViLProcessorKwargs,
+    save_processor,
+)
 
 FIXTURES = ["original-qwen3-tiny", "original-internlm2-tiny"]
 CASES = [0, 1, 2]
@@ -379,6 +385,12 @@ def test_save_load_through_auto_classes(tmp_path):
     inputs = loaded(text=placeholder_prompt(case["prompt"]), images=[case_images(root, case)], return_tensors="pt")
     assert inputs["input_ids"].tolist() == tensors["case1.input_ids"].tolist()
     assert np.abs(inputs["pixel_values"].numpy() - tensors["case1.pixel_values"]).max() <= 1e-5
+    assert type(loaded.image_processor).__name__ == "NaViLImageProcessor"
+    assert loaded.image_processor.max_pixels == processor.image_processor.max_pixels == 256 * 256
+    try:
+        AutoImageProcessor.register  # noqa: B018
+    except ImportError:  # transformers 5.16: AutoImageProcessor is a placeholder that needs torchvision
+        return
     image_processor = AutoImageProcessor.from_pretrained(str(out_dir), trust_remote_code=True)
     assert type(image_processor).__name__ == "NaViLImageProcessor"
     assert image_processor.to_dict()["max_pixels"] == processor.image_processor.max_pixels == 256 * 256
@@ -396,3 +408,200 @@ def test_thread_count_does_not_change_pixel_values():
         assert np.array_equal(results[0], other)
     with pytest.raises(ValueError, match="num_threads must be at least 1"):
         NaViLImageProcessor(num_threads=0)
+
+
+# ------------------------------------------------------------- transformers' processor contract
+
+
+def test_image_token_is_the_placeholder_call_expands():
+    """`processor.image_token` is what prompts carry (transformers' tests and users build prompts with it)."""
+    root, expected, tensors, processor = load_fixture(FIXTURES[0])
+    vocab = processor.tokenizer.get_vocab()
+    assert processor.image_token == "<image>"
+    assert processor.image_token_id == processor.image_context_token_id == vocab["<IMG_CONTEXT>"]
+    assert processor.image_context_token == "<IMG_CONTEXT>"
+    case = expected["cases"][1]
+    prompt = placeholder_prompt(case["prompt"]).replace("<image>", processor.image_token)
+    inputs = processor(text=prompt, images=[case_images(root, case)])
+    assert inputs["input_ids"] == tensors["case1.input_ids"].tolist()
+    assert processor.image_token not in processor.decode(inputs["input_ids"][0])
+    # transformers' own mm_token_type_ids builder agrees with ours (image_token_ids: the visual-expert tokens)
+    assert processor.image_token_ids == [vocab["<IMG_CONTEXT>"], vocab["<img>"]]
+    assert processor.create_mm_token_type_ids(inputs["input_ids"]) == inputs["mm_token_type_ids"]
+
+
+def test_call_defaults_unchanged():
+    root, expected, tensors, processor = load_fixture(FIXTURES[1])
+    case = expected["cases"][2]
+    single = processor(placeholder_prompt(case["prompt"]))  # positional text; one prompt: no padding
+    assert single["input_ids"] == tensors["case2.input_ids"].tolist()
+    assert set(single) == {"input_ids", "attention_mask", "mm_token_type_ids"}
+    assert isinstance(single["input_ids"], list)  # return_tensors defaults to lists
+    # several prompts: padded to the longest, on the left -- even when the tokenizer was saved with
+    # padding_side="right"
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "checkpoint"), padding_side="right")
+    assert tokenizer.init_kwargs["padding_side"] == "right"
+    right_tokenizer = NaViLProcessor(processor.image_processor, tokenizer, chat_template=processor.chat_template)
+    prompts = [placeholder_prompt(expected["cases"][i]["prompt"]) for i in (2, 0)]
+    images = [[], case_images(root, expected["cases"][0])]
+    for proc in (processor, right_tokenizer):
+        batch = proc(text=prompts, images=images, return_tensors="pt")
+        pad = batch["input_ids"].shape[1] - len(tensors["case2.input_ids"][0])
+        assert pad > 0 and batch["attention_mask"][0, :pad].sum() == 0 and batch["attention_mask"][0, pad:].all()
+        assert batch["attention_mask"][1].all()
+        unpadded = proc(text=prompts, images=images, padding=False)["input_ids"][0]
+        assert unpadded == tensors["case2.input_ids"][0].tolist()
+
+
+def test_text_kwargs_structured_and_flat_reach_tokenizer():
+    root, expected, tensors, processor = load_fixture(FIXTURES[0])
+    case = expected["cases"][1]
+    prompt, images = placeholder_prompt(case["prompt"]), [case_images(root, case)]
+    length = len(tensors["case1.input_ids"][0]) + 5
+    flat = processor(text=prompt, images=images, padding="max_length", max_length=length, return_tensors="pt")
+    nested = processor(
+        text=prompt, images=images, text_kwargs={"padding": "max_length", "max_length": length}, return_tensors="pt"
+    )
+    right = processor(text=prompt, images=images, text_kwargs={"padding_side": "right"}, padding="max_length",
+                      max_length=length, return_tensors="pt")  # fmt: skip
+    for out in (flat, nested):
+        assert out["input_ids"].shape == (1, length)
+        assert out["input_ids"][0, :5].tolist() == [processor.tokenizer.pad_token_id] * 5  # left padding
+        assert out["input_ids"][0, 5:].tolist() == tensors["case1.input_ids"][0].tolist()
+        assert out["mm_token_type_ids"][0, :5].sum() == 0
+    assert right["input_ids"][0, :-5].tolist() == tensors["case1.input_ids"][0].tolist()
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(text=prompt, images=images, text_kwargs={"padding": "longest"}, padding="max_length")
+
+
+def test_image_kwargs_structured_and_flat_reach_image_processor():
+    root, expected, _, processor = load_fixture(FIXTURES[0])
+    image = random_image(300, 500, seed=8)
+    budget = dict(min_pixels=32 * 32, max_pixels=96 * 96, multi_scale=False)
+    reference = NaViLImageProcessor(**budget)(image)
+    calls = [
+        processor(text="<image>\nhi", images=[image], **budget),
+        processor(text="<image>\nhi", images=[image], images_kwargs=budget),
+        processor(images=[image], **budget),
+        processor(images=[image], images_kwargs=budget),
+    ]
+    for out in calls:
+        assert out["image_grid_thw"].tolist() == reference["image_grid_thw"].tolist() == [[1, 6, 8]]
+        assert np.array_equal(out["pixel_values"], reference["pixel_values"])
+    assert np.sum(calls[0]["mm_token_type_ids"]) == 1 + 3 * 4  # the expansion follows the call's settings
+    # the processor's own settings are left alone
+    assert processor(text="<image>\nhi", images=[image])["image_grid_thw"].tolist() != [[1, 6, 8]]
+    # the standard rescale/normalise switches route too
+    raw = processor(images=[image], do_rescale=False, do_normalize=False, **budget)["pixel_values"]
+    unscaled = NaViLImageProcessor(do_rescale=False, do_normalize=False, **budget)(image)["pixel_values"]
+    assert raw.max() > 1 and np.array_equal(raw, unscaled)
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(text="<image>\nhi", images=[image], images_kwargs={"max_pixels": 4096}, max_pixels=4096)
+    with pytest.raises(TypeError, match="unexpected arguments: size"):
+        processor(text="<image>\nhi", images=[image], size={"height": 32, "width": 32})
+
+
+def test_image_processor_call_overrides():
+    image = random_image(200, 300, seed=9)
+    default = NaViLImageProcessor(min_pixels=32 * 32)
+    for settings in [
+        dict(max_pixels=64 * 64),
+        dict(max_dynamic_patch=16),
+        dict(multi_scale=False),
+        dict(scale_downsample_ratio=0.5),
+        dict(do_normalize=False),
+        dict(rescale_factor=-1.0),
+    ]:
+        out, reference = default(image, **settings), NaViLImageProcessor(min_pixels=32 * 32, **settings)(image)
+        for key in ("pixel_values", "image_grid_thw", "num_scales"):
+            assert np.array_equal(out[key], reference[key]), (settings, key)
+    assert default(image, max_pixels=None)["image_grid_thw"].tolist() == default(image)["image_grid_thw"].tolist()
+    with pytest.raises(ValueError, match="need 0 < min_pixels <= max_pixels"):
+        default(image, max_pixels=16)
+    assert default.max_pixels == NaViLImageProcessor().max_pixels  # a call changes no setting
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_return_tensors_through_common_kwargs(return_tensors):
+    root, expected, _, processor = load_fixture(FIXTURES[0])
+    kind = torch.Tensor if return_tensors == "pt" else np.ndarray
+    image, common = str(root / "image1.png"), {"return_tensors": return_tensors}
+    for out in (
+        processor(text="<image>\nhi", images=[image], common_kwargs=common),
+        processor(text="<image>\nhi", images=[image], return_tensors=return_tensors),
+        processor(text=["hi", "<image>"], images=[[], [image]], common_kwargs=common),
+        processor.from_image_layout("<image>\nhi", image_grid_thw=[[1, 4, 4]], common_kwargs=common),
+    ):
+        assert all(isinstance(value, kind) for value in out.values()), {k: type(v) for k, v in out.items()}
+
+
+def test_processor_kwargs_class():
+    _, _, _, processor = load_fixture(FIXTURES[0])
+    assert processor.valid_processor_kwargs is NaViLProcessorKwargs
+    assert NaViLProcessorKwargs._defaults == {"text_kwargs": {"padding_side": "left"}}
+    images_kwargs = NaViLProcessorKwargs.__annotations__["images_kwargs"]
+    assert {"min_pixels", "max_pixels", "multi_scale"} <= set(images_kwargs.__annotations__)
+    with pytest.raises(ValueError, match="text and images only"):
+        processor(text="hi", videos=[np.zeros((2, 32, 32, 3), dtype=np.uint8)])
+
+
+def test_from_image_layout_routes_kwargs():
+    root, expected, tensors, processor = load_fixture(FIXTURES[0])
+    case = expected["cases"][1]
+    ids = tensors["case1.input_ids"][0].tolist()
+    out = processor.from_image_layout(
+        placeholder_prompt(case["prompt"]), image_grid_thw=case["image_grid_thw"], num_scales=case["num_scales"],
+        text_kwargs={"padding": "max_length", "max_length": len(ids) + 2}, padding_side="right",
+    )  # fmt: skip
+    assert out["input_ids"][0] == ids + [processor.tokenizer.pad_token_id] * 2
+
+
+def test_replacement_offsets_and_truncation_check():
+    root, expected, tensors, processor = load_fixture(FIXTURES[0])
+    image = str(root / "image1.png")
+    text = ["a <image> b <image>", "<image>"]
+    out = processor(text=text, images=[[image, image], [image]], return_text_replacement_offsets=True)
+    expanded, _ = processor.get_text_with_replacements(
+        list(text), [processor.replace_image_token(out, i) for i in range(3)]
+    )
+    offsets = out["text_replacement_offsets"]
+    assert [len(o) for o in offsets] == [2, 1]
+    for sample, sample_offsets, original in zip(expanded, offsets, text):
+        for item in sample_offsets:
+            start, end = item["new_span"]
+            assert item["type"] == "image" and item["text"] == "<image>"
+            assert original[slice(*item["span"])] == "<image>" and sample[start:end] == item["replacement"]
+            assert item["replacement"].startswith("<img>") and item["replacement"].endswith("</img>")
+    assert "text_replacement_offsets" not in processor(text=text, images=[[image, image], [image]])
+    # truncation that cuts image tokens is an error, not a silent mismatch with the image features
+    with pytest.raises(ValueError, match="truncation cut image tokens"):
+        processor(text="<image>\nhi", images=[image], truncation=True, max_length=4)
+
+
+def test_num_multimodal_tokens_helper_matches_call():
+    _, _, _, processor = load_fixture(FIXTURES[0])
+    sizes = [(100, 100), (300, 100), (500, 30), (213, 167)]
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    out = processor(text=["x <image>"] * 4, images=images, return_tensors="np")
+    helper = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    assert out["mm_token_type_ids"].sum(-1).tolist() == helper["num_image_tokens"]
+    pyramids = [processor.image_processor.pyramid(h, w) for h, w in sizes]
+    assert helper["num_image_patches"] == [sum(gh * gw for _, _, gh, gw in plan) for plan in pyramids]
+    assert sum(helper["num_image_patches"]) == len(out["pixel_values"])
+    small = processor._get_num_multimodal_tokens(image_sizes=sizes, max_pixels=64 * 64, multi_scale=False)
+    assert small["num_image_tokens"] == [
+        processor(text="<image>", images=[img], max_pixels=64 * 64, multi_scale=False)["mm_token_type_ids"][0].count(1)
+        for img in images
+    ]
+
+
+def test_from_pretrained_loads_image_processor_directly(tmp_path):
+    """`NaViLProcessor.from_pretrained` needs neither a registered AutoImageProcessor class nor (on
+    transformers 5.16) torchvision."""
+    _, _, _, processor = load_fixture(FIXTURES[0])
+    processor.save_pretrained(tmp_path)
+    loaded = NaViLProcessor.from_pretrained(tmp_path, max_pixels=4096)
+    assert type(loaded.image_processor) is NaViLImageProcessor
+    assert loaded.image_processor.max_pixels == 4096
+    other = {"max_pixels": None}
+    assert loaded.image_processor.to_dict() | other == processor.image_processor.to_dict() | other
