@@ -520,16 +520,29 @@ def _to_list(value):
     return value.tolist() if hasattr(value, "tolist") else list(value)
 
 
+_UNSET = object()
+
+
 def save_processor(processor, out_dir):
     """Save `processor` so that `AutoProcessor.from_pretrained(out_dir, trust_remote_code=True)` (and
     `AutoImageProcessor`) load it: registers both classes for their auto classes, then
     `save_pretrained` writes `processor_config.json` (with `auto_map` for `AutoProcessor` and, nested
     under `image_processor`, for `AutoImageProcessor`), `chat_template.jinja`, the tokenizer files and
     copies `processing_navil.py`, `image_processing_navil.py` and `configuration_navil.py`.
-    Returns the list of files `save_pretrained` reports."""
-    type(processor).register_for_auto_class("AutoProcessor")
-    type(processor.image_processor).register_for_auto_class("AutoImageProcessor")
-    files = processor.save_pretrained(out_dir)
+    Returns the list of files `save_pretrained` reports. The registration lasts only for this save:
+    the classes are left as they were found."""
+    classes = {type(processor): "AutoProcessor", type(processor.image_processor): "AutoImageProcessor"}
+    before = {cls: cls.__dict__.get("_auto_class", _UNSET) for cls in classes}
+    try:
+        for cls, auto_class in classes.items():
+            cls.register_for_auto_class(auto_class)
+        files = processor.save_pretrained(out_dir)
+    finally:
+        for cls, value in before.items():
+            if value is _UNSET:
+                del cls._auto_class  # back to the inherited None
+            else:
+                cls._auto_class = value
     with open(os.path.join(out_dir, "processor_config.json"), encoding="utf-8") as f:
         saved = json.load(f)
     found = {
