@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 
 import transformers
 from transformers import GenerationMixin
@@ -66,14 +67,21 @@ CACHE_KWARG = "cache" if _accepts(GenerationMixin.prepare_inputs_for_generation,
 # The cache's field in model outputs (`BaseModelOutputWithPast.cache` from 5.24 on).
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 _MASK_CACHE_KWARG = "cache" if _accepts(_create_causal_mask, "cache") else "past_key_values"
-# Names under which a forward may receive the cache, on any supported version.
-CACHE_KWARGS = ("cache", "past_key_values")
 
 
-def pop_cache(kwargs: dict, *explicit):
-    """The cache, given under any of its names (explicit arguments first, then `kwargs`, which loses it).
-    Two different caches are an error."""
-    found = [c for c in (*explicit, *(kwargs.pop(name, None) for name in CACHE_KWARGS)) if c is not None]
+def pop_cache(kwargs: dict, cache=None, past_key_values=None):
+    """The cache, given under any of its names (the explicit arguments, then `kwargs`, which loses it).
+    Two different caches are an error. Where transformers calls it `cache` (5.24+), the old name warns
+    as transformers' own models do."""
+    past_key_values = past_key_values if past_key_values is not None else kwargs.pop("past_key_values", None)
+    cache = cache if cache is not None else kwargs.pop("cache", None)
+    if past_key_values is not None and CACHE_KWARG == "cache":
+        warnings.warn(
+            "`past_key_values` is deprecated and will be removed in version 5.40.0 for NaViL. Use `cache` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    found = [c for c in (cache, past_key_values) if c is not None]
     if any(c is not found[0] for c in found[1:]):
         raise ValueError("pass the cache once, as `cache` or `past_key_values`, not both")
     return found[0] if found else None

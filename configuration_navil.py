@@ -279,5 +279,14 @@ class NaViLConfig(PretrainedConfig):
     def get_text_config(self, *args, **kwargs):
         return self.text_config
 
+    @property
+    def vocab_size(self) -> int:
+        """The language model's vocabulary (`text_config.vocab_size`), as generic code reads it."""
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int):
+        self.text_config.vocab_size = value
+
 
 __all__ = ["NaViLConfig", "NaViLTextConfig", "NaViLVisionConfig"]

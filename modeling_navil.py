@@ -749,10 +749,19 @@ class NaViLRotaryEmbedding(nn.Module):
         self.config = config
         self.rope_type = config.rope_parameters.get("rope_type", "default")
         self.dynamic = self.rope_type in ("dynamic", "longrope")
+        self._seq_len = None  # of the last forward, for the dynamic types
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies the last forward used (computed per forward, never stored: nothing to
+        initialise or to move when the model is built on the meta device and loaded)."""
+        return rope_inv_freq(self.config, "cpu", self._seq_len)[0]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        seq_len = int(position_ids.max()) + 1 if self.dynamic else None  # the dynamic types follow the length
+        seq_len = None
+        if self.dynamic:  # the dynamic types follow the length
+            seq_len = self._seq_len = int(position_ids.max()) + 1
         inv_freq, scaling = rope_inv_freq(self.config, x.device, seq_len)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -989,12 +998,17 @@ class NaViLModel(NaViLPreTrainedModel):
         return self.language_model.embed_tokens
 
     def set_input_embeddings(self, value):
-        if not isinstance(value, NaViLTokenEmbedding):  # keep the special-token table on a new embedding
-            embedding = NaViLTokenEmbedding(value.num_embeddings, value.embedding_dim, value.padding_idx, device="meta")
-            embedding.weight = value.weight
-            value = embedding
+        """Takes `value` itself (the same object comes back from `get_input_embeddings`); a plain
+        `nn.Embedding` becomes a `NaViLTokenEmbedding` in place, so the special-token table still applies."""
+        if type(value) is nn.Embedding:
+            value.__class__ = NaViLTokenEmbedding  # same weights, same object, one more behaviour
+        elif not isinstance(value, NaViLTokenEmbedding):
+            logger.warning_once(
+                f"set_input_embeddings got a {type(value).__name__}: the special-token table is not applied to it"
+            )
         self.language_model.embed_tokens = value
-        self._attach_special_table()
+        if isinstance(value, NaViLTokenEmbedding):
+            self._attach_special_table()
 
     def get_image_features(
         self,

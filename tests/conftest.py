@@ -38,3 +38,17 @@ def fixtures_path() -> Path:
     if not path.is_dir():
         pytest.fail(f"parity fixtures not found at {path} (set NAVIL_FIXTURES)")
     return path
+
+
+# Markers that transformers' test mixins (tests/test_transformers_*.py) and its testing_utils decorators put
+# on their tests; registered so pytest does not warn about them.
+HF_MARKERS = (
+    "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test",
+    "is_agent_test", "is_expert_parallel_test", "is_fsdp_test", "is_pipeline_test", "is_staging_test",
+    "is_tensor_parallel_test", "is_training_test", "order", "slow",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    for marker in HF_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: set by transformers' test mixins")

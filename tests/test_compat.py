@@ -37,6 +37,7 @@ def test_cache_names_follow_the_installed_transformers():
     assert list(output) == [compat_navil.CACHE_FIELD]
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 def test_pop_cache_takes_either_name_once():
     cache = DynamicCache()
     for name in ("cache", "past_key_values"):
@@ -46,6 +47,12 @@ def test_pop_cache_takes_either_name_once():
     assert compat_navil.pop_cache({"cache": cache}, cache) is cache  # the same cache twice is fine
     with pytest.raises(ValueError, match="pass the cache once"):
         compat_navil.pop_cache({"past_key_values": DynamicCache()}, cache)
+
+
+def test_old_cache_name_warns_where_transformers_renamed_it(recwarn):
+    compat_navil.pop_cache({"past_key_values": DynamicCache()})
+    warned = any("`past_key_values` is deprecated" in str(w.message) for w in recwarn.list)
+    assert warned == (compat_navil.CACHE_KWARG == "cache")
 
 
 def test_causal_mask_wrapper_passes_prepared_masks_through():

@@ -1,0 +1,1 @@
+"""Stand-ins for the modules transformers' sdist `tests/` imports but does not ship (README.md)."""

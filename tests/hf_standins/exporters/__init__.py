@@ -1,0 +1,1 @@
+"""Stand-in package for transformers' `tests/exporters/` (not in the sdist)."""

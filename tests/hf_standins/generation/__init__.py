@@ -1,0 +1,1 @@
+"""Stand-in package for transformers' `tests/generation/` (not in the sdist)."""

@@ -1,0 +1,1 @@
+"""Stand-in package for transformers' `tests/utils/` (not in the sdist)."""
