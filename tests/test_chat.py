@@ -11,7 +11,7 @@ from conftest import fixtures_dir
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from conversion import convert_checkpoint
+from navil_hf.conversion import convert_checkpoint
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 

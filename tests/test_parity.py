@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
-from conversion.cli import main as navil
+from navil_hf.cli import main as navil
 
 FIXTURES = ("original-qwen3-tiny", "original-internlm2-tiny")
 CASES = (0, 1, 2)

@@ -13,10 +13,10 @@ from conftest import fixtures_dir
 from hub_server import HubServer
 from safetensors.torch import load_file, save_file
 
-from conversion import check_folder, convert_checkpoint, push_folder
-from conversion.cli import main as navil
-from conversion.errors import ConversionError, PushError
-from conversion.push import folder_files
+from navil_hf.conversion import check_folder, convert_checkpoint, push_folder
+from navil_hf.cli import main as navil
+from navil_hf.conversion.errors import ConversionError, PushError
+from navil_hf.conversion.push import folder_files
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's LFS PUT
 

@@ -18,7 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# `navil chat`: the default answer length, and the repetition guard (an answer stops once a span of up to
+# GUARD_MAX_SPAN tokens has repeated GUARD_REPEATS times in a row).
+DEFAULT_ANSWER_TOKENS = 512
+GUARD_MAX_SPAN, GUARD_REPEATS = 16, 4
 
 
 class UsageError(Exception):
@@ -31,7 +35,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
+    from . import DISTRIBUTION, __version__
+
     parser = _Parser(prog="navil", description="NaViL checkpoints: convert, chat, publish.")
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     convert = commands.add_parser(
@@ -100,7 +107,28 @@ def build_parser():
         help="ask a converted NaViL model about images (streams the answer)",
         description="Load a converted NaViL folder or Hub repo and stream its answer to one question.",
     )
-    chat.add_argument("question", metavar="QUESTION", help="the question")
+    chat.add_argument(
+        "question",
+        metavar="QUESTION",
+        nargs="?",
+        help="the question; `-` reads it from standard input; none starts an interactive multi-turn chat "
+        "(an empty line or end of input ends it)",
+    )
+    chat.add_argument("--system", metavar="TEXT", default=None, help="a system message (default: the model's)")
+    chat.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="sampling temperature; 0 (the default) is greedy decoding",
+    )
+    chat.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (with --temperature)")
+    chat.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    chat.add_argument(
+        "--no-repetition-guard",
+        action="store_true",
+        help=f"do not stop an answer that loops (by default it stops once a span of up to "
+        f"{GUARD_MAX_SPAN} tokens has repeated {GUARD_REPEATS} times in a row)",
+    )
     chat.add_argument(
         "--model",
         metavar="PATH_OR_REPO",
@@ -110,7 +138,12 @@ def build_parser():
     chat.add_argument(
         "--image", metavar="FILE", action="append", default=[], help="an image file; repeat for several images"
     )
-    chat.add_argument("--max-new-tokens", type=_positive_int, default=None, help="answer length limit")
+    chat.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=DEFAULT_ANSWER_TOKENS,
+        help=f"answer length limit (default {DEFAULT_ANSWER_TOKENS})",
+    )
     chat.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     chat.add_argument(
         "--dtype",
@@ -188,6 +221,23 @@ def _add_push_options(parser, commit_message):
         parser.add_argument("--commit-message", metavar="MSG", help="summary of the commit")
 
 
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _probability(text):
+    value = _non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -210,14 +260,14 @@ def _shard_size(text):
 
 
 def run_convert(args):
-    from .convert import convert_checkpoint, print_checks
+    from .conversion.convert import convert_checkpoint, print_checks
 
     if args.to_original:
         return run_convert_to_original(args)
     if args.approximate:
         raise UsageError("--approximate applies to --to-original only")
     if args.push_to_hub:
-        from .push import check_push_target
+        from .conversion.push import check_push_target
 
         check_push_target(args.push_to_hub)  # before the conversion, which may take long
     elif args.private or args.revision:
@@ -255,8 +305,8 @@ def run_push(args):
 def _push(args, folder, repo_id):
     """Check and upload `folder`; an incomplete folder raises `ConversionError` (exit 2, nothing sent),
     a failed upload is reported here with exit code 1."""
-    from .errors import PushError
-    from .push import push_folder
+    from .conversion.errors import PushError
+    from .conversion.push import push_folder
 
     try:
         result = push_folder(
@@ -285,8 +335,8 @@ def _push(args, folder, repo_id):
 
 
 def run_init_from_llm(args):
-    from .convert import print_checks
-    from .init_llm import DEFAULT_PRESET, describe_presets, init_from_llm
+    from .conversion.convert import print_checks
+    from .conversion.init_llm import DEFAULT_PRESET, describe_presets, init_from_llm
 
     if args.list_presets:
         print(describe_presets())
@@ -319,8 +369,8 @@ def run_init_from_llm(args):
 def run_convert_to_original(args):
     """`navil convert --to-original OUT_DIR ORIGINAL_DIR`: the positionals are read source first, as in
     the forward direction (here the converted folder, then the original-layout folder to create)."""
-    from .back import convert_to_original
-    from .convert import print_checks
+    from .conversion.back import convert_to_original
+    from .conversion.convert import print_checks
 
     unsupported = [
         flag
@@ -378,19 +428,21 @@ def check_model_reference(model):
 
 
 def run_chat(args):
-    demo = not args.model
-    if demo:
+    question = args.question
+    if question == "-":
+        question = sys.stdin.read().strip()
+    if question is not None and not question.strip():
+        raise UsageError("the question is empty")
+    for image in args.image:
+        if not Path(image).is_file():
+            raise UsageError(f"image file not found: {image}")
+    if args.model:
+        model_ref = check_model_reference(args.model)
+    else:
         from .demo import DEMO_NOTICE, ensure_demo_model
 
         model_ref = str(ensure_demo_model(progress=True))
         print(DEMO_NOTICE, file=sys.stderr)
-    else:
-        model_ref = check_model_reference(args.model)
-    for image in args.image:
-        if not Path(image).is_file():
-            raise UsageError(f"image file not found: {image}")
-    if not args.question.strip():
-        raise UsageError("the question is empty")
 
     import torch
     from transformers import AutoModel, AutoProcessor
@@ -411,27 +463,88 @@ def run_chat(args):
     model = model.to(device).eval()
     if device.type == "cpu" and model.dtype in (torch.float16,):
         model = model.float()  # float16 matmuls are slow or missing on CPU
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
 
-    generation_config = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
-    printed = False
-    try:
-        with torch.inference_mode():
-            for piece in model.chat(
-                processor,
-                args.question,
-                images=list(args.image) or None,
-                generation_config=generation_config,
-                stream=True,
-            ):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-                printed = True
-    except (ValueError, OSError) as e:  # unreadable image, prompt too long for the context, ...
-        if printed:
+    session = _ChatSession(model, processor, args)
+    if question is not None:
+        session.answer(question, list(args.image))
+        return EXIT_OK
+    images = list(args.image)  # the interactive chat's images belong to its first turn
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return EXIT_OK
+        session.answer(line.strip(), images)
+        images = []
+
+
+class _ChatSession:
+    """One conversation: streams each answer, keeps the history, stops cleanly on Ctrl-C."""
+
+    def __init__(self, model, processor, args):
+        from transformers import StoppingCriteriaList
+
+        self.model, self.processor, self.history = model, processor, []
+        criteria = [] if args.no_repetition_guard else [_RepetitionGuard()]
+        self.generate_kwargs = dict(stopping_criteria=StoppingCriteriaList(criteria))
+        self.generation_config = {"max_new_tokens": args.max_new_tokens}
+        if args.temperature > 0:
+            self.generation_config.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        self.system = args.system
+
+    def answer(self, question, images):
+        import torch
+
+        printed, stream = False, None
+        try:
+            with torch.inference_mode():
+                stream = self.model.chat(
+                    self.processor,
+                    question,
+                    images=images or None,
+                    history=self.history,
+                    return_history=True,
+                    generation_config=self.generation_config,
+                    system_message=self.system,
+                    stream=True,
+                    **self.generate_kwargs,
+                )
+                for piece in stream:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                    printed = True
+        except KeyboardInterrupt:
+            # The stream has stopped its generation thread and joined it: leaving now exits cleanly (130).
             sys.stdout.write("\n")
-        raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    sys.stdout.write("\n")
-    return EXIT_OK
+            raise
+        except (ValueError, OSError) as e:  # unreadable image, prompt too long for the context, ...
+            if printed:
+                sys.stdout.write("\n")
+            raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        sys.stdout.write("\n")
+        self.history = getattr(stream, "history", None) or self.history
+
+
+class _RepetitionGuard:
+    """Ends an answer that loops: once its last tokens are one span of 1..GUARD_MAX_SPAN tokens repeated
+    GUARD_REPEATS times in a row. Greedy decoding is unchanged until then."""
+
+    def __init__(self, max_span=GUARD_MAX_SPAN, repeats=GUARD_REPEATS):
+        self.max_span, self.repeats = max_span, repeats
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, ids in enumerate(input_ids.tolist()):
+            for span in range(1, self.max_span + 1):
+                tail = ids[-span * self.repeats :]
+                if len(tail) == span * self.repeats and tail == tail[:span] * self.repeats:
+                    done[row] = True
+                    break
+        return done
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,7 +552,7 @@ def run_chat(args):
 
 def main(argv=None):
     """Entry point of the `navil` console script; returns the exit code."""
-    from .errors import ConversionError, VerificationError
+    from .conversion.errors import ConversionError, VerificationError
 
     try:
         args = build_parser().parse_args(argv)
@@ -458,7 +571,7 @@ def main(argv=None):
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"navil {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
