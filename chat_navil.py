@@ -17,7 +17,13 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 # `generate` arguments that are objects, not generation settings: passed to `generate` as they are.
-GENERATE_CALL_KWARGS = ("stopping_criteria", "logits_processor", "streamer", "assistant_model", "prefix_allowed_tokens_fn")
+GENERATE_CALL_KWARGS = (
+    "stopping_criteria",
+    "logits_processor",
+    "streamer",
+    "assistant_model",
+    "prefix_allowed_tokens_fn",
+)
 
 
 def _processor_class():
@@ -48,7 +54,8 @@ def _call_kwargs(generate_kwargs: dict) -> dict:
 class ChatStream:
     """What `chat(..., stream=True)` returns: iterate it for the answer's text pieces. Once it is
     exhausted, `response` is the whole answer (stripped) and, with `return_history=True`, `history` is
-    the conversation including this turn. An exception inside generation is raised from the iteration."""
+    the conversation including this turn. An exception inside generation is raised from the iteration;
+    `close()` stops early."""
 
     def __init__(self, pieces: Iterator[str], finish):
         self._pieces, self._finish, self._text = pieces, finish, []
@@ -56,6 +63,11 @@ class ChatStream:
 
     def __iter__(self):
         return self
+
+    def close(self):
+        """Stop early: generation is told to stop and its thread is joined (also when the stream is
+        garbage-collected)."""
+        self._pieces.close()
 
     def __next__(self) -> str:
         try:
@@ -130,7 +142,9 @@ class NaViLChatMixin:
         if pixel_values is not None:
             if history_images:
                 raise ValueError("the original pixel_values= form cannot be combined with history that has images")
-            inputs = processor.from_image_layout(prompt, image_grid_thw=grid, num_scales=num_scales, return_tensors="pt")
+            inputs = processor.from_image_layout(
+                prompt, image_grid_thw=grid, num_scales=num_scales, return_tensors="pt"
+            )
             inputs["pixel_values"] = pixel_values
             inputs["image_grid_thw"] = grid
         else:
@@ -200,9 +214,7 @@ class NaViLChatMixin:
         call = _call_kwargs(generate_kwargs)
         config = self._chat_generation_config(processor, generation_config, **generate_kwargs)
         output = self.generate(**inputs, generation_config=config, **call)
-        return [
-            processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, prompt_length:]
-        ]
+        return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, prompt_length:]]
 
     @staticmethod
     def _image_list(images) -> list:

@@ -15,7 +15,7 @@ Three configs, one per piece:
 from transformers import PretrainedConfig
 
 try:  # importing it refuses a transformers older than the supported floor, with one clear line
-    from .compat_navil import MIN_TRANSFORMERS  # noqa: F401
+    from .compat_navil import MIN_TRANSFORMERS
 except ImportError:
     from compat_navil import MIN_TRANSFORMERS  # noqa: F401
 

@@ -46,8 +46,7 @@ def smart_resize(height, width, min_pixels, max_pixels):
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
         raise ValueError(
-            f"image aspect ratio {ratio:.1f} ({height}x{width}, height x width) is over the limit of "
-            f"{MAX_ASPECT_RATIO}"
+            f"image aspect ratio {ratio:.1f} ({height}x{width}, height x width) is over the limit of {MAX_ASPECT_RATIO}"
         )
     h_bar, w_bar = round(height), round(width)
     if h_bar * w_bar > max_pixels:

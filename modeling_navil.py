@@ -42,7 +42,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 
 try:  # remote code: a package of sibling files
     from .chat_navil import NaViLChatMixin
@@ -241,7 +241,9 @@ def window_block_order(merged_h: int, merged_w: int, window: int) -> tuple[np.nd
     """Merge blocks of a `merged_h x merged_w` grid, window by window (windows row-major, blocks
     row-major inside a window; edge windows smaller). Returns (block order, blocks per window)."""
     pad_h, pad_w = -merged_h % window, -merged_w % window
-    ids = np.pad(np.arange(merged_h * merged_w).reshape(merged_h, merged_w), ((0, pad_h), (0, pad_w)), constant_values=-1)
+    ids = np.pad(
+        np.arange(merged_h * merged_w).reshape(merged_h, merged_w), ((0, pad_h), (0, pad_w)), constant_values=-1
+    )
     n_h, n_w = ids.shape[0] // window, ids.shape[1] // window
     ids = ids.reshape(n_h, window, n_w, window).transpose(0, 2, 1, 3).reshape(n_h * n_w, window * window)
     valid = ids >= 0
@@ -265,7 +267,9 @@ def vision_layout(
     """The packed sequence's layout; `num_patches` (the rows of `pixel_values`) is checked against the grid."""
     grids = np.asarray(grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(-1, 3)
     if num_patches is not None and int(grids.prod(-1).sum()) != num_patches:
-        raise ValueError(f"image_grid_thw describes {int(grids.prod(-1).sum())} patches but pixel_values has {num_patches}")
+        raise ValueError(
+            f"image_grid_thw describes {int(grids.prod(-1).sum())} patches but pixel_values has {num_patches}"
+        )
     unit = merge * merge
     window = window_size // merge
     orders, positions, scale_lengths, window_lengths = [], [], [], []
@@ -276,7 +280,7 @@ def vision_layout(
         pos = merge_block_positions(h, w, merge)
         blocks, per_window = window_block_order(h // merge, w // merge, window)
         patch = (blocks[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
-        for frame in range(t):
+        for _frame in range(t):
             orders.append(patch + offset)
             positions.append(pos[patch])
             scale_lengths.append(h * w)
@@ -381,7 +385,11 @@ class NaViLVisionAttention(nn.Module):
             self.k_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states, rotary: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments, output_attentions=False
+        self,
+        hidden_states,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        segments: PackedSegments,
+        output_attentions=False,
     ):
         n = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).view(n, 3, -1).unbind(1)  # each [N, C]
@@ -392,7 +400,10 @@ class NaViLVisionAttention(nn.Module):
         if output_attentions:
             out, weights = vision_eager_attention_with_weights(q, k, v, segments, self.scale)
         else:
-            out, weights = vision_attention_function(self.config._attn_implementation)(q, k, v, segments, self.scale), None
+            out, weights = (
+                vision_attention_function(self.config._attn_implementation)(q, k, v, segments, self.scale),
+                None,
+            )
         return self.proj(out.reshape(n, -1)), weights  # [N, C], per-segment maps or None
 
 
@@ -570,7 +581,9 @@ class ModalityRouting:
             return visual_fn(x) if self.all_visual else text_fn(x)
         return torch.cat([text_fn(x[: self.num_text]), visual_fn(x[self.num_text :])], dim=0)
 
-    def apply_add(self, residual: torch.Tensor, x: torch.Tensor, text_fn: Callable, visual_fn: Callable) -> torch.Tensor:
+    def apply_add(
+        self, residual: torch.Tensor, x: torch.Tensor, text_fn: Callable, visual_fn: Callable
+    ) -> torch.Tensor:
         """`residual + apply(x, text_fn, visual_fn)`, each expert's rows added in place of the concatenation
         (`out=` has no autograd, so with gradients on it is the plain sum)."""
         if not self.mixed or torch.is_grad_enabled():
@@ -967,7 +980,9 @@ def _image_token_counts(slots: torch.Tensor, image_grid_thw, num_scales, merge: 
             if from_ids
             else "inputs_embeds must come from model.get_input_embeddings()(input_ids)"
         )
-        raise ValueError(f"the prompt has {num_slots} <IMG_CONTEXT> tokens but the images give {sum(counts)} features; {hint}")
+        raise ValueError(
+            f"the prompt has {num_slots} <IMG_CONTEXT> tokens but the images give {sum(counts)} features; {hint}"
+        )
     return counts
 
 
@@ -984,7 +999,9 @@ class NaViLModel(NaViLPreTrainedModel):
         self.post_init()
 
     def _attach_special_table(self):
-        self.language_model.embed_tokens.attach_special_table(self.special_token_embedding, self.config.special_token_ids)
+        self.language_model.embed_tokens.attach_special_table(
+            self.special_token_embedding, self.config.special_token_ids
+        )
 
     def get_input_embeddings(self):
         return self.language_model.embed_tokens
@@ -1217,7 +1234,9 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         output = NaViLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

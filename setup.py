@@ -18,7 +18,11 @@ setup(
     python_requires=">=3.10",
     # The Hub files: the remote code every converted folder carries (conversion/hub.py CODE_MODULES).
     py_modules=[
-        "configuration_navil", "modeling_navil", "image_processing_navil", "processing_navil", "compat_navil",
+        "configuration_navil",
+        "modeling_navil",
+        "image_processing_navil",
+        "processing_navil",
+        "compat_navil",
         "chat_navil",
     ],  # fmt: skip
     packages=["navil_hf", "navil_hf.conversion"],

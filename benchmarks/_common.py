@@ -119,7 +119,7 @@ def expert_state_dict(dense_state: dict, prefix_map: tuple[str, str] = ("", ""))
     return state
 
 
-def visual_mask(length: int, share: float, images: int) -> "torch.Tensor":
+def visual_mask(length: int, share: float, images: int) -> "torch.Tensor":  # noqa: F821 -- torch imported below
     """[1, L] bool: `share` of the tokens visual, in `images` equal blocks with text around them."""
     import torch
 

@@ -12,12 +12,12 @@ every timed step sees the same context length. Ours is called as `generate` call
 
 import argparse
 
-from _common import interleaved, machine, median, print_table, text_dims, text_model_pair, verdict
-
 import torch
 from transformers.cache_utils import DynamicCache
 
 from compat_navil import CACHE_KWARG
+
+from _common import interleaved, machine, median, print_table, text_dims, text_model_pair, verdict
 
 TARGET = 1.05
 
@@ -53,7 +53,9 @@ def main(argv=None):
             return dense(input_ids=step, **{CACHE_KWARG: caches["dense"]}, use_cache=True).logits
 
         def run_ours():
-            return ours(input_ids=step, **{CACHE_KWARG: caches["ours"]}, use_cache=True, num_prompt_tokens=args.context).logits
+            return ours(
+                input_ids=step, **{CACHE_KWARG: caches["ours"]}, use_cache=True, num_prompt_tokens=args.context
+            ).logits
 
         def reset(name):
             extra = caches[name].get_seq_length() - args.context

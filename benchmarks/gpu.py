@@ -23,15 +23,14 @@ import argparse
 import sys
 import time
 
-from _common import median, print_table
-
 import torch
 from transformers.cache_utils import DynamicCache
 
-from compat_navil import CACHE_KWARG
-
 import modeling_navil
+from compat_navil import CACHE_KWARG
 from configuration_navil import NaViLConfig
+
+from _common import median, print_table
 
 NAVIL_2B_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                        window_size=8, fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
@@ -102,7 +101,9 @@ def parity(device, quick: bool) -> list:
     with torch.inference_mode():
         for attn in ("eager", "flash_attention_2"):
             model.set_attn_implementation(attn)
-            features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output).float()
+            features = torch.cat(
+                model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+            ).float()
             out[attn] = (features, model(**inputs).logits.float())
         reference = build(text, vision, "eager", device, dtype=torch.float32)
         reference_logits = reference(**dict(inputs, pixel_values=inputs["pixel_values"].float())).logits
@@ -118,7 +119,9 @@ def parity(device, quick: bool) -> list:
         rows.append([f"bf16 {part}: flash_attention_2 ({kernel}) vs eager",
                      f"max {diff.max().item():.3g}, mean {diff.mean().item():.3g}"])  # fmt: skip
     gap = (out["eager"][1] - reference_logits).abs()
-    rows.append(["for scale: bf16 eager vs float32 eager logits", f"max {gap.max().item():.3g}, mean {gap.mean().item():.3g}"])
+    rows.append(
+        ["for scale: bf16 eager vs float32 eager logits", f"max {gap.max().item():.3g}, mean {gap.mean().item():.3g}"]
+    )
     return rows
 
 
@@ -153,7 +156,8 @@ def prefill(args, device, peak: float) -> list:
     model = build(text, vision, args.attn, device)
     inputs = image_prompt(model.config, grid, grid, args.prefill, device)
     with torch.inference_mode():
-        seconds = timer(device, lambda: model(**inputs, use_cache=False, logits_to_keep=1), 2 if args.quick else 5)
+        # the lambda runs inside timer(), before `del model` below
+        seconds = timer(device, lambda: model(**inputs, use_cache=False, logits_to_keep=1), 2 if args.quick else 5)  # noqa: F821
     visual = (grid // 2) ** 2
     flops = vision_flops(vision, grid * grid) + text_flops(text, args.prefill, visual, 4 * vision["hidden_size"])
     params = sum(p.numel() for p in model.parameters()) / 1e9
@@ -210,7 +214,11 @@ def main(argv=None):
     rows = [["bf16 matmul peak (measured)", f"{peak:.1f} TFLOP/s"]]
     rows += parity(device, args.quick) + prefill(args, device, peak) + decode(args, device)
     print(f"device: {name}, torch {torch.__version__}")
-    print_table("GPU" if device.type == "cuda" else "GPU script smoke run (not a GPU measurement)", ["measurement", "result"], rows)
+    print_table(
+        "GPU" if device.type == "cuda" else "GPU script smoke run (not a GPU measurement)",
+        ["measurement", "result"],
+        rows,
+    )
     return True
 
 

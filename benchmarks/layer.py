@@ -13,17 +13,24 @@ both layers compute the same function and the outputs are checked to agree befor
 
 import argparse
 
-from _common import (
-    interleaved, machine, median, navil_text_config, print_table, qwen3_config, text_dims, verdict, visual_mask,
-    expert_state_dict,
-)  # fmt: skip
-
 import torch
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
 
 from compat_navil import create_causal_mask
-
 from modeling_navil import ModalityRouting, NaViLDecoderLayer, NaViLRotaryEmbedding, _AttentionConfigView
+
+from _common import (
+    expert_state_dict,
+    interleaved,
+    machine,
+    median,
+    navil_text_config,
+    print_table,
+    qwen3_config,
+    text_dims,
+    verdict,
+    visual_mask,
+)  # fmt: skip
 
 TARGET = 1.05
 

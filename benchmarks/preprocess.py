@@ -18,13 +18,13 @@ single-threaded speed-up. Ours runs the scales on `--processor-threads` threads 
 
 import argparse
 
-from _common import interleaved, machine, median, print_table, verdict
-
 import numpy as np
 import torch
 from PIL import Image
 
 from image_processing_navil import NaViLImageProcessor, scale_pyramid
+
+from _common import interleaved, machine, median, print_table, verdict
 
 TARGET = 3.0  # naive / ours at 1920x1080, at least
 TARGET_SIZE = (1920, 1080)
@@ -111,8 +111,18 @@ def main(argv=None):
     )
     print_table(
         f"Multi-scale preprocessing (target: naive/ours >= {TARGET} at 1920x1080)",
-        ["image WxH", "scales", "patches", "naive ms", "ours ms", "speed-up", "serial PIL resizes alone ms",
-         "naive / serial resizes (1-thread ceiling)", "pixel_values equal", "target"],
+        [
+            "image WxH",
+            "scales",
+            "patches",
+            "naive ms",
+            "ours ms",
+            "speed-up",
+            "serial PIL resizes alone ms",
+            "naive / serial resizes (1-thread ceiling)",
+            "pixel_values equal",
+            "target",
+        ],
         rows,
     )
     return ok

@@ -12,9 +12,9 @@ once-per-forward modality routing. The visual experts carry the dense weights, s
 
 import argparse
 
-from _common import interleaved, machine, median, print_table, text_dims, text_model_pair, verdict, visual_mask
-
 import torch
+
+from _common import interleaved, machine, median, print_table, text_dims, text_model_pair, verdict, visual_mask
 
 TARGET = 1.05
 

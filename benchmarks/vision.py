@@ -22,9 +22,9 @@ import resource
 import subprocess
 import sys
 
-from _common import machine, median, print_table
-
 import torch
+
+from _common import machine, median, print_table
 
 PATCH = 16
 ENCODER = dict(
@@ -71,7 +71,9 @@ def largest_tensor(model, pixel_values, grid) -> tuple[int, str, list[str]]:
     # The mode sees sdpa before it picks a kernel; the profiler names the kernel that ran.
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(pixel_values, grid)
-    kernels = {e.key for e in prof.key_averages() if "attention" in e.key and e.key != "aten::scaled_dot_product_attention"}
+    kernels = {
+        e.key for e in prof.key_averages() if "attention" in e.key and e.key != "aten::scaled_dot_product_attention"
+    }
     return mode.numel, mode.op, sorted(mode.attention | kernels)
 
 
@@ -139,7 +141,9 @@ def main(argv=None):
     # at most linear: the growth per patch never rises by more than the tolerance from one size to the next
     linear = all(later <= LINEAR_TOLERANCE * earlier for earlier, later in zip(per_patch, per_patch[1:]))
     print(f"machine: {machine()}")
-    print(f"encoder: {ENCODER if not args.quick else 'tiny'}, float32, sdpa; peak = ru_maxrss growth in a fresh process")
+    print(
+        f"encoder: {ENCODER if not args.quick else 'tiny'}, float32, sdpa; peak = ru_maxrss growth in a fresh process"
+    )
     print_table(
         "Vision encoder: time and peak memory vs patches",
         ["image", "patches", "forward ms", "us / patch", "peak RSS growth MiB", "KiB / patch",

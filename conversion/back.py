@@ -39,8 +39,8 @@ from .convert import (
     _same,
     check_output_dir,
     check_tokenizer,
-    load_tokenizer,
     checkpoint_dtype,
+    load_tokenizer,
     staged_folder,
     transformers_progress_bars,
 )

@@ -165,7 +165,7 @@ def load_tokenizer(original_dir, trust_remote_code=False):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
             return AutoTokenizer.from_pretrained(str(original_dir), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 -- any failure here means "no usable tokenizer"
+    except Exception as e:
         hint = "" if trust_remote_code else " (if it needs its own code, pass --trust-remote-code)"
         raise ConversionError(f"cannot load the tokenizer in {original_dir}: {e}{hint}") from e
     finally:

@@ -319,7 +319,9 @@ def internlm2_llama_config(config):
 
     bias = bool(_config_value(config, "bias", False))
     if bias:
-        raise ConversionError("InternLM2 with bias=true has no Llama equivalent to check against; pass --trust-remote-code")
+        raise ConversionError(
+            "InternLM2 with bias=true has no Llama equivalent to check against; pass --trust-remote-code"
+        )
     return LlamaConfig(
         vocab_size=_config_value(config, "vocab_size"),
         hidden_size=_config_value(config, "hidden_size"),
@@ -508,7 +510,9 @@ def resolve_chat_template(source, chat_template):
         return chat_template, CHAT_TEMPLATES[chat_template]
     path = Path(chat_template)
     if not path.is_file():
-        raise ConversionError(f"--chat-template {chat_template}: no such file nor template name ({', '.join(CHAT_TEMPLATES)})")
+        raise ConversionError(
+            f"--chat-template {chat_template}: no such file nor template name ({', '.join(CHAT_TEMPLATES)})"
+        )
     return None, extend_chat_template(path.read_text(encoding="utf-8"))
 
 
@@ -554,7 +558,9 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
 
     special = {}
     if source.generation_config is not None:
-        special = {k: getattr(source.generation_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        special = {
+            k: getattr(source.generation_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        }
     text_config = NaViLTextConfig(
         vocab_size=vocab_size,
         bos_token_id=special.get("bos_token_id") or tokenizer.bos_token_id,

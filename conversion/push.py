@@ -100,8 +100,7 @@ def check_folder(folder):
         wrong = [c for c in CONFIG_AUTO_CLASSES if auto_map.get(c) != AUTO_MAP[c]]
         if wrong:
             problems.append(
-                "config.json auto_map lacks or misnames "
-                + ", ".join(f"{c} (expected {AUTO_MAP[c]})" for c in wrong)
+                "config.json auto_map lacks or misnames " + ", ".join(f"{c} (expected {AUTO_MAP[c]})" for c in wrong)
             )
             config_ok = False
 

@@ -318,7 +318,9 @@ def _push(args, folder, repo_id):
             progress=not args.quiet,
         )
     except PushError as e:
-        retry = f" ({folder} is written; retry with `navil push {folder} {repo_id}`)" if args.command == "convert" else ""
+        retry = (
+            f" ({folder} is written; retry with `navil push {folder} {repo_id}`)" if args.command == "convert" else ""
+        )
         print(f"navil {args.command}: error: {e}{retry}", file=sys.stderr)
         return EXIT_FAILED
     where = f"{result.repo_id} (branch {result.revision})"

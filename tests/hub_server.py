@@ -208,7 +208,9 @@ class Handler(BaseHTTPRequestHandler):
             if repo_id in self.state.repos:
                 raise HubError(409, "You already created this model repo", extra={"url": url})
             repo = Repo(repo_id, private=payload.get("visibility") == "private")
-            first = self.state.new_commit(repo, None, "initial commit", {".gitattributes": regular_entry(GITATTRIBUTES)})
+            first = self.state.new_commit(
+                repo, None, "initial commit", {".gitattributes": regular_entry(GITATTRIBUTES)}
+            )
             repo.branches["main"] = first.oid
             self.state.repos[repo_id] = repo
         return 200, {"url": url, "name": repo_id, "id": repo_id}

@@ -8,14 +8,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import FIXTURES, checkpoint, token_ids
 from safetensors.torch import load_file, save_file
-from tiny import tiny_config
 
 from configuration_navil import SPECIAL_TOKENS
+from navil_hf.cli import main as navil
 from navil_hf.conversion import back as back_module
 from navil_hf.conversion.back import convert_to_original
-from navil_hf.cli import main as navil
 from navil_hf.conversion.convert import convert_checkpoint
 from navil_hf.conversion.errors import ConversionError, VerificationError
 from navil_hf.conversion.original import (
@@ -29,6 +27,9 @@ from navil_hf.conversion.original import (
     significant_config,
     to_original_config,
 )
+
+from conftest import FIXTURES, checkpoint, token_ids
+from tiny import tiny_config
 
 TOKEN_IDS = token_ids()
 

@@ -7,11 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import fixtures_dir
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from navil_hf.conversion import convert_checkpoint
+
+from conftest import fixtures_dir
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 
@@ -36,7 +37,9 @@ def direct_answer(model, processor, messages, images, max_new_tokens=GREEDY["max
     inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end, pad_token_id=end)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end, pad_token_id=end
+        )
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
@@ -82,6 +85,35 @@ def test_stream_yields_pieces_that_join_to_the_answer(chat_model):
     assert "".join(pieces).strip() == answer
 
 
+def test_stream_keeps_the_history(chat_model):
+    """`stream=True, return_history=True`: once exhausted, the stream holds the answer and the history that
+    the same call without streaming returns."""
+    model, processor, images = chat_model
+    config = dict(max_new_tokens=8, do_sample=False)
+    answer, history = model.chat(
+        processor, "Describe.", images=[images[0]], generation_config=config, return_history=True
+    )
+    stream = model.chat(
+        processor, "Describe.", images=[images[0]], generation_config=config, return_history=True, stream=True
+    )
+    assert stream.history is None  # not before the end
+    assert "".join(stream).strip() == answer == stream.response
+    assert stream.history == history
+
+
+def test_leaving_a_stream_early_stops_its_generation(chat_model):
+    import threading
+
+    model, processor, images = chat_model
+    before = threading.active_count()
+    stream = model.chat(
+        processor, "Describe.", images=[images[0]], generation_config=dict(max_new_tokens=200), stream=True
+    )
+    next(stream)
+    stream.close()
+    assert threading.active_count() == before  # the generation thread was stopped and joined
+
+
 def test_stream_raises_the_generation_error_instead_of_hanging(chat_model):
     model, processor, images = chat_model
     calls = []
@@ -115,7 +147,9 @@ def test_batch_chat_equals_one_by_one(chat_model):
     questions = ["What is in the picture?", "Hi", "Which of the two is brighter, and why do you think so?"]
     per_question = [[images[0]], [], [images[1], images[2]]]
     batched = model.batch_chat(processor, questions, images=per_question, generation_config=GREEDY)
-    single = [model.chat(processor, q, images=i or None, generation_config=GREEDY) for q, i in zip(questions, per_question)]
+    single = [
+        model.chat(processor, q, images=i or None, generation_config=GREEDY) for q, i in zip(questions, per_question)
+    ]
     assert batched == single
     # Text only, no images argument at all.
     assert model.batch_chat(processor, questions[:2], generation_config=GREEDY) == [

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, fixtures_dir
 
 from navil_hf.cli import main as navil
+
+from conftest import REPO_ROOT, fixtures_dir
 
 QWEN3 = "original-qwen3-tiny"
 
@@ -200,9 +201,13 @@ def test_interactive_chat_keeps_the_history(converted, monkeypatch, capsys):
 
 
 def test_sampling_options_reach_generation(converted, monkeypatch, capsys):
-    code, a, err = _answers(converted, ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "Hi"], "", monkeypatch, capsys)
+    code, a, err = _answers(
+        converted, ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "Hi"], "", monkeypatch, capsys
+    )
     assert code == 0, err
-    code, b, err = _answers(converted, ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "Hi"], "", monkeypatch, capsys)
+    code, b, err = _answers(
+        converted, ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "Hi"], "", monkeypatch, capsys
+    )
     assert a == b  # seeded
 
 

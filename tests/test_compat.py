@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from transformers import DynamicCache
 
 import compat_navil
+
+from conftest import REPO_ROOT
 
 
 def test_floor_is_refused_with_one_line_naming_it():
@@ -22,14 +23,17 @@ def test_floor_is_refused_with_one_line_naming_it():
     )
 
 
-@pytest.mark.parametrize("version, release", [("5.24.0", (5, 24, 0)), ("5.25.0.dev0", (5, 25, 0)), ("5.3.0rc1", (5, 3, 0))])
+@pytest.mark.parametrize(
+    "version, release", [("5.24.0", (5, 24, 0)), ("5.25.0.dev0", (5, 25, 0)), ("5.3.0rc1", (5, 3, 0))]
+)
 def test_release_parsing(version, release):
     assert compat_navil._release(version) == release
 
 
 def test_cache_names_follow_the_installed_transformers():
-    from transformers import GenerationMixin
     import inspect
+
+    from transformers import GenerationMixin
 
     params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     assert compat_navil.CACHE_KWARG == ("cache" if "cache" in params else "past_key_values")
@@ -63,6 +67,8 @@ def test_causal_mask_wrapper_passes_prepared_masks_through():
 def test_unknown_rope_type_is_named():
     from configuration_navil import NaViLTextConfig
 
-    config = NaViLTextConfig(hidden_size=32, num_attention_heads=4, rope_parameters={"rope_type": "nope", "rope_theta": 1.0})
+    config = NaViLTextConfig(
+        hidden_size=32, num_attention_heads=4, rope_parameters={"rope_type": "nope", "rope_theta": 1.0}
+    )
     with pytest.raises(ValueError, match="unknown rope_type 'nope'"):
         compat_navil.rope_inv_freq(config, "cpu")

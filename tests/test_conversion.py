@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO_ROOT, checkpoint, token_ids
 from safetensors.torch import load_file, save_file
 
 from configuration_navil import SPECIAL_TOKENS
-from navil_hf.conversion import convert as convert_module
+from modeling_navil import NaViLForConditionalGeneration
 from navil_hf.cli import main as navil
+from navil_hf.conversion import convert as convert_module
 from navil_hf.conversion.convert import convert_checkpoint
 from navil_hf.conversion.errors import ConversionError, VerificationError
 from navil_hf.conversion.keymap import (
@@ -41,7 +41,8 @@ from navil_hf.conversion.surgery import (
     split_internlm2_wqkv,
     unfold_chained_projection,
 )
-from modeling_navil import NaViLForConditionalGeneration
+
+from conftest import FIXTURES, REPO_ROOT, checkpoint, token_ids
 
 TOKEN_IDS = token_ids()
 

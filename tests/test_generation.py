@@ -11,6 +11,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tiny import IMG_CONTEXT, SPECIAL_IDS, multimodal_inputs, tiny_config, tiny_model, write_hub_folder
 
 GRIDS = [(4, 4), (6, 8), (10, 6)]  # three scales; window 4 splits the larger ones into edge windows

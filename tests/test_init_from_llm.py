@@ -8,13 +8,14 @@ import json
 
 import pytest
 import torch
-from llm_sources import make_tokenizer, write_hf_llm, write_internlm2_llm
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from configuration_navil import SPECIAL_TOKENS
 from navil_hf.cli import main as navil
 from navil_hf.conversion.init_llm import TEXT_PARITY_TOLERANCE, VISION_PRESETS, vision_preset_parameters
+
+from llm_sources import make_tokenizer, write_hf_llm, write_internlm2_llm
 
 FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
 QUESTION = "What is the capital of France?"

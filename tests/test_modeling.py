@@ -5,18 +5,19 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import IMG_CONTEXT, SPECIAL_IDS, multimodal_inputs, tiny_config, tiny_model, write_hub_folder
 
 import modeling_navil
 from modeling_navil import (
+    VISION_ATTENTION_FUNCTIONS,
     ModalityRouting,
     NaViLDecoderLayer,
     PackedSegments,
-    VISION_ATTENTION_FUNCTIONS,
     merge_block_positions,
     vision_layout,
     window_block_order,
 )
+
+from tiny import IMG_CONTEXT, SPECIAL_IDS, multimodal_inputs, tiny_config, tiny_model, write_hub_folder
 
 GRIDS = [(4, 4), (6, 8), (10, 6)]  # three scales; window 4 splits the larger ones into edge windows
 
@@ -259,7 +260,9 @@ def test_left_padded_batch_equals_single_runs():
 
     batch = dict(
         input_ids=torch.cat([pad(a["input_ids"], 0), pad(b["input_ids"], 0)]),
-        attention_mask=torch.cat([pad(torch.ones(1, la, dtype=torch.long), 0), pad(torch.ones(1, lb, dtype=torch.long), 0)]),
+        attention_mask=torch.cat(
+            [pad(torch.ones(1, la, dtype=torch.long), 0), pad(torch.ones(1, lb, dtype=torch.long), 0)]
+        ),
         mm_token_type_ids=torch.cat([pad(a["mm_token_type_ids"], 0), pad(b["mm_token_type_ids"], 0)]),
         pixel_values=torch.cat([a["pixel_values"], b["pixel_values"]]),
         image_grid_thw=torch.cat([a["image_grid_thw"], b["image_grid_thw"]]),
@@ -349,6 +352,8 @@ def test_rope_scaling_runs_beyond_max_position_embeddings(rope_type):
             short = ids[:, :12]
             assert torch.equal(model(input_ids=short).logits, default(input_ids=short).logits)
             assert (long - default(input_ids=ids).logits).abs().max() > 1e-3
+
+
 def test_bfloat16_forward_tracks_float32():
     model = tiny_model(seed=8, attn="sdpa")
     inputs = multimodal_inputs(GRIDS)

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import fixtures_dir
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 from navil_hf.cli import main as navil
+
+from conftest import fixtures_dir
 
 FIXTURES = ("original-qwen3-tiny", "original-internlm2-tiny")
 CASES = (0, 1, 2)
@@ -27,7 +28,9 @@ def converted(request, tmp_path_factory):
     tensors = load_file(source / "expected.safetensors")
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     models = {
-        attn: AutoModel.from_pretrained(out, trust_remote_code=True, attn_implementation=attn, dtype=torch.float32).eval()
+        attn: AutoModel.from_pretrained(
+            out, trust_remote_code=True, attn_implementation=attn, dtype=torch.float32
+        ).eval()
         for attn in BACKENDS
     }
     return dict(source=source, out=out, expected=expected, tensors=tensors, processor=processor, models=models)
@@ -94,7 +97,9 @@ def test_chat_matches_original_response(converted, index):
     config = dict(max_new_tokens=12, do_sample=False)
     response = model.chat(processor, case["question"], images=images or None, generation_config=config)
     assert response == case["response"]
-    streamed = "".join(model.chat(processor, case["question"], images=images or None, generation_config=config, stream=True))
+    streamed = "".join(
+        model.chat(processor, case["question"], images=images or None, generation_config=config, stream=True)
+    )
     assert streamed.strip() == case["response"]
 
 
@@ -122,9 +127,13 @@ def test_multi_turn_history_keeps_images(converted):
     case, images, _ = _case(converted, 0)
     model, processor = converted["models"]["sdpa"], converted["processor"]
     config = dict(max_new_tokens=4, do_sample=False)
-    first, history = model.chat(processor, case["question"], images=images, generation_config=config, return_history=True)
+    first, history = model.chat(
+        processor, case["question"], images=images, generation_config=config, return_history=True
+    )
     assert history == [("<image>\n" + case["question"], first, images)]
-    second, history = model.chat(processor, "And its color?", history=history, generation_config=config, return_history=True)
+    second, history = model.chat(
+        processor, "And its color?", history=history, generation_config=config, return_history=True
+    )
     assert len(history) == 2 and history[1][:2] == ("And its color?", second)
     # The second prompt carries the first turn, its image included, in the template's layout.
     messages = [

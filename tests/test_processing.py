@@ -9,7 +9,6 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, fixtures_dir
 from PIL import Image
 from safetensors.numpy import load_file
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
@@ -31,12 +30,14 @@ from processing_navil import (
     save_processor,
 )
 
+from conftest import REPO_ROOT, fixtures_dir
+
 FIXTURES = ["original-qwen3-tiny", "original-internlm2-tiny"]
 CASES = [0, 1, 2]
 DEFAULT_MIN, DEFAULT_MAX = 256 * 256, 24576 * 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_fixture(name):
     root = fixtures_dir() / name
     if not root.is_dir():
@@ -258,9 +259,7 @@ def test_image_processor_errors(tmp_path):
 
 
 def test_image_processor_save_load(tmp_path):
-    ip = NaViLImageProcessor(
-        min_dynamic_patch=4, max_dynamic_patch=256, scale_downsample_ratio=0.75, multi_scale=False
-    )
+    ip = NaViLImageProcessor(min_dynamic_patch=4, max_dynamic_patch=256, scale_downsample_ratio=0.75, multi_scale=False)
     ip.save_pretrained(tmp_path)
     loaded = NaViLImageProcessor.from_pretrained(tmp_path)
     for key in ["min_pixels", "max_pixels", "scale_downsample_ratio", "multi_scale", "image_mean", "resample"]:

@@ -9,14 +9,15 @@ import types
 
 import pytest
 import torch
-from conftest import fixtures_dir
-from hub_server import HubServer
 from safetensors.torch import load_file, save_file
 
-from navil_hf.conversion import check_folder, convert_checkpoint, push_folder
 from navil_hf.cli import main as navil
+from navil_hf.conversion import check_folder, convert_checkpoint, push_folder
 from navil_hf.conversion.errors import ConversionError, PushError
 from navil_hf.conversion.push import folder_files
+
+from conftest import fixtures_dir
+from hub_server import HubServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's LFS PUT
 
@@ -166,7 +167,11 @@ BREAKERS = {
             (f / "chat_template.jinja").unlink(),
             _edit_json("processor_config.json", lambda c: c.pop("auto_map"))(f),
         ],
-        ["no tokenizer vocabulary", "processor_config.json has no auto_map entry for AutoProcessor", "no chat template"],
+        [
+            "no tokenizer vocabulary",
+            "processor_config.json has no auto_map entry for AutoProcessor",
+            "no chat template",
+        ],
     ),
     "weights that do not match the model": (
         lambda f: _rewrite_weights(

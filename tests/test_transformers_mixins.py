@@ -18,11 +18,11 @@ import pytest
 import torch
 from transformers.models.auto import modeling_auto
 
-import hf_mixins
-from tiny import FRAME_BREAK, IMG_CONTEXT, IMG_END, IMG_START, LINE_BREAK, SPECIAL_IDS, VOCAB, tiny_config
-
 from configuration_navil import NaViLConfig  # the repository root is on sys.path (conftest, tiny)
 from modeling_navil import NaViLForConditionalGeneration, NaViLModel
+
+import hf_mixins
+from tiny import FRAME_BREAK, IMG_CONTEXT, IMG_END, IMG_START, LINE_BREAK, SPECIAL_IDS, VOCAB, tiny_config
 
 ModelTesterMixin = hf_mixins.mixin("test_modeling_common", "ModelTesterMixin")
 GenerationTesterMixin = hf_mixins.mixin("generation.test_utils", "GenerationTesterMixin")

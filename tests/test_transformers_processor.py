@@ -20,14 +20,15 @@ import unittest
 
 import numpy as np
 import pytest
-from conftest import checkpoint
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
-import hf_mixins
 from configuration_navil import NaViLConfig
 from image_processing_navil import NaViLImageProcessor
 from processing_navil import CHAT_TEMPLATES, NaViLProcessor
+
+import hf_mixins
+from conftest import checkpoint
 
 # test_processing_common.py imports `url_to_local_path` from transformers' repository `utils/`, which the
 # sdist does not ship (nor hf_mixins' stand-ins). The stand-in maps the mixin's image URLs to a local
