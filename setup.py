@@ -16,15 +16,9 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The Hub files: the remote code every converted folder carries (conversion/hub.py CODE_MODULES).
-    py_modules=[
-        "configuration_navil",
-        "modeling_navil",
-        "image_processing_navil",
-        "processing_navil",
-        "compat_navil",
-        "chat_navil",
-    ],  # fmt: skip
+    # The Hub files (`*_navil.py` at the root): the remote code every converted folder carries
+    # (conversion/hub.py CODE_MODULES, which a test keeps equal to this).
+    py_modules=sorted(path.stem for path in HERE.glob("*_navil.py")),
     packages=["navil_hf", "navil_hf.conversion"],
     package_dir={"navil_hf.conversion": "conversion"},
     install_requires=[

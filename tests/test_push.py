@@ -378,3 +378,12 @@ def test_convert_push_checks_come_before_converting(hub, tmp_path, monkeypatch, 
     code, _, err = run_main(capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--push-to-hub", "owner/x"])
     assert code == 2 and "no Hugging Face token" in err
     assert not out_dir.exists() and hub.requests == []
+
+
+def test_installed_hub_modules_are_the_code_files_folders_carry():
+    """setup.py installs every `*_navil.py` at the root; a converted folder carries exactly those."""
+    from navil_hf.conversion.hub import CODE_MODULES
+
+    from conftest import REPO_ROOT
+
+    assert sorted(CODE_MODULES) == sorted(path.stem for path in REPO_ROOT.glob("*_navil.py"))
