@@ -46,11 +46,11 @@ from transformers.utils import logging
 
 try:  # remote code: a package of sibling files
     from .chat_navil import NaViLChatMixin
-    from .compat_navil import cache_field, create_causal_mask, output_cache, pop_cache, rope_inv_freq
+    from .compat_navil import CACHE_KWARG, cache_field, create_causal_mask, output_cache, pop_cache, rope_inv_freq
     from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 except ImportError:  # the installed top-level modules
     from chat_navil import NaViLChatMixin
-    from compat_navil import cache_field, create_causal_mask, output_cache, pop_cache, rope_inv_freq
+    from compat_navil import CACHE_KWARG, cache_field, create_causal_mask, output_cache, pop_cache, rope_inv_freq
     from configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 
 try:  # optional kernel: only on CUDA machines that built flash-attn
@@ -157,10 +157,13 @@ def _grouped_attention(
     return out
 
 
-def _eager_kernel(q, k, v, scale):  # [n, H, len, D]
+def _eager_weights(q, k, scale):  # [n, H, len, D] -> [n, H, len, len]
     weights = torch.matmul(q, k.transpose(-1, -2)) * scale
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(weights, v)
+    return F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def _eager_kernel(q, k, v, scale):  # [n, H, len, D]
+    return torch.matmul(_eager_weights(q, k, scale), v)
 
 
 def _sdpa_kernel(q, k, v, scale):
@@ -185,7 +188,7 @@ def vision_eager_attention_with_weights(query, key, value, segments: PackedSegme
     for index in segments.groups:
         flat = index.reshape(-1)
         q, k, v = (t.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2) for t in (query, key, value))
-        weights = F.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = _eager_weights(q, k, scale)
         out.index_copy_(0, flat, torch.matmul(weights, v).transpose(1, 2).flatten(0, 1))
         maps += zip(index[:, 0].tolist(), weights.unbind(0))
     return out, tuple(w for _, w in sorted(maps, key=lambda item: item[0]))
@@ -1259,7 +1262,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         prompt_types = kwargs.get("mm_token_type_ids")
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        cached = any(inputs.get(name) is not None for name in ("cache", "past_key_values"))
+        cached = inputs.get(CACHE_KWARG) is not None
         if not kwargs.get("is_first_iteration", False) and cached and kwargs.get("use_cache", True):
             for key in ("pixel_values", "image_grid_thw", "num_scales"):
                 inputs.pop(key, None)
@@ -1306,7 +1309,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         grid, num_scales = images["image_grid_thw"], images["num_scales"]
         merge = self.config.vision_config.spatial_merge_size
         slots = self.model._token_mask((self.config.image_token_id,), input_ids, inputs_embeds).sum(-1).tolist()
-        row_tokens = (grid.prod(-1) // (merge * merge)).tolist()
+        row_tokens = tokens_per_image(grid, None, merge)  # one row per image: tokens per grid row
         row_patches = grid.prod(-1).tolist()
         scale_counts = num_scales.tolist() if num_scales is not None else [1] * len(row_tokens)
         # Walk the images in order, giving each sample the images whose tokens fill its slots.
