@@ -103,12 +103,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _is_flash(attn_implementation: str | None) -> bool:
-    return bool(attn_implementation) and attn_implementation.startswith("flash_attention")
-
-
 # --------------------------------------------------------------------------------------------
-# Vision encoder: packed segments and their attention backends
+# Vision encoder: packed segments and their attention kernels
 # --------------------------------------------------------------------------------------------
 
 
@@ -205,6 +201,27 @@ def vision_flash_attention(query, key, value, segments: PackedSegments, scale: f
     return vision_sdpa_attention(query, key, value, segments, scale)
 
 
+# --------------------------------------------------------------------------------------------
+# Attention backends: the one place that decides what runs for `attn_implementation`
+# --------------------------------------------------------------------------------------------
+#
+# `eager` and `sdpa` run what they say in both towers. `flash_attention_2` (or any
+# `flash_attention*`) runs flash-attn's varlen kernel when flash-attn is installed; without it the
+# name stays selectable (`flash_stand_in`): the vision encoder runs torch's varlen kernel on CUDA
+# in half precision (sdpa per segment elsewhere) and the text model runs sdpa (torch's own flash
+# kernel on CUDA). Any other registered name (`AttentionInterface`) runs in the text model; the
+# vision encoder, which attends packed segments, runs sdpa for it.
+
+
+def _is_flash(attn_implementation: str | None) -> bool:
+    return bool(attn_implementation) and attn_implementation.startswith("flash_attention")
+
+
+def flash_stand_in(attn_implementation: str | None) -> bool:
+    """True when a flash backend is asked for and flash-attn is missing (torch kernels stand in)."""
+    return _is_flash(attn_implementation) and flash_attn_varlen_func is None
+
+
 VISION_ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "eager": vision_eager_attention,
     "sdpa": vision_sdpa_attention,
@@ -213,6 +230,7 @@ VISION_ATTENTION_FUNCTIONS: dict[str, Callable] = {
 
 
 def vision_attention_function(attn_implementation: str | None) -> Callable:
+    """The packed-segment kernel the vision encoder runs for `attn_implementation`."""
     if attn_implementation is None:
         return vision_sdpa_attention
     if _is_flash(attn_implementation):
@@ -224,6 +242,45 @@ def vision_attention_function(attn_implementation: str | None) -> Callable:
         )
         return vision_sdpa_attention
     return VISION_ATTENTION_FUNCTIONS[attn_implementation]
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention: explicit softmax(q k^T) with GQA expansion. q: [B, H, L, D]."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def text_attention_implementation(requested: str | None) -> str:
+    """The backend name the text attention really runs (what its masks are built for)."""
+    if requested is None or flash_stand_in(requested):
+        return "sdpa"
+    return requested
+
+
+def text_attention_function(requested: str | None) -> Callable:
+    """The text attention function: ours for `eager`, transformers' registry for the rest."""
+    implementation = text_attention_implementation(requested)
+    if implementation == "eager":
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+class _AttentionConfigView:
+    """The text config as the mask helpers should see it (the backend that really runs)."""
+
+    def __init__(self, config, attn_implementation: str):
+        self._config = config
+        self._attn_implementation = attn_implementation
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,9 +380,8 @@ class NaViLPreTrainedModel(PreTrainedModel):
                 module.ls2.fill_(module.layer_scale_init)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
-        # `flash_attention_2` stays selectable without flash-attn: the vision encoder then runs
-        # torch's varlen kernel on CUDA (sdpa elsewhere) and the text model runs sdpa.
-        if _is_flash(attn_implementation) and flash_attn_varlen_func is None:
+        # transformers would refuse a flash backend without flash-attn; ours has stand-ins (above).
+        if flash_stand_in(attn_implementation):
             logger.warning_once(
                 "flash-attn is not installed: `flash_attention_2` runs torch's varlen attention (CUDA) in the "
                 "vision encoder and sdpa in the language model."
@@ -334,7 +390,7 @@ class NaViLPreTrainedModel(PreTrainedModel):
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
-        if _is_flash(requested_attention) and flash_attn_varlen_func is None:
+        if flash_stand_in(requested_attention):
             return requested_attention
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
@@ -612,29 +668,6 @@ class ModalityRouting:
         return merged
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention: explicit softmax(q k^T) with GQA expansion. q: [B, H, L, D]."""
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-def text_attention_implementation(requested: str | None) -> str:
-    """The backend the text attention really runs. `flash_attention_2` without flash-attn runs sdpa
-    (which dispatches to torch's own flash kernel on CUDA)."""
-    if requested is None:
-        return "sdpa"
-    if _is_flash(requested) and flash_attn_varlen_func is None:
-        return "sdpa"
-    return requested
-
-
 class NaViLMLP(nn.Module):
     def __init__(self, config: NaViLTextConfig):
         super().__init__()
@@ -718,13 +751,7 @@ class NaViLTextAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
 
-        implementation = text_attention_implementation(self.config._attn_implementation)
-        attention = (
-            eager_attention_forward
-            if implementation == "eager"
-            else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        )
-        out, weights = attention(
+        out, weights = text_attention_function(self.config._attn_implementation)(
             self,
             q,
             k,
@@ -783,17 +810,6 @@ class NaViLRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
-
-
-class _AttentionConfigView:
-    """The text config as the mask helpers should see it (the backend that really runs)."""
-
-    def __init__(self, config, attn_implementation: str):
-        self._config = config
-        self._attn_implementation = attn_implementation
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
 
 
 class NaViLTokenEmbedding(nn.Embedding):
