@@ -28,6 +28,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -44,7 +45,7 @@ from .convert import (
 )
 from .errors import ConversionError, VerificationError
 from .hub import build_generation_config, model_from_state_dict, write_hub_folder
-from .surgery import split_internlm2_wqkv
+from .keymap import apply_rules, compile_table, internlm2_decoder_keys
 
 TEXT_PARITY_TOLERANCE = 1e-4
 FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
@@ -262,45 +263,19 @@ def _read_safetensors(src, progress):
     return state
 
 
-# InternLM2 names -> Hugging Face Llama names (wqkv is split separately).
-INTERNLM2_RENAMES = (
-    (r"model\.tok_embeddings\.weight", "model.embed_tokens.weight"),
-    (r"model\.layers\.(\d+)\.attention_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"model\.layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"model\.layers\.(\d+)\.attention\.wo\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
-    (r"model\.layers\.(\d+)\.feed_forward\.w1\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"model\.layers\.(\d+)\.feed_forward\.w3\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"model\.layers\.(\d+)\.feed_forward\.w2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-    (r"model\.norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-)
-_WQKV = re.compile(r"model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)")
-_DERIVED = re.compile(r".*rotary_emb\.inv_freq")
+# A plain InternLM2 LLM -> the same decoder in Llama names: keymap's InternLM2 table, rooted elsewhere.
+INTERNLM2_LLM_RULES = compile_table(internlm2_decoder_keys(source_root="", target_model="model", experts=False))
 
 
 def internlm2_to_llama(state_dict, config):
     """InternLM2 tensors -> the same decoder in Llama names (exact: renames and the wqkv split)."""
     heads = _config_value(config, "num_attention_heads")
-    kv_heads = _config_value(config, "num_key_value_heads") or heads
-    head_dim = _config_value(config, "hidden_size") // heads
-    out = {}
-    for key, tensor in state_dict.items():
-        if _DERIVED.fullmatch(key):
-            continue
-        m = _WQKV.fullmatch(key)
-        if m:
-            q, k, v = split_internlm2_wqkv(tensor, heads, kv_heads, head_dim)
-            layer, kind = m.groups()
-            for name, part in (("q", q), ("k", k), ("v", v)):
-                out[f"model.layers.{layer}.self_attn.{name}_proj.{kind}"] = part
-            continue
-        for pattern, target in INTERNLM2_RENAMES:
-            if re.fullmatch(pattern, key):
-                out[re.sub(pattern, target, key)] = tensor
-                break
-        else:
-            raise ConversionError(f"unexpected InternLM2 tensor {key}")
-    return out
+    shapes = SimpleNamespace(
+        num_attention_heads=heads,
+        num_key_value_heads=_config_value(config, "num_key_value_heads") or heads,
+        head_dim=_config_value(config, "hidden_size") // heads,
+    )
+    return apply_rules(state_dict, INTERNLM2_LLM_RULES, shapes, layout="the InternLM2 layout")
 
 
 def internlm2_rope_parameters(config):
@@ -415,6 +390,7 @@ def text_config_from(source):
 
 
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_DERIVED = re.compile(r".*rotary_emb\.inv_freq")  # buffers some checkpoints carry
 _TEXT_PARTS = re.compile(r"self_attn\.(?:[qkvo]_proj|[qk]_norm)\.(?:weight|bias)|mlp\.(?:gate|up|down)_proj\.(?:weight|bias)|"
                          r"(?:input|post_attention)_layernorm\.weight")  # fmt: skip
 

@@ -78,23 +78,37 @@ QWEN3_KEYS = (
     (f"{_L}.self_attn.rotary_emb.inv_freq",                     None),
 )
 
-INTERNLM2_KEYS = (
-    ("language_model.model.tok_embeddings.weight",              "model.language_model.embed_tokens.weight"),
-    (f"{_L}.attention_norm.weight",                             f"{_OL}.input_layernorm.weight"),
-    (f"{_L}.ffn_norm.weight",                                   f"{_OL}.post_attention_layernorm.weight"),
-    (f"{_L}.attention.wqkv{{ve}}.{{wb}}",                       (f"{_OL}.self_attn.q_proj{{ve}}.{{wb}}",
-                                                                 f"{_OL}.self_attn.k_proj{{ve}}.{{wb}}",
-                                                                 f"{_OL}.self_attn.v_proj{{ve}}.{{wb}}"),     SPLIT_WQKV),
-    (f"{_L}.attention.wo.{{wb}}",                               f"{_OL}.self_attn.o_proj.{{wb}}"),
-    (f"{_L}.feed_forward{{ve}}.w1.weight",                      f"{_OL}.mlp{{ve}}.gate_proj.weight"),
-    (f"{_L}.feed_forward{{ve}}.w3.weight",                      f"{_OL}.mlp{{ve}}.up_proj.weight"),
-    (f"{_L}.feed_forward{{ve}}.w2.weight",                      f"{_OL}.mlp{{ve}}.down_proj.weight"),
-    ("language_model.model.norm.weight",                        "model.language_model.norm.weight"),
-    ("language_model.output.weight",                            "lm_head.weight"),
-    ("language_model.model.rotary_emb.inv_freq",                None),
-    (f"{_L}.attention.rotary_emb.inv_freq",                     None),
-)
+# fmt: on
 
+
+def internlm2_decoder_keys(source_root="language_model.", target_model="model.language_model", experts=True):
+    """InternLM2's decoder names -> ours: the one InternLM2 table. `source_root` prefixes the InternLM2
+    names (`language_model.` inside a NaViL checkpoint, empty for a plain InternLM2 LLM); `target_model`
+    is where our decoder lives (`model` for a plain Llama-named decoder); `experts` keeps the `_ve`
+    visual-expert copies (a plain LLM has none)."""
+    src, dst = f"{source_root}model", target_model
+    ve = "{ve}" if experts else ""  # the placeholder, or nothing
+    rows = (
+        (f"{src}.tok_embeddings.weight",                             f"{dst}.embed_tokens.weight"),
+        (f"{src}.layers.{{n}}.attention_norm.weight",                f"{dst}.layers.{{n}}.input_layernorm.weight"),
+        (f"{src}.layers.{{n}}.ffn_norm.weight",                      f"{dst}.layers.{{n}}.post_attention_layernorm.weight"),
+        (f"{src}.layers.{{n}}.attention.wqkv{ve}.{{wb}}",          tuple(f"{dst}.layers.{{n}}.self_attn.{p}_proj{ve}.{{wb}}"
+                                                                           for p in "qkv"),                      SPLIT_WQKV),
+        (f"{src}.layers.{{n}}.attention.wo.{{wb}}",                  f"{dst}.layers.{{n}}.self_attn.o_proj.{{wb}}"),
+        (f"{src}.layers.{{n}}.feed_forward{ve}.w1.weight",         f"{dst}.layers.{{n}}.mlp{ve}.gate_proj.weight"),
+        (f"{src}.layers.{{n}}.feed_forward{ve}.w3.weight",         f"{dst}.layers.{{n}}.mlp{ve}.up_proj.weight"),
+        (f"{src}.layers.{{n}}.feed_forward{ve}.w2.weight",         f"{dst}.layers.{{n}}.mlp{ve}.down_proj.weight"),
+        (f"{src}.norm.weight",                                       f"{dst}.norm.weight"),
+        (f"{source_root}output.weight",                              "lm_head.weight"),
+        (f"{src}.rotary_emb.inv_freq",                               None),
+        (f"{src}.layers.{{n}}.attention.rotary_emb.inv_freq",        None),
+    )  # fmt: skip
+    return rows
+
+
+INTERNLM2_KEYS = internlm2_decoder_keys()
+
+# fmt: off
 # InternLM2's visual output projection `wo_ve(wo(x))` (SPEC §8.2), two ways:
 INTERNLM2_CHAINED_VISUAL_OUTPUT = (  # kept chained (chain_visual_output=True): exact both ways
     (f"{_L}.attention.wo_ve.{{wb}}",                            f"{_OL}.self_attn.o_proj_ve.{{wb}}"),
@@ -258,7 +272,12 @@ def convert_state_dict(original, llm_architecture, text_config, progress=None):
 
     The InternLM2 visual output is renamed (`text_config.chain_visual_output`) or folded (otherwise).
     `progress` is an optional callable called once per original key (a tqdm `update`)."""
-    rules = rules_for_config(llm_architecture, text_config)
+    return apply_rules(original, rules_for_config(llm_architecture, text_config), text_config, progress)
+
+
+def apply_rules(original, rules, text_config, progress=None, layout="the original NaViL layout"):
+    """`original` through compiled `rules` (every key must match one; `layout` names them in errors).
+    `text_config` gives the head counts the wqkv split needs."""
     converted, consumed, unmatched = {}, set(), []
     for key in original:
         rule, bindings = match_source(rules, key)
@@ -276,7 +295,7 @@ def convert_state_dict(original, llm_architecture, text_config, progress=None):
         if progress is not None:
             progress()
     if unmatched:
-        raise KeyMismatchError(f"unexpected keys (not in the original NaViL layout): {_list(unmatched)}")
+        raise KeyMismatchError(f"unexpected keys (not in {layout}): {_list(unmatched)}")
     leftover = set(original) - consumed
     if leftover:  # cannot happen with consistent tables; kept as the "every tensor used" guarantee
         raise KeyMismatchError(f"original tensors not used by the conversion: {_list(leftover)}")
