@@ -33,6 +33,15 @@ IMAGE_FRAME_BREAK_TOKEN = "<IMG_FRAME_BREAK>"
 VISUAL_EXPERT_TOKENS = (IMAGE_CONTEXT_TOKEN, IMAGE_START_TOKEN)
 
 
+def rope_parameters_from_legacy(rope_theta=None, rope_scaling=None) -> dict:
+    """transformers 5's `rope_parameters` from the legacy pair the original configs (and InternLM2's)
+    write: `rope_theta` and a `rope_scaling` dict naming its type as `type` or `rope_type`."""
+    params = dict(rope_scaling or {})
+    legacy_type = params.pop("type", None)
+    rope_type = params.pop("rope_type", legacy_type) or "default"
+    return {"rope_type": rope_type, "rope_theta": float(10000.0 if rope_theta is None else rope_theta), **params}
+
+
 class NaViLVisionConfig(PretrainedConfig):
     r"""Native-resolution ViT.
 
@@ -153,9 +162,7 @@ class NaViLTextConfig(PretrainedConfig):
         rope_theta = kwargs.pop("rope_theta", None)
         rope_scaling = kwargs.pop("rope_scaling", None)
         if rope_parameters is None:
-            rope_parameters = dict(rope_scaling or {})
-            rope_parameters.setdefault("rope_type", rope_parameters.pop("type", "default"))
-            rope_parameters.setdefault("rope_theta", 10000.0 if rope_theta is None else rope_theta)
+            rope_parameters = rope_parameters_from_legacy(rope_theta, rope_scaling)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

@@ -278,14 +278,11 @@ def internlm2_to_llama(state_dict, config):
     return apply_rules(state_dict, INTERNLM2_LLM_RULES, shapes, layout="the InternLM2 layout")
 
 
-def internlm2_rope_parameters(config):
-    """transformers' `rope_parameters` for InternLM2's `rope_theta` + legacy `rope_scaling`."""
-    rope = {"rope_type": "default", "rope_theta": _config_value(config, "rope_theta", 10000.0)}
-    scaling = dict(_config_value(config, "rope_scaling") or {})
-    if scaling:
-        rope["rope_type"] = scaling.pop("type", scaling.pop("rope_type", "default"))
-        rope.update(scaling)
-    return rope
+def legacy_rope_parameters(config):
+    """`rope_parameters` of a config that writes the legacy `rope_theta` + `rope_scaling` (InternLM2)."""
+    from configuration_navil import rope_parameters_from_legacy
+
+    return rope_parameters_from_legacy(_config_value(config, "rope_theta"), _config_value(config, "rope_scaling"))
 
 
 def internlm2_llama_config(config):
@@ -307,7 +304,7 @@ def internlm2_llama_config(config):
         hidden_act=_config_value(config, "hidden_act", "silu"),
         max_position_embeddings=_config_value(config, "max_position_embeddings", 2048),
         rms_norm_eps=_config_value(config, "rms_norm_eps", 1e-6),
-        rope_parameters=internlm2_rope_parameters(config),
+        rope_parameters=legacy_rope_parameters(config),
         tie_word_embeddings=bool(_config_value(config, "tie_word_embeddings", False)),
         attention_bias=False,
     )
@@ -355,12 +352,10 @@ def text_config_from(source):
         raise ConversionError(f"{source.name} uses sliding-window attention, which NaViL's text model does not have")
     if family == "internlm2":
         bias = bool(get("bias", False))
-        rope_parameters = internlm2_rope_parameters(config)
+        rope_parameters = legacy_rope_parameters(config)
         qkv_bias, out_bias, mlp_bias, head_dim = bias, bias, False, hidden // heads
     else:
-        rope_parameters = dict(get("rope_parameters") or {})
-        if not rope_parameters:
-            rope_parameters = {"rope_type": "default", "rope_theta": get("rope_theta", 10000.0)}
+        rope_parameters = dict(get("rope_parameters") or {}) or legacy_rope_parameters(config)
         attention_bias = bool(get("attention_bias", False))
         if family == "qwen2":
             qkv_bias, out_bias = True, False

@@ -30,6 +30,7 @@ from configuration_navil import (
     IMAGE_START_TOKEN,
     SPECIAL_TOKENS,
     NaViLConfig,
+    rope_parameters_from_legacy,
 )
 
 from .errors import ConversionError
@@ -201,13 +202,6 @@ def special_token_ids(tokenizer):
     return {t: vocab[t] for t in tokens}
 
 
-def rope_parameters(llm_config):
-    params = dict(llm_config.get("rope_scaling") or {})
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
-    theta = llm_config.get("rope_theta")
-    return {"rope_type": rope_type, "rope_theta": float(10000.0 if theta is None else theta), **params}
-
-
 def is_boilerplate(key, value):
     """A generic `PretrainedConfig` attribute at its generic default, or a save-time record."""
     if key.startswith("_") or key in SAVE_TIME_KEYS:
@@ -268,7 +262,7 @@ def convert_config(original_config, token_ids, fold_visual_output=False):
         "hidden_act": llm.get("hidden_act", "silu"),
         "max_position_embeddings": llm.get("max_position_embeddings", 32768),
         "rms_norm_eps": llm.get("rms_norm_eps", 1e-6),
-        "rope_parameters": rope_parameters(llm),
+        "rope_parameters": rope_parameters_from_legacy(llm.get("rope_theta"), llm.get("rope_scaling")),
         "qk_norm": arch == QWEN3,
         "attention_bias": bias,
         "attention_out_bias": bias,

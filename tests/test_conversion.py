@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from configuration_navil import SPECIAL_TOKENS
+from configuration_navil import SPECIAL_TOKENS, NaViLTextConfig, rope_parameters_from_legacy
 from modeling_navil import NaViLForConditionalGeneration
 from navil_hf.cli import main as navil
 from navil_hf.conversion import convert as convert_module
@@ -259,6 +259,26 @@ def test_config_mapping_of_rope_scaling_bias_and_head_dim():
     text = convert_config(original, TOKEN_IDS).text_config
     assert text.rope_parameters == {"rope_type": "dynamic", "rope_theta": 50000.0, "factor": 2.0}
     assert text.attention_bias and text.attention_out_bias and text.head_dim == 64 // 4
+
+
+@pytest.mark.parametrize(
+    "theta, scaling, expected",
+    [
+        (None, None, {"rope_type": "default", "rope_theta": 10000.0}),
+        (5e5, {}, {"rope_type": "default", "rope_theta": 5e5}),
+        (1e4, {"type": "linear", "factor": 4.0}, {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}),
+        (
+            1e4,
+            {"rope_type": "yarn", "type": "yarn", "factor": 2.0},
+            {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
+        ),
+    ],
+)
+def test_legacy_rope_settings_translate_one_way_everywhere(theta, scaling, expected):
+    # One translation serves the original configs, InternLM2 LLMs and NaViLTextConfig's legacy kwargs.
+    assert rope_parameters_from_legacy(theta, scaling) == expected
+    config = NaViLTextConfig(rope_theta=theta, rope_scaling=scaling).rope_parameters
+    assert config.items() >= expected.items()  # transformers may add its defaults (yarn's original length)
 
 
 # ---------------------------------------------------------------------------------------------------
