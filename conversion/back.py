@@ -31,20 +31,19 @@ from pathlib import Path
 
 import torch
 
-from .convert import (
+from .errors import ConversionError, VerificationError
+from .folders import (
+    CONFIG_FILE,
     LICENSE_FILES,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILES,
+    WEIGHT_FILES,
     SafetensorsFolder,
-    _progress_bar,
-    _same,
     check_output_dir,
-    check_tokenizer,
-    checkpoint_dtype,
-    load_tokenizer,
+    progress_bar,
     staged_folder,
     transformers_progress_bars,
 )
-from .errors import ConversionError, VerificationError
 from .keymap import KeyMismatchError, convert_state_dict, folds_visual_output, iter_original_tensors, rules_for_config
 from .original import (
     ORIGINAL_MODEL_TYPE,
@@ -55,9 +54,11 @@ from .original import (
     special_token_ids,
     to_original_config,
 )
+from .surgery import checkpoint_dtype
+from .tokenizer import check_tokenizer, load_tokenizer
+from .verify import same_tensor
 
 OUR_MODEL_TYPE = "navil"
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Keys of our config.json that say how a folder was saved, not what the model is.
 # Keys that record how a folder was saved or made (`initialized_from`: provenance `navil init-from-llm`
 # writes; the original layout has no place for it).
@@ -109,7 +110,7 @@ def load_converted_config(converted_dir):
     converted_dir = Path(converted_dir)
     if not converted_dir.is_dir():
         raise ConversionError(f"{converted_dir} is not a directory")
-    path = converted_dir / "config.json"
+    path = converted_dir / CONFIG_FILE
     if not path.is_file():
         raise ConversionError(f"{converted_dir} has no config.json: not a converted NaViL folder")
     try:
@@ -122,7 +123,7 @@ def load_converted_config(converted_dir):
             f"{path} has model_type {model_type!r}, expected {OUR_MODEL_TYPE!r} (a folder written by "
             f"`navil convert`){hint}"
         )
-    if not any((converted_dir / name).is_file() for name in WEIGHTS_FILES):
+    if not any((converted_dir / name).is_file() for name in WEIGHT_FILES):
         raise ConversionError(
             f"{converted_dir} has no model.safetensors (or shard index): not a converted NaViL folder"
         )
@@ -164,7 +165,7 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
     tokenizer = load_tokenizer(converted_dir)
 
     ours = SafetensorsFolder(converted_dir)
-    with _progress_bar(progress, desc="converting", unit="tensor") as bar:
+    with progress_bar(progress, desc="converting", unit="tensor") as bar:
         original = {}
         for key, tensor in iter_original_tensors(ours, arch, text_config, exact_only=not approximate):
             original[key] = tensor
@@ -228,9 +229,9 @@ def _write(folder, original, original_config, tokenizer, converted_dir, max_shar
     from huggingface_hub import save_torch_state_dict
 
     save_torch_state_dict(original, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(folder))
-    _for_original_code(folder / "tokenizer_config.json")
+    _for_original_code(folder / TOKENIZER_CONFIG_FILE)
     for name in TOKENIZER_FILES + LICENSE_FILES:  # e.g. a sentencepiece tokenizer.model carried from the original
         if (Path(converted_dir) / name).is_file() and not (folder / name).exists():
             shutil.copyfile(Path(converted_dir) / name, folder / name)
@@ -297,13 +298,13 @@ def compare_forward(original, ours, arch, text_config, progress=False):
             f"missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
     exact, error = 0, None
-    with _progress_bar(progress, total=len(expected), desc="verifying", unit="tensor") as bar:
+    with progress_bar(progress, total=len(expected), desc="verifying", unit="tensor") as bar:
         for key in sorted(expected):
             mine, back = ours[key], again[key]
             if any(p.fullmatch(key) for p in inexact):
                 diff = (back.double() - mine.double()).abs().max().item() if back.shape == mine.shape else float("inf")
                 error = diff if error is None else max(error, diff)
-            elif not _same(back, mine):
+            elif not same_tensor(back, mine):
                 raise VerificationError(f"converting the written weights forward does not give {key} bit for bit")
             else:
                 exact += 1

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .folders import CONFIG_FILE
+
 CODE_MODULES = (
     "configuration_navil",
     "modeling_navil",
@@ -141,7 +143,7 @@ def write_hub_folder(
 
 
 def _check_auto_map(out_dir):
-    saved = json.loads((Path(out_dir) / "config.json").read_text())
+    saved = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
     if saved.get("auto_map") != AUTO_MAP:
         raise RuntimeError(f"config.json was written with auto_map {saved.get('auto_map')!r}, expected {AUTO_MAP!r}")
 
@@ -163,7 +165,7 @@ def read_license(original_dir):
                 key, _, value = line.partition(":")
                 if key.strip() == "license" and value.strip():
                     return value.strip().strip("'\"")
-    config = original_dir / "config.json"
+    config = original_dir / CONFIG_FILE
     if config.is_file():
         value = json.loads(config.read_text()).get("license")
         if value:

@@ -32,20 +32,21 @@ from types import SimpleNamespace
 
 import torch
 
-from .convert import (
-    DTYPES,
-    _progress_bar,
+from .errors import ConversionError, VerificationError
+from .folders import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     check_output_dir,
-    check_reloaded_logits,
-    in_memory_logits,
-    load_tokenizer,
-    resolve_dtype,
+    progress_bar,
+    safetensors_files,
     staged_folder,
     transformers_progress_bars,
 )
-from .errors import ConversionError, VerificationError
 from .hub import build_generation_config, model_from_state_dict, write_hub_folder
 from .keymap import apply_rules, compile_table, internlm2_decoder_keys
+from .surgery import DTYPES, resolve_dtype
+from .tokenizer import load_tokenizer
+from .verify import check_reloaded_logits, in_memory_logits
 
 TEXT_PARITY_TOLERANCE = 1e-4
 FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
@@ -149,9 +150,9 @@ def load_source(src, *, trust_remote_code=False, progress=False):
         return _load_gguf(src)
     if not src.is_dir():
         raise ConversionError(f"{src}: no such folder or .gguf file")
-    if not (src / "config.json").is_file():
+    if not (src / CONFIG_FILE).is_file():
         raise ConversionError(f"{src} has no config.json: not a Hugging Face model folder")
-    raw = json.loads((src / "config.json").read_text())
+    raw = json.loads((src / CONFIG_FILE).read_text())
     family = raw.get("model_type")
     if family not in FAMILIES:
         raise ConversionError(
@@ -162,7 +163,8 @@ def load_source(src, *, trust_remote_code=False, progress=False):
     generation_config = _generation_config(src)
     if family == "internlm2" and not (trust_remote_code and raw.get("auto_map")):
         return _load_internlm2_without_code(src, raw, tokenizer, license, generation_config, progress)
-    model = _auto_causal_lm(str(src), trust_remote_code=trust_remote_code)
+    safetensors_files(src)  # never a pickle, even one transformers would load
+    model = _auto_causal_lm(str(src), trust_remote_code=trust_remote_code, use_safetensors=True)
     return SourceLLM(
         name=src.resolve().name,
         family=family,
@@ -241,7 +243,7 @@ def _folder_license(src, raw):
 def _generation_config(src):
     from transformers import GenerationConfig
 
-    if not (Path(src) / "generation_config.json").is_file():
+    if not (Path(src) / GENERATION_CONFIG_FILE).is_file():
         return None
     return GenerationConfig.from_pretrained(str(src))
 
@@ -249,14 +251,9 @@ def _generation_config(src):
 def _read_safetensors(src, progress):
     from safetensors.torch import load_file
 
-    files = sorted(Path(src).glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in Path(src).glob("*.bin"))
-        if pickled:
-            raise ConversionError(f"{src} has only pickled weights ({', '.join(pickled)}); convert them to safetensors")
-        raise ConversionError(f"{src} has no safetensors weights")
+    files = safetensors_files(src)
     state = {}
-    with _progress_bar(progress, total=len(files), desc="reading", unit="file") as bar:
+    with progress_bar(progress, total=len(files), desc="reading", unit="file") as bar:
         for path in files:
             state.update({k: v.float() for k, v in load_file(str(path)).items()})
             bar.update()
@@ -663,7 +660,7 @@ def _init_from_llm(
     card = init_model_card(config, source=source_name, vision_preset=vision_preset, license=source_license,
                            dtype=target, parameters=parameters, verified=verify, stop=stop)  # fmt: skip
     with staged_folder(out_dir, force) as tmp:
-        with _progress_bar(progress, total=7, desc="writing", unit="file") as bar:
+        with progress_bar(progress, total=7, desc="writing", unit="file") as bar:
             write_hub_folder(
                 model, config, tokenizer, tmp, processor=processor,
                 generation_config=build_generation_config(

@@ -34,6 +34,7 @@ from configuration_navil import (
 )
 
 from .errors import ConversionError
+from .folders import CONFIG_FILE, SAFETENSORS_INDEX, safetensors_files
 from .keymap import INTERNLM2, LLM_KEYS, QWEN3, KeyMismatchError, match_source, rules_for
 
 ORIGINAL_MODEL_TYPE = "navil_chat"
@@ -41,8 +42,6 @@ ORIGINAL_ARCHITECTURES = ["NaViL"]
 ORIGINAL_VISION_MODEL_TYPE = "navil_vit"
 LLM_MODEL_TYPES = {QWEN3: "qwen3", INTERNLM2: "internlm2"}
 SUPPORTED_LLM_ARCHITECTURES = tuple(LLM_KEYS)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-INDEX_FILE = "model.safetensors.index.json"
 
 VISION_FIELDS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
@@ -105,7 +104,7 @@ def load_original_config(original_dir):
     original_dir = Path(original_dir)
     if not original_dir.is_dir():
         raise OriginalCheckpointError(f"{original_dir} is not a directory")
-    path = original_dir / "config.json"
+    path = original_dir / CONFIG_FILE
     if not path.is_file():
         raise OriginalCheckpointError(f"{original_dir} has no config.json: not an original NaViL checkpoint folder")
     try:
@@ -128,7 +127,7 @@ def load_original_config(original_dir):
 def weight_files(original_dir):
     """The safetensors files of the checkpoint (from the shard index if there is one)."""
     original_dir = Path(original_dir)
-    index = original_dir / INDEX_FILE
+    index = original_dir / SAFETENSORS_INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
         files = sorted(set(weight_map.values()))
@@ -136,16 +135,7 @@ def weight_files(original_dir):
         if missing:
             raise OriginalCheckpointError(f"{index} lists shards that are not in the folder: {', '.join(missing)}")
         return [original_dir / f for f in files]
-    files = sorted(original_dir.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in original_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise OriginalCheckpointError(
-            f"{original_dir} holds only pickled PyTorch weights ({', '.join(pickles)}); refusing to unpickle them "
-            "(loading a pickle can run arbitrary code). Re-save the checkpoint as safetensors first."
-        )
-    raise OriginalCheckpointError(f"{original_dir} has no *.safetensors weights")
+    return safetensors_files(original_dir, OriginalCheckpointError)
 
 
 def load_original_state_dict(original_dir, progress=None):
@@ -161,7 +151,7 @@ def load_original_state_dict(original_dir, progress=None):
                 state_dict[key] = f.get_tensor(key)
                 if progress is not None:
                     progress()
-    index = Path(original_dir) / INDEX_FILE
+    index = Path(original_dir) / SAFETENSORS_INDEX
     if index.is_file():
         listed = set(json.loads(index.read_text()).get("weight_map", {}))
         if listed != set(state_dict):

@@ -24,16 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConversionError, PushError
+from .folders import (
+    CHAT_TEMPLATE_FILES,
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    PROCESSOR_CONFIGS,
+    SAFETENSORS_INDEX,
+    SINGLE_SAFETENSORS,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_VOCAB_FILES,
+    pickle_refusal,
+    pickled_files,
+)
 from .hub import AUTO_MAP, CODE_MODULES
 
 CODE_FILES = tuple(f"{name}.py" for name in CODE_MODULES)
 CONFIG_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
-TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of these + tokenizer_config.json
-PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SINGLE_SAFETENSORS = "model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Never uploaded: version control, caches (`.cache/huggingface` appears in folders downloaded with
 # `hf download --local-dir`), Python byte code, editor/OS droppings.
 IGNORE_PATTERNS = (
@@ -90,7 +97,7 @@ def check_folder(folder):
     if missing_code:
         problems.append(f"missing code file(s) {', '.join(missing_code)}")
 
-    config = _read_json(folder, "config.json", files, problems)
+    config = _read_json(folder, CONFIG_FILE, files, problems)
     config_ok = config is not None
     if config is not None:
         if config.get("model_type") != "navil":
@@ -106,7 +113,7 @@ def check_folder(folder):
 
     shards = _check_weight_files(folder, files, problems)
 
-    tokenizer_config = _read_json(folder, "tokenizer_config.json", files, problems)
+    tokenizer_config = _read_json(folder, TOKENIZER_CONFIG_FILE, files, problems)
     has_vocab = any(name in files for name in TOKENIZER_VOCAB_FILES)
     if not has_vocab:
         problems.append(f"no tokenizer vocabulary (one of {', '.join(TOKENIZER_VOCAB_FILES)})")
@@ -128,7 +135,7 @@ def check_folder(folder):
             "no chat template (chat_template.jinja, or chat_template in tokenizer_config.json / the processor config)"
         )
 
-    _read_json(folder, "generation_config.json", files, problems)
+    _read_json(folder, GENERATION_CONFIG_FILE, files, problems)
     readme = folder / "README.md"
     if "README.md" not in files:
         problems.append("missing model card README.md")
@@ -172,9 +179,9 @@ def _read_json(folder, name, files, problems):
 def _check_weight_files(folder, files, problems):
     """Pickled weights, index consistency. Returns {shard file: [tensor names the index assigns] or None}
     for the shards to compare with the model, or None when the weights are unusable."""
-    pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    pickled = pickled_files(files)
     if pickled:
-        problems.append(f"pickled weight files are refused (convert them to safetensors): {_listing(pickled)}")
+        problems.append(pickle_refusal(pickled))
     safetensors = sorted(f for f in files if f.endswith(".safetensors"))
     if SAFETENSORS_INDEX in files:
         try:

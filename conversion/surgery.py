@@ -11,10 +11,13 @@ Each function does one reshaping or algebraic step and has an exact inverse wher
 * `unfold_chained_projection` -- a least-squares inverse of the fold (recovers `W_ve` from the folded
   weight and `W`); approximate, so only for writing the original layout back, never for verification.
 
-All functions work on `meta` tensors too, which is how full-size key/shape maps are tested.
+All functions work on `meta` tensors too, which is how full-size key/shape maps are tested. The dtype
+helpers at the end say which dtype a checkpoint is stored in and cast to the one asked for.
 """
 
 import torch
+
+from .errors import ConversionError
 
 
 def _check_heads(num_heads, num_kv_heads):
@@ -92,3 +95,34 @@ def unfold_chained_projection(folded_weight, first_weight):
     # W2 @ W1 = F  <=>  W1^T @ W2^T = F^T
     solution = torch.linalg.lstsq(first_weight.double().T, folded_weight.double().T).solution
     return solution.T.to(folded_weight.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dtypes of stored tensors
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(state_dict):
+    """A checkpoint's floating dtype: the most common one by element count (float32 if none)."""
+    counts = {}
+    for tensor in state_dict.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def resolve_dtype(dtype, auto_dtype):
+    """A torch dtype as it is, `"auto"` (or `None`) as `auto_dtype` (the source's), otherwise a `DTYPES` name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return auto_dtype
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cast_floating(state_dict, dtype):
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}

@@ -417,9 +417,11 @@ def run_convert_to_original(args):
 
 def check_model_reference(model):
     """A local folder must exist and hold config.json; anything else is taken as a Hub repo id."""
+    from .conversion.folders import CONFIG_FILE
+
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / CONFIG_FILE).is_file():
             raise UsageError(f"{model} has no config.json: not a converted NaViL folder")
         return str(path)
     if path.exists():

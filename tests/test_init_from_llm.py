@@ -5,6 +5,7 @@ Every check is made independently of the converter's own verification: the writt
 through AutoModel/AutoProcessor and compared with the source model computed by transformers' classes."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -146,6 +147,11 @@ def test_errors(tmp_path, capsys):
     assert "unknown vision preset 'huge'" in error(source, tmp_path / "out", "--vision-preset", "huge")
     (tmp_path / "taken").mkdir()
     assert "--force" in error(source, tmp_path / "taken")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(source, pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.rename(weights.with_name("pytorch_model.bin"))  # transformers would unpickle it; we must not
+    assert "no safetensors weights; pickled weight files are refused (pytorch_model.bin)" in error(pickled, tmp_path / "out")
     config = json.loads((source / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (source / "tokenizer_config.json").write_text(json.dumps(config))
