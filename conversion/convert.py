@@ -32,6 +32,7 @@ import torch
 
 from .errors import ConversionError
 from .folders import (
+    CONFIG_FILE,
     LICENSE_FILES,
     TOKENIZER_FILES,
     check_output_dir,
@@ -60,6 +61,7 @@ from .original import (
     special_token_ids,
     weight_files,
 )
+from .schema import check_token_ids
 from .surgery import cast_floating, checkpoint_dtype, resolve_dtype
 from .tokenizer import load_tokenizer
 from .verify import check_reloaded_logits, in_memory_logits, verify_weights
@@ -75,10 +77,14 @@ class ConversionResult:
     verified: bool
     checks: dict = field(default_factory=dict)  # name -> short description of what was checked and the outcome
     seconds: float = 0.0
+    notices: list = field(default_factory=list)  # things left out of the folder on purpose (foreign code)
 
 
 def print_checks(result, file=None):
-    """One line per verification check of a conversion result (or that it was not verified)."""
+    """One line per verification check of a conversion result (or that it was not verified), after
+    one per notice (what was left out of the folder on purpose)."""
+    for notice in getattr(result, "notices", ()):
+        print(f"  notice: {notice}", file=file)
     for name, outcome in result.checks.items():
         print(f"  verified {name}: {outcome}", file=file)
     if not result.verified:
@@ -129,12 +135,14 @@ def _convert(
 ):  # fmt: skip
     start = time.perf_counter()
     original_dir = Path(original_dir)
-    out_dir = check_output_dir(out_dir, force)
+    out_dir = check_output_dir(out_dir, force, sources=(original_dir,))
     original_config = load_original_config(original_dir)
     arch = llm_architecture(original_config)
     files = weight_files(original_dir)
     tokenizer = load_tokenizer(original_dir, trust_remote_code)
-    config = convert_config(original_config, special_token_ids(tokenizer), fold_visual_output=fold_visual_output)
+    token_ids = special_token_ids(tokenizer)
+    check_token_ids(token_ids, original_config["llm_config"]["vocab_size"], original_dir / CONFIG_FILE)
+    config = convert_config(original_config, token_ids, fold_visual_output=fold_visual_output)
 
     num_tensors = count_tensors(files)
     with progress_bar(progress, total=num_tensors, desc="reading", unit="tensor") as bar:
@@ -158,7 +166,7 @@ def _convert(
     card = model_card(
         config, source=_source_name(original_dir), license=read_license(original_dir), dtype=target, verified=verify
     )
-    checks = {}
+    checks, notices = {}, []
     with staged_folder(out_dir, force) as tmp:
         steps = len(extra) + 7  # + weights, processor, 4 code files, README.md
         with progress_bar(progress, total=steps, desc="writing", unit="file") as bar:
@@ -173,6 +181,7 @@ def _convert(
                 extra_files=extra,
                 max_shard_size=max_shard_size,
                 progress=lambda description: bar.update(),
+                notices=notices,
             )
         num_written, num_original = len(model.state_dict()), len(original)
         if verify:
@@ -192,6 +201,7 @@ def _convert(
         verified=verify,
         checks=checks,
         seconds=time.perf_counter() - start,
+        notices=notices,
     )
 
 

@@ -3,14 +3,16 @@ safetensors-only rule (pickles are never loaded), lazy reading of written weight
 building a folder beside its destination and publishing it by renames."""
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -36,6 +38,68 @@ def pickle_refusal(names):
         f"pickled weight files are refused ({', '.join(names)}): loading a pickle can run arbitrary code; "
         "re-save the weights as safetensors"
     )
+
+
+def _plain_shard_name(name):
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and name == Path(name).name
+        and "\\" not in name
+        and not name.startswith(".")
+    )
+
+
+def shard_index(folder, error=ConversionError):
+    """The `weight_map` of `folder`'s safetensors index, validated before anything is opened: a JSON
+    object mapping tensor names to shard files that are plain names inside the folder (a path such as
+    `../x.safetensors` or `/etc/passwd` is refused)."""
+    path = Path(folder) / SAFETENSORS_INDEX
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not valid JSON: {first_line(e)}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(k, str) for k in weight_map):
+        raise error(f"{path} must hold a non-empty weight_map object mapping tensor names to shard files")
+    for shard in weight_map.values():
+        if not _plain_shard_name(shard):
+            raise error(
+                f"{path} names the shard {shard!r}: shards must be files inside the folder (a plain name "
+                "ending in .safetensors)"
+            )
+    return weight_map
+
+
+def read_safetensors(path, error=ConversionError, keys=None):
+    """Yield `(name, tensor)` from one safetensors file (all of it, or `keys`), refusing what is not a
+    readable safetensors file and tensors holding NaN or infinite values, with `error` naming the file."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys() if keys is None else keys:
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise error(f"{path}: tensor {key} holds NaN or infinite values")
+                yield key, tensor
+    except error:
+        raise
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types, and OSError
+        raise error(f"{path} is not a readable safetensors file: {first_line(e)}") from None
+
+
+def safetensors_keys(path, error=ConversionError):
+    """The tensor names in a safetensors file's header (nothing else is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 -- see read_safetensors
+        raise error(f"{path} is not a readable safetensors file: {first_line(e)}") from None
 
 
 def safetensors_files(folder, error=ConversionError):
@@ -79,29 +143,113 @@ def progress_bar(enabled, **kwargs):
     return tqdm(disable=not enabled, **kwargs)
 
 
-def check_output_dir(out_dir, force):
+# Our temporary folders are named `.{OUT_DIR name}.tmp-{pid}-{random}`: a later run can tell a folder of a
+# run that died (its process is gone) from one still being written.
+_TMP_INFIX = ".tmp-"
+
+
+def _contains(outer, inner):
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(out_dir, force, sources=(), replaces=("navil",)):
+    """Check that `out_dir` can be written (before any work), and clean up after interrupted runs.
+
+    `out_dir` may not exist yet (its parent must, writable); an existing one is replaced only with `force`,
+    only when it is empty or a NaViL folder whose config.json `model_type` is in `replaces`, and never when
+    it is, contains or lies inside one of `sources` (the folders being read)."""
     out_dir = Path(out_dir)
+    target = out_dir.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if _contains(target, source) or _contains(source, target):
+            where = "is" if target == source else ("contains" if _contains(target, source) else "lies inside")
+            raise ConversionError(f"{out_dir} {where} the source {source}; choose an OUT_DIR outside it")
+    parent = out_dir.parent
+    if not parent.is_dir():
+        raise ConversionError(f"the parent folder of {out_dir} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write in {parent} (permission denied): choose an OUT_DIR elsewhere")
+    clean_stale_temporaries(out_dir)
     if out_dir.exists() or out_dir.is_symlink():
-        if not out_dir.is_dir():
+        if out_dir.is_symlink() or not out_dir.is_dir():
             raise ConversionError(f"{out_dir} exists and is not a directory")
         if not force:
-            raise ConversionError(f"{out_dir} already exists; pass --force to replace it")
-    if not out_dir.parent.is_dir():
-        raise ConversionError(f"the parent folder of {out_dir} does not exist")
+            raise ConversionError(f"{out_dir} already exists; pass --force to replace it (everything in it is deleted)")
+        _check_replaceable(out_dir, replaces)
     return out_dir
+
+
+def _check_replaceable(out_dir, replaces):
+    """`--force` deletes what is in `out_dir`: only an empty folder or one of the kinds we write."""
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        model_type = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type not in replaces:
+        raise ConversionError(
+            f"{out_dir} is not empty and not a folder this command writes (no config.json with model_type "
+            f"{' or '.join(replaces)}); --force will not delete it: remove it yourself or choose another OUT_DIR"
+        )
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(out_dir, report=None):
+    """Remove the temporary folders that interrupted runs for `out_dir` left beside it (their process is
+    gone); folders of live runs are left alone. `report` (default: stderr) gets one line per removal."""
+    out_dir = Path(out_dir)
+    prefix = f".{out_dir.name}{_TMP_INFIX}"
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid, _, rest = entry.name[len(prefix) :].partition("-")
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if rest.startswith("old-") and not (out_dir.exists() or out_dir.is_symlink()):
+            # killed between the two renames of a --force publish (where no atomic swap exists)
+            os.rename(entry, out_dir)
+            print(f"restored {out_dir} from {entry.name}, left by an interrupted run", file=report or sys.stderr)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        print(f"removed {entry}, left by an interrupted run (process {pid})", file=report or sys.stderr)
+    return removed
 
 
 @contextlib.contextmanager
 def staged_folder(out_dir, force):
     """A temporary folder beside `out_dir` to build in. When the block finishes it gets the usual
-    permissions and is renamed into `out_dir` (`publish`); on any failure it is removed, so nothing
-    half-written is ever left. The copy of code files transformers caches for it is forgotten either way."""
+    permissions and is published under `out_dir`'s name (`publish`); on any failure it is removed, so
+    nothing half-written is ever left (a killed run's folder is removed by the next run for `out_dir`).
+    The copy of code files transformers caches for it is forgotten either way. A full disk or a
+    permission error while writing is reported as a `ConversionError` naming the file."""
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP_INFIX}{os.getpid()}-", dir=out_dir.parent))
     try:
-        yield tmp
-        _normalize_permissions(tmp)
-        publish(tmp, out_dir, force)
+        try:
+            yield tmp
+            _normalize_permissions(tmp)
+            publish(tmp, out_dir, force)
+        except OSError as e:
+            if e.errno in _USER_ERRNOS:
+                raise ConversionError(f"cannot write {e.filename or out_dir}: {e.strerror}") from e
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,26 +257,56 @@ def staged_folder(out_dir, force):
         forget_remote_module(tmp)
 
 
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _exchange(a, b):
+    """Atomically swap two paths (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or a filesystem without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def publish(tmp, out_dir, force):
-    """Move the finished folder `tmp` to `out_dir` (renames only; an existing `out_dir` is replaced
-    only with `force`, and restored if the move fails)."""
+    """Put the finished folder `tmp` under `out_dir`'s name, atomically: whenever the process dies,
+    `out_dir` is either the old complete folder or the new one. An existing `out_dir` is replaced only
+    with `force`: the two are swapped in one `renameat2(RENAME_EXCHANGE)` and the old one (now under the
+    temporary name) is deleted; where the kernel or filesystem cannot swap, two renames are used and a
+    failure between them restores the old folder."""
     tmp, out_dir = Path(tmp), Path(out_dir)
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.replace(tmp, out_dir)
-        return
-    if not force:
-        raise ConversionError(f"{out_dir} already exists; pass --force to replace it")
-    backup = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(out_dir, backup)
     try:
-        os.replace(tmp, out_dir)
+        os.rename(tmp, out_dir)  # fails if out_dir exists and is not empty
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            raise
+    if not force:
+        raise ConversionError(
+            f"{out_dir} already exists (written meanwhile by someone else); pass --force to replace it"
+        )
+    if _exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder, under the temporary name
+        return
+    backup = out_dir.with_name(f".{out_dir.name}{_TMP_INFIX}{os.getpid()}-old-{uuid.uuid4().hex[:8]}")
+    os.rename(out_dir, backup)
+    try:
+        os.rename(tmp, out_dir)
     except BaseException:
-        os.replace(backup, out_dir)
+        os.rename(backup, out_dir)
         raise
-    if backup.is_dir() and not backup.is_symlink():
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        backup.unlink()
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _normalize_permissions(folder):
@@ -166,7 +344,7 @@ class SafetensorsFolder:
         folder = Path(folder)
         index = folder / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = shard_index(folder)
         else:
             with safe_open(str(folder / SINGLE_SAFETENSORS), framework="pt") as f:
                 weight_map = {k: SINGLE_SAFETENSORS for k in f.keys()}
@@ -190,10 +368,4 @@ class SafetensorsFolder:
 
 
 def count_tensors(files):
-    from safetensors import safe_open
-
-    total = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            total += len(list(f.keys()))
-    return total
+    return sum(len(safetensors_keys(path)) for path in files)

@@ -88,6 +88,7 @@ def write_hub_folder(
     extra_files=(),
     max_shard_size="5GB",
     progress=None,
+    notices=None,
 ):
     """Write a folder that `AutoModel/AutoProcessor.from_pretrained(out_dir, trust_remote_code=True)` load.
 
@@ -104,8 +105,10 @@ def write_hub_folder(
             processor writes afterwards take precedence.
         max_shard_size: shard size of the safetensors weights.
         progress: optional callable `(description)` called after each step.
+        notices: a list that gets one line per foreign code reference dropped (`only_our_code`).
 
-    Returns the model that was saved.
+    Returns the model that was saved. The folder carries only our code: whatever `auto_map` the source
+    tokenizer had that points elsewhere is dropped.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,8 +141,55 @@ def write_hub_folder(
     if model_card is not None:
         (out_dir / "README.md").write_text(model_card, encoding="utf-8")
         step("README.md")
+    dropped = only_our_code(out_dir)
+    if notices is not None:
+        notices.extend(dropped)
     _check_auto_map(out_dir)
     return model
+
+
+def _our_reference(reference):
+    """Whether an `auto_map` value names only our code: `module.Class` with `module` a Hub file of ours (a
+    tokenizer's value is a [slow, fast] pair, either may be null). `repo--module.Class` is someone else's."""
+    refs = reference if isinstance(reference, (list, tuple)) else [reference]
+    named = [r for r in refs if r is not None]
+    return bool(named) and all(
+        isinstance(r, str) and "--" not in r and r.rpartition(".")[0] in CODE_MODULES for r in named
+    )
+
+
+def only_our_code(folder):
+    """Make a folder we wrote carry only our code: drop every `auto_map` entry of its JSON files that
+    points anywhere but our Hub files (e.g. a checkpoint tokenizer's own class, or a Hub repo's code), and
+    every `.py` file that is not one of ours. Returns one notice per thing dropped."""
+    folder = Path(folder)
+    ours = {path.name for path in code_files()}
+    notices = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if not isinstance(auto_map, dict):
+            continue
+        kept = {name: ref for name, ref in auto_map.items() if _our_reference(ref)}
+        if kept == auto_map:
+            continue
+        for name in sorted(set(auto_map) - set(kept)):
+            notices.append(
+                f"dropped {path.name} auto_map {name} -> {auto_map[name]!r}: converted folders carry only NaViL's code"
+            )
+        if kept:
+            data["auto_map"] = kept
+        else:
+            del data["auto_map"]
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for path in sorted(folder.glob("*.py")):
+        if path.name not in ours:
+            path.unlink()
+            notices.append(f"dropped {path.name}: converted folders carry only NaViL's code")
+    return notices
 
 
 def _check_auto_map(out_dir):

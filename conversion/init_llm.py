@@ -32,12 +32,13 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import ConversionError, VerificationError
+from .errors import ConversionError, VerificationError, first_line
 from .folders import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
     check_output_dir,
     progress_bar,
+    read_safetensors,
     safetensors_files,
     staged_folder,
     transformers_progress_bars,
@@ -118,6 +119,7 @@ class InitResult:
     verified: bool
     checks: dict = field(default_factory=dict)
     seconds: float = 0.0
+    notices: list = field(default_factory=list)  # foreign code left out of the folder
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,7 +205,15 @@ def _load_gguf(path):
         import gguf  # noqa: F401 -- transformers' GGUF loader needs it
     except ImportError:
         raise ConversionError(f"reading {path.name} needs the `gguf` package: pip install gguf accelerate") from None
-    model = _auto_causal_lm(str(path.parent), gguf_file=path.name)
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConversionError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        model = _auto_causal_lm(str(path.parent), gguf_file=path.name)
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the GGUF reader fails in many ways on a damaged file
+        raise ConversionError(f"cannot read the GGUF file {path}: {first_line(e)}") from None
     family = model.config.model_type
     if family not in FAMILIES:
         raise ConversionError(f"{path.name} holds a {family!r} model; supported: {', '.join(FAMILIES)}")
@@ -249,13 +259,11 @@ def _generation_config(src):
 
 
 def _read_safetensors(src, progress):
-    from safetensors.torch import load_file
-
     files = safetensors_files(src)
     state = {}
     with progress_bar(progress, total=len(files), desc="reading", unit="file") as bar:
         for path in files:
-            state.update({k: v.float() for k, v in load_file(str(path)).items()})
+            state.update({k: v.float() for k, v in read_safetensors(path)})
             bar.update()
     return state
 
@@ -474,14 +482,20 @@ def resolve_chat_template(source, chat_template):
                 f"{', '.join(CHAT_TEMPLATES)}"
             )
         return None, extend_chat_template(template)
+    check_chat_template_option(chat_template)
     if chat_template in CHAT_TEMPLATES:
         return chat_template, CHAT_TEMPLATES[chat_template]
-    path = Path(chat_template)
-    if not path.is_file():
+    return None, extend_chat_template(Path(chat_template).read_text(encoding="utf-8"))
+
+
+def check_chat_template_option(chat_template):
+    """`--chat-template` must name an original template or an existing file (None: the LLM's own)."""
+    from processing_navil import CHAT_TEMPLATES
+
+    if chat_template is not None and chat_template not in CHAT_TEMPLATES and not Path(chat_template).is_file():
         raise ConversionError(
             f"--chat-template {chat_template}: no such file nor template name ({', '.join(CHAT_TEMPLATES)})"
         )
-    return None, extend_chat_template(path.read_text(encoding="utf-8"))
 
 
 def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynamic_patch=256, max_dynamic_patch=24576):
@@ -631,8 +645,14 @@ def _init_from_llm(
     max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size,
 ):  # fmt: skip
     start = time.perf_counter()
-    out_dir = check_output_dir(out_dir, force)
-    vision_preset_config(vision_preset)  # an unknown preset fails before the (slow) load
+    out_dir = check_output_dir(out_dir, force, sources=(src,))
+    # Option mistakes fail before the (slow) load.
+    vision_preset_config(vision_preset)
+    check_chat_template_option(chat_template)
+    if min_dynamic_patch > max_dynamic_patch:
+        raise ConversionError(
+            f"--min-dynamic-patch ({min_dynamic_patch}) is larger than --max-dynamic-patch ({max_dynamic_patch})"
+        )
     source = load_source(src, trust_remote_code=trust_remote_code, progress=progress)
     target = resolve_dtype(dtype, source_dtype(source))
     model, config, processor, added = build_navil(
@@ -640,7 +660,7 @@ def _init_from_llm(
         min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch,
     )  # fmt: skip
     tokenizer = processor.tokenizer
-    checks, worst = {}, None
+    checks, worst, notices = {}, None, []
     if verify:
         new_ids = tokenizer.convert_tokens_to_ids(added)
         worst, checks["text parity"] = check_text_parity(model, source, tokenizer, new_ids, attn_implementation)
@@ -666,7 +686,7 @@ def _init_from_llm(
                 generation_config=build_generation_config(
                     tokenizer, text.eos_token_id, text.pad_token_id, text.bos_token_id
                 ), model_card=card,
-                max_shard_size=max_shard_size, progress=lambda description: bar.update(),
+                max_shard_size=max_shard_size, progress=lambda description: bar.update(), notices=notices,
             )  # fmt: skip
         if verify:
             inputs, expected = in_memory_logits(tmp, model, target, attn_implementation)
@@ -675,7 +695,7 @@ def _init_from_llm(
     return InitResult(
         out_dir=out_dir, config=config, family=family, vision_preset=vision_preset, dtype=target,
         parameters=parameters, added_tokens=added, text_max_abs_diff=worst, verified=verify, checks=checks,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, notices=notices,
     )  # fmt: skip
 
 

@@ -34,8 +34,9 @@ from configuration_navil import (
 )
 
 from .errors import ConversionError
-from .folders import CONFIG_FILE, SAFETENSORS_INDEX, safetensors_files
+from .folders import CONFIG_FILE, SAFETENSORS_INDEX, read_safetensors, safetensors_files, shard_index
 from .keymap import INTERNLM2, LLM_KEYS, QWEN3, KeyMismatchError, match_source, rules_for
+from .schema import validate_original_config
 
 ORIGINAL_MODEL_TYPE = "navil_chat"
 ORIGINAL_ARCHITECTURES = ["NaViL"]
@@ -111,6 +112,8 @@ def load_original_config(original_dir):
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise OriginalCheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise OriginalCheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type != ORIGINAL_MODEL_TYPE:
         hint = " (this folder is already in our format)" if model_type == NaViLConfig.model_type else ""
@@ -118,46 +121,41 @@ def load_original_config(original_dir):
             f"{path} has model_type {model_type!r}, expected {ORIGINAL_MODEL_TYPE!r} "
             f"(an original OpenGVLab NaViL checkpoint){hint}"
         )
-    for section in ("vision_config", "llm_config"):
-        if not isinstance(config.get(section), dict):
-            raise OriginalCheckpointError(f"{path} has no {section} section")
+    validate_original_config(config, path)
     return config
 
 
 def weight_files(original_dir):
     """The safetensors files of the checkpoint (from the shard index if there is one)."""
     original_dir = Path(original_dir)
-    index = original_dir / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+    if (original_dir / SAFETENSORS_INDEX).is_file():
+        files = sorted(set(shard_index(original_dir, OriginalCheckpointError).values()))
         missing = [f for f in files if not (original_dir / f).is_file()]
         if missing:
-            raise OriginalCheckpointError(f"{index} lists shards that are not in the folder: {', '.join(missing)}")
+            raise OriginalCheckpointError(
+                f"{original_dir / SAFETENSORS_INDEX} lists shards that are not in the folder: {', '.join(missing)}"
+            )
         return [original_dir / f for f in files]
     return safetensors_files(original_dir, OriginalCheckpointError)
 
 
 def load_original_state_dict(original_dir, progress=None):
     """All tensors of the checkpoint, by original key. `progress(n)` is called per tensor read."""
-    from safetensors import safe_open
-
+    original_dir = Path(original_dir)
     state_dict = {}
     for path in weight_files(original_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key in state_dict:
-                    raise OriginalCheckpointError(f"tensor {key} appears in more than one shard (again in {path.name})")
-                state_dict[key] = f.get_tensor(key)
-                if progress is not None:
-                    progress()
-    index = Path(original_dir) / SAFETENSORS_INDEX
-    if index.is_file():
-        listed = set(json.loads(index.read_text()).get("weight_map", {}))
+        for key, tensor in read_safetensors(path, OriginalCheckpointError):
+            if key in state_dict:
+                raise OriginalCheckpointError(f"tensor {key} appears in more than one shard (again in {path.name})")
+            state_dict[key] = tensor
+            if progress is not None:
+                progress()
+    if (original_dir / SAFETENSORS_INDEX).is_file():
+        listed = set(shard_index(original_dir, OriginalCheckpointError))
         if listed != set(state_dict):
             raise OriginalCheckpointError(
-                f"{index} does not match the shards: listed but absent: {sorted(listed - set(state_dict))[:10]}, "
-                f"present but unlisted: {sorted(set(state_dict) - listed)[:10]}"
+                f"{original_dir / SAFETENSORS_INDEX} does not match the shards: listed but absent: "
+                f"{sorted(listed - set(state_dict))[:10]}, present but unlisted: {sorted(set(state_dict) - listed)[:10]}"
             )
     return state_dict
 

@@ -13,6 +13,7 @@ with exit code 1.
 """
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -39,6 +40,9 @@ def build_parser():
 
     parser = _Parser(prog="navil", description="NaViL checkpoints: convert, chat, publish.")
     parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an internal error, show the Python traceback instead of one line"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     convert = commands.add_parser(
@@ -423,6 +427,17 @@ def check_model_reference(model):
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise UsageError(f"{model} has no config.json: not a converted NaViL folder")
+        try:
+            model_type = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"{path / CONFIG_FILE} is not a JSON object: {e}") from None
+        if model_type == "navil_chat":
+            raise UsageError(
+                f"{model} is an original NaViL checkpoint: convert it first (`navil convert {model} OUT_DIR`), "
+                "then chat with --model OUT_DIR"
+            )
+        if model_type != "navil":
+            raise UsageError(f"{model} holds a {model_type!r} model, not a converted NaViL folder (model_type navil)")
         return str(path)
     if path.exists():
         raise UsageError(f"{model} is not a folder")
@@ -566,16 +581,30 @@ def main(argv=None):
     try:
         return args.handler(args)
     except (UsageError, ConversionError) as e:
-        print(f"navil {args.command}: error: {e}", file=sys.stderr)
+        print(f"navil {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except VerificationError as e:
         out = getattr(args, "out_dir", None)
         suffix = f"; nothing was written to {out}" if out else ""
-        print(f"navil {args.command}: verification failed: {e}{suffix}", file=sys.stderr)
+        print(f"navil {args.command}: verification failed: {_one_line(e)}{suffix}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"navil {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"navil {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+            "(run `navil --debug ...` for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+def _one_line(error):
+    """An error message on one line (messages from libraries may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

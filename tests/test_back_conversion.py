@@ -318,7 +318,7 @@ def test_errors(tmp_path, capsys, round_trip):
     assert_usage_error(capsys, ["convert", "--to-original", empty, out], "has no config.json", "not a converted")
     assert_usage_error(capsys, ["convert", "--to-original", str(tmp_path / "nowhere"), out], "is not a directory")
     assert_usage_error(capsys, ["convert", "--to-original", ours, str(round_trip["back"])], "already exists", "--force")
-    assert_usage_error(capsys, ["convert", "--to-original", ours, ours, "--force"], "another folder")
+    assert_usage_error(capsys, ["convert", "--to-original", ours, ours, "--force"], "is the source", "outside it")
     assert_usage_error(capsys, ["convert", str(checkpoint("qwen3")), out, "--approximate"], "--to-original only")
     assert_usage_error(capsys, ["convert", "--to-original", ours, out, "--fold-visual-output", "--dtype", "float16"],
                        "--fold-visual-output, --dtype cannot be combined with --to-original")  # fmt: skip
@@ -332,6 +332,7 @@ def test_errors(tmp_path, capsys, round_trip):
 def test_force_replaces_and_failed_verification_writes_nothing(tmp_path, monkeypatch, round_trip):
     out = tmp_path / "original"
     out.mkdir()
+    (out / "config.json").write_text('{"model_type": "navil_chat"}')  # an original-layout folder: replaceable
     (out / "stale.txt").write_text("old")
     convert_to_original(round_trip["ours"], out, force=True, progress=False)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()

@@ -499,6 +499,7 @@ def test_existing_output_is_refused_without_force(tmp_path):
 def test_force_replaces_the_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text('{"model_type": "navil"}')  # a NaViL folder: --force may replace it
     (out / "stale.txt").write_text("old")
     convert_checkpoint(checkpoint("qwen3"), out, force=True, verify=False)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
@@ -517,6 +518,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, existing):
     out = tmp_path / "out"
     if existing:
         out.mkdir()
+        (out / "config.json").write_text('{"model_type": "navil"}')
         (out / "keep.txt").write_text("mine")
 
     def broken(*args, **kwargs):
@@ -526,7 +528,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, existing):
     with pytest.raises(VerificationError, match="simulated"):
         convert_checkpoint(checkpoint("internlm2"), out, force=True)
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
     else:
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])

@@ -151,7 +151,9 @@ def test_errors(tmp_path, capsys):
     shutil.copytree(source, pickled)
     for weights in pickled.glob("*.safetensors"):
         weights.rename(weights.with_name("pytorch_model.bin"))  # transformers would unpickle it; we must not
-    assert "no safetensors weights; pickled weight files are refused (pytorch_model.bin)" in error(pickled, tmp_path / "out")
+    assert "no safetensors weights; pickled weight files are refused (pytorch_model.bin)" in error(
+        pickled, tmp_path / "out"
+    )
     config = json.loads((source / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (source / "tokenizer_config.json").write_text(json.dumps(config))
