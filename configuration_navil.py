@@ -266,6 +266,23 @@ class NaViLConfig(PretrainedConfig):
                 f"special_token_ids must list {len(SPECIAL_TOKENS)} ids ({' '.join(SPECIAL_TOKENS)}), "
                 f"got {len(special_token_ids)}"
             )
+        named_ids = {
+            "image_token_id": image_token_id,
+            "image_start_token_id": image_start_token_id,
+            "image_end_token_id": image_end_token_id,
+            "image_line_break_token_id": image_line_break_token_id,
+            "image_frame_break_token_id": image_frame_break_token_id,
+            **{
+                f"special_token_ids[{i}] ({t})": v
+                for i, (t, v) in enumerate(zip(SPECIAL_TOKENS, special_token_ids or []))
+            },
+        }
+        for name, value in named_ids.items():
+            if value is not None and not 0 <= int(value) < text_config.vocab_size:
+                raise ValueError(
+                    f"{name} is {value}, outside the vocabulary (text_config.vocab_size {text_config.vocab_size}): "
+                    "the tokenizer and the model disagree"
+                )
         self.downsample_ratio = downsample_ratio
         self.special_token_ids = None if special_token_ids is None else [int(i) for i in special_token_ids]
         self.image_token_id = image_token_id

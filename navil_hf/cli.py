@@ -477,7 +477,7 @@ def run_chat(args):
     try:
         model = AutoModel.from_pretrained(model_ref, trust_remote_code=True, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model_ref, trust_remote_code=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing files, or a config that contradicts itself
         raise UsageError(f"cannot load {model_ref}: {str(e).splitlines()[0]}") from None
     model = model.to(device).eval()
     if device.type == "cpu" and model.dtype in (torch.float16,):

@@ -330,6 +330,15 @@ def test_chat_on_an_unconverted_checkpoint_says_convert_it(capsys):
     assert "original NaViL checkpoint" in err and "navil convert" in err
 
 
+def test_a_converted_folder_whose_token_ids_exceed_the_vocabulary_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert navil(["convert", "--no-verify", "-q", str(checkpoint()), str(out)]) == 0
+    vocab = json.loads((out / "config.json").read_text())["text_config"]["vocab_size"]
+    edit_json(out / "config.json", lambda c: c.update(image_token_id=vocab + 5))
+    err = usage_error(capsys, "chat", "--model", out, "hi")
+    assert "image_token_id" in err and "outside the vocabulary" in err
+
+
 def test_internal_errors_are_one_line_with_exit_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyError("something internal")
