@@ -1,9 +1,11 @@
 """`navil convert`: an original OpenGVLab NaViL checkpoint (SPEC §7) -> a Hub-ready folder (API.md).
 
-Steps: read the original config and every safetensors shard; check the tensor names and shapes against
-what the config implies; map the config and the tensors (`keymap.py`, `surgery.py`); write the folder
-into a temporary directory beside the output; verify it; only then move it into place. On any failure
-the temporary directory is removed and nothing is written.
+Steps: read the original config and the safetensors headers; check the tensor names and shapes against
+what the config implies, and plan which rule (`keymap.py`, `surgery.py`) makes each of our tensors --
+all before any tensor is read. Then stream: each rule's tensors are read, converted, cast and added to
+the output shard being filled, so memory holds one shard (`--max-shard-size`) and one layer, whatever
+the checkpoint's size. The folder is written into a temporary directory beside the output, verified,
+and only then published under the output's name (atomically). On any failure nothing is written.
 
 InternLM2's visual tokens get the chained output projection `wo_ve(wo(x))` (SPEC §8.2). By default it is
 kept chained (`text_config.chain_visual_output=True`, `wo_ve` renamed to a hidden->hidden `o_proj_ve`), so
@@ -11,16 +13,18 @@ the conversion is exact both ways and `navil convert --to-original` (`back.py`) 
 bit for bit. `--fold-visual-output` (inference-only deployments) stores one `o_proj_ve = W_ve @ W` instead
 (float64 product; one matmul less per visual token); a folded folder cannot be converted back exactly.
 
-Verification (`--verify`, the default):
+Verification (`--verify`, the default), every step streamed:
 
-1. every original tensor is consumed by the key map (checked during conversion);
+1. every original tensor is consumed by the key map (checked on the names, before reading);
 2. converting the *written* weights back to the original layout reproduces every original tensor bit
    for bit (in the output dtype); with `--fold-visual-output` the InternLM2 folded `o_proj_ve` has no
    exact inverse, so there the fold of the original `wo_ve`, `wo` must equal the written tensor bit for bit;
-3. the written safetensors hold exactly the in-memory model's tensors (bitwise);
-4. the written tokenizer encodes a probe text like the original tokenizer;
+3. each written shard, read back, holds exactly the converted tensors (bitwise), and the written names
+   and shapes are the model's;
+4. the written tokenizer loads without any code of its own and encodes a probe text like the original;
 5. the folder, loaded through `AutoModel`/`AutoProcessor.from_pretrained(..., trust_remote_code=True)`
-   with no missing or unexpected weights, gives the same logits as the in-memory model on a short chat
+   with no missing or unexpected weights and every weight left on disk (accelerate's offload), gives
+   the same logits as our model fed module by module from the original checkpoint, on a short chat
    prompt with one small image.
 """
 
@@ -35,36 +39,30 @@ from .folders import (
     CONFIG_FILE,
     LICENSE_FILES,
     TOKENIZER_FILES,
+    SafetensorsFolder,
+    ShardWriter,
     check_output_dir,
-    count_tensors,
     progress_bar,
     staged_folder,
     transformers_progress_bars,
 )
-from .hub import (
-    build_generation_config,
-    build_processor,
-    model_card,
-    model_from_state_dict,
-    read_license,
-    write_hub_folder,
-)
-from .keymap import convert_state_dict
+from .hub import build_generation_config, build_processor, model_card, read_license, write_hub_folder
+from .keymap import convert_rule, plan_conversion, rule_targets, rules_for_config
 from .original import (
+    OriginalCheckpointError,
     check_original_state_dict,
     convert_config,
     embedding_key,
     llm_architecture,
     lm_head_key,
     load_original_config,
-    load_original_state_dict,
     special_token_ids,
     weight_files,
 )
 from .schema import check_token_ids
-from .surgery import cast_floating, checkpoint_dtype, resolve_dtype
+from .surgery import checkpoint_dtype_of_headers, resolve_dtype
 from .tokenizer import load_tokenizer
-from .verify import check_reloaded_logits, in_memory_logits, verify_weights
+from .verify import check_offloaded_logits, verify_streamed
 
 
 @dataclass
@@ -144,19 +142,12 @@ def _convert(
     check_token_ids(token_ids, original_config["llm_config"]["vocab_size"], original_dir / CONFIG_FILE)
     config = convert_config(original_config, token_ids, fold_visual_output=fold_visual_output)
 
-    num_tensors = count_tensors(files)
-    with progress_bar(progress, total=num_tensors, desc="reading", unit="tensor") as bar:
-        original = load_original_state_dict(original_dir, progress=bar.update)
-    check_original_state_dict({k: tuple(v.shape) for k, v in original.items()}, original_config)
-    with progress_bar(progress, total=len(original), desc="converting", unit="tensor") as bar:
-        converted = convert_state_dict(original, arch, config.text_config, progress=bar.update)
-    _tie_lm_head(original, converted, original_config, config)
-
-    target = resolve_dtype(dtype, checkpoint_dtype(original))
+    original = SafetensorsFolder.from_files(files, OriginalCheckpointError, check_finite=True)
+    check_original_state_dict(original.shapes(), original_config)  # names and shapes, from the headers
+    plan = plan_conversion(original.keys(), rules_for_config(arch, config.text_config))
+    _check_tied_head(original, original_config, config)
+    target = resolve_dtype(dtype, checkpoint_dtype_of_headers(original))
     config.dtype = target
-    model = model_from_state_dict(cast_floating(converted, target), config)
-    model.config._attn_implementation = attn_implementation
-    del converted
 
     try:
         processor = build_processor(tokenizer, config)
@@ -166,12 +157,20 @@ def _convert(
     card = model_card(
         config, source=_source_name(original_dir), license=read_license(original_dir), dtype=target, verified=verify
     )
+    converted = ConvertedWeights(original, plan, config, target)
     checks, notices = {}, []
     with staged_folder(out_dir, force) as tmp:
-        steps = len(extra) + 7  # + weights, processor, 4 code files, README.md
+        # The weights, streamed: one rule's tensors read, converted and cast at a time, one shard held.
+        writer = ShardWriter(tmp, max_shard_size, verify=verify)
+        with progress_bar(progress, total=len(converted), desc="converting", unit="tensor") as bar:
+            for name in converted.written_keys():
+                writer.add(name, converted[name])
+                bar.update()
+            num_written = writer.close()
+        steps = len(extra) + 7  # + config, processor, 4 code files, README.md
         with progress_bar(progress, total=steps, desc="writing", unit="file") as bar:
             write_hub_folder(
-                model,
+                None,
                 config,
                 tokenizer,
                 tmp,
@@ -179,30 +178,67 @@ def _convert(
                 generation_config=build_generation_config(tokenizer),
                 model_card=card,
                 extra_files=extra,
-                max_shard_size=max_shard_size,
                 progress=lambda description: bar.update(),
                 notices=notices,
             )
-        num_written, num_original = len(model.state_dict()), len(original)
         if verify:
-            checks = verify_weights(tmp, original, original_config, config, model, tokenizer, target, progress)
-            inputs, expected_logits = in_memory_logits(tmp, model, target, attn_implementation)
-        del model, original  # the reloaded model below must not double the memory
-        if verify:
-            checks["logits"] = check_reloaded_logits(tmp, inputs, expected_logits, target, attn_implementation)
+            checks = verify_streamed(tmp, original, original_config, config, tokenizer, target, progress)
+            checks["written = converted"] = f"{num_written} written tensors equal the converted ones bit for bit"
+            checks["logits"] = check_offloaded_logits(tmp, converted, config, target, attn_implementation)
         if _before_publish is not None:  # test hook: simulate a failure between verification and publishing
             _before_publish(tmp)
     return ConversionResult(
         out_dir=out_dir,
         config=config,
         dtype=target,
-        num_original_tensors=num_original,
+        num_original_tensors=len(original),
         num_written_tensors=num_written,
         verified=verify,
         checks=checks,
         seconds=time.perf_counter() - start,
         notices=notices,
     )
+
+
+class ConvertedWeights:
+    """Our layout as a lazy mapping over the original checkpoint: `converted[our key]` reads the original
+    tensors its rule needs, converts them and casts them to `dtype`. A tied LM head is the embedding
+    (and is not written: `written_keys`)."""
+
+    def __init__(self, original, plan, config, dtype):
+        self.original, self.config, self.dtype = original, config, dtype
+        self._rule_of = {}
+        for key, rule, bindings in plan:
+            for target in rule_targets(rule, bindings):
+                self._rule_of[target] = (key, rule, bindings)
+        self.tied = bool(config.tie_word_embeddings)
+        if self.tied:
+            self._rule_of.pop(LM_HEAD, None)
+
+    def written_keys(self):
+        return list(self._rule_of)
+
+    def keys(self):
+        return [*self._rule_of, *([LM_HEAD] if self.tied else [])]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self._rule_of)
+
+    def __contains__(self, key):
+        return key in self._rule_of or (self.tied and key == LM_HEAD)
+
+    def __getitem__(self, name):
+        if self.tied and name == LM_HEAD:
+            name = EMBEDDINGS
+        key, rule, bindings = self._rule_of[name]
+        tensor = convert_rule(rule, bindings, key, self.original, self.config.text_config)[name]
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+LM_HEAD, EMBEDDINGS = "lm_head.weight", "model.language_model.embed_tokens.weight"
 
 
 GENERIC_FOLDER_NAMES = ("checkpoint", "checkpoints", "model", "weights", "hf", "original")
@@ -216,7 +252,7 @@ def _source_name(original_dir):
     return path.name
 
 
-def _tie_lm_head(original, converted, original_config, config):
+def _check_tied_head(original, original_config, config):
     """A tied checkpoint may omit its LM head: ours then shares the embedding. If it has one, it must
     equal the embedding."""
     if not config.tie_word_embeddings:
@@ -224,4 +260,3 @@ def _tie_lm_head(original, converted, original_config, config):
     head, embed = lm_head_key(original_config), embedding_key(original_config)
     if head in original and not torch.equal(original[head], original[embed]):
         raise ConversionError(f"llm_config.tie_word_embeddings is true but {head} differs from {embed}; fix the config")
-    converted["lm_head.weight"] = converted["model.language_model.embed_tokens.weight"]

@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 from .errors import ConversionError, first_line
@@ -135,6 +136,23 @@ def transformers_progress_bars(enabled):
     finally:
         if not enabled and not bars_were_disabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings that are noise to a conversion: AutoTokenizer reading config.json (model_type
+    navil_chat or navil, InternLM2's legacy rope_scaling key), "parameters on the meta device" when a
+    check offloads on purpose."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def progress_bar(enabled, **kwargs):
@@ -336,20 +354,55 @@ def forget_remote_module(folder):
 
 
 class SafetensorsFolder:
-    """Read-only mapping over the safetensors weights of a folder; tensors are read on access."""
+    """Read-only mapping over safetensors weights; a tensor is read only when it is looked up, so
+    conversions and checks stream tensor by tensor whatever the checkpoint's size.
 
-    def __init__(self, folder):
+    `SafetensorsFolder(folder)` reads a folder (its index, or `model.safetensors`); `from_files` takes
+    the files themselves (an original checkpoint's shards). With `check_finite`, a tensor holding NaN
+    or infinite values is refused when read. Errors are `error`, naming the file."""
+
+    def __init__(self, folder, error=ConversionError, check_finite=False):
+        folder = Path(folder)
+        if (folder / SAFETENSORS_INDEX).is_file():
+            weight_map = {k: folder / v for k, v in shard_index(folder, error).items()}
+            files = sorted(set(weight_map.values()))
+        else:
+            files = [folder / SINGLE_SAFETENSORS]
+            weight_map = None
+        self._init(files, weight_map, error, check_finite)
+
+    @classmethod
+    def from_files(cls, files, error=ConversionError, check_finite=False):
+        self = cls.__new__(cls)
+        self._init([Path(f) for f in files], None, error, check_finite)
+        return self
+
+    def _init(self, files, weight_map, error, check_finite):
         from safetensors import safe_open
 
-        folder = Path(folder)
-        index = folder / SAFETENSORS_INDEX
-        if index.is_file():
-            weight_map = shard_index(folder)
-        else:
-            with safe_open(str(folder / SINGLE_SAFETENSORS), framework="pt") as f:
-                weight_map = {k: SINGLE_SAFETENSORS for k in f.keys()}
-        self._weight_map = weight_map
-        self._handles = {name: safe_open(str(folder / name), framework="pt") for name in set(weight_map.values())}
+        self._error, self._check_finite = error, check_finite
+        self._handles, self._weight_map = {}, {}
+        for path in files:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+                names = list(self._handles[path].keys())
+            except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types, and OSError
+                raise error(f"{path} is not a readable safetensors file: {first_line(e)}") from None
+            for name in names:
+                if weight_map is None and name in self._weight_map:
+                    raise error(f"tensor {name} appears in more than one shard (again in {path.name})")
+                if weight_map is None or weight_map.get(name) == path:
+                    self._weight_map[name] = path
+        if weight_map is not None and set(weight_map) != set(self._weight_map):
+            listed, present = set(weight_map), set(self._weight_map)
+            raise error(
+                f"{SAFETENSORS_INDEX} does not match the shards: listed but absent: {sorted(listed - present)[:10]}, "
+                f"present but unlisted: {sorted(present - listed)[:10]}"
+            )
+
+    @property
+    def files(self):
+        return list(self._handles)
 
     def keys(self):
         return self._weight_map.keys()
@@ -363,8 +416,91 @@ class SafetensorsFolder:
     def __contains__(self, key):
         return key in self._weight_map
 
+    def file_of(self, key):
+        return self._weight_map[key]
+
+    def _slice(self, key):
+        return self._handles[self._weight_map[key]].get_slice(key)
+
+    def shape(self, key):
+        return tuple(self._slice(key).get_shape())
+
+    def shapes(self):
+        """{name: shape} from the headers (no tensor data is read)."""
+        return {key: self.shape(key) for key in self._weight_map}
+
+    def dtype_name(self, key):
+        return self._slice(key).get_dtype()  # "F32", "BF16", ...
+
     def __getitem__(self, key):
-        return self._handles[self._weight_map[key]].get_tensor(key)
+        import torch
+
+        path = self._weight_map[key]
+        try:
+            tensor = self._handles[path].get_tensor(key)
+        except Exception as e:  # noqa: BLE001 -- a truncated file fails only here
+            raise self._error(f"{path}: cannot read tensor {key}: {first_line(e)}") from None
+        if self._check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise self._error(f"{path}: tensor {key} holds NaN or infinite values")
+        return tensor
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_size` as they come (named and indexed
+    as `save_pretrained` names them), so a conversion holds one shard at a time. Each shard is read back
+    after writing and compared bit for bit with what was given (`verify`)."""
+
+    def __init__(self, folder, max_shard_size="5GB", verify=True, metadata=None):
+        from transformers.utils.hub import convert_file_size_to_int
+
+        self.folder, self.verify = Path(folder), verify
+        self.limit = convert_file_size_to_int(max_shard_size)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending, self._pending_bytes, self._shards, self._total = {}, 0, [], 0
+        self.names = []
+
+    def add(self, name, tensor):
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.limit:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self._total += size
+        self.names.append(name)
+
+    def _flush(self):
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        if self.verify:  # one tensor at a time: the shard is not held twice
+            with safe_open(str(path), framework="pt") as f:
+                for name, tensor in self._pending.items():
+                    got = f.get_tensor(name)
+                    if got.dtype != tensor.dtype or got.shape != tensor.shape or not got.equal(tensor):
+                        from .errors import VerificationError
+
+                        raise VerificationError(f"written weights: {name} differs from the converted tensor")
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self):
+        """Write the last shard and name the shards; returns the number of tensors written."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            os.rename(self._shards[0][0], self.folder / SINGLE_SAFETENSORS)
+            return len(self.names)
+        weight_map = {}
+        for number, (path, names) in enumerate(self._shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.rename(path, self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return len(self.names)
 
 
 def count_tensors(files):

@@ -93,7 +93,8 @@ def write_hub_folder(
     """Write a folder that `AutoModel/AutoProcessor.from_pretrained(out_dir, trust_remote_code=True)` load.
 
     Args:
-        model_or_state_dict: a `NaViLForConditionalGeneration` or a state dict in our key layout.
+        model_or_state_dict: a `NaViLForConditionalGeneration`, a state dict in our key layout, or `None`
+            when the caller has written the weights into `out_dir` itself (streaming conversions).
         config: the `NaViLConfig` (gets `auto_map` and `architectures`).
         tokenizer: the tokenizer (saved through the processor).
         out_dir: target folder (created; existing files are overwritten -- callers write into a fresh
@@ -121,13 +122,19 @@ def write_hub_folder(
     config.auto_map = dict(AUTO_MAP)
     config.architectures = list(ARCHITECTURES)
     model = model_or_state_dict
-    if isinstance(model_or_state_dict, dict):
-        model = model_from_state_dict(model_or_state_dict, config)
-    model.config.auto_map = dict(AUTO_MAP)
-    model.config.architectures = list(ARCHITECTURES)
-    model.generation_config = generation_config or build_generation_config(tokenizer)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    step("weights, config.json, generation_config.json")
+    generation_config = generation_config or build_generation_config(tokenizer)
+    if model is None:  # the weights are in `out_dir` already (written shard by shard)
+        config.save_pretrained(out_dir)
+        generation_config.save_pretrained(out_dir)
+        step("config.json, generation_config.json")
+    else:
+        if isinstance(model_or_state_dict, dict):
+            model = model_from_state_dict(model_or_state_dict, config)
+        model.config.auto_map = dict(AUTO_MAP)
+        model.config.architectures = list(ARCHITECTURES)
+        model.generation_config = generation_config
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+        step("weights, config.json, generation_config.json")
 
     from processing_navil import save_processor
 

@@ -258,6 +258,17 @@ def _apply(rule, bindings, key, original, text_config):
     return sources, dict(zip(_format(rule.targets, bindings), outputs))
 
 
+def convert_rule(rule, bindings, key, original, text_config):
+    """{our key: tensor} that `rule` (matched to the original `key` with `bindings`) produces, reading
+    its inputs from `original` (any mapping, lazy ones included)."""
+    return _apply(rule, bindings, key, original, text_config)[1]
+
+
+def rule_targets(rule, bindings):
+    """Our keys `rule` produces for `bindings` (no tensor is read)."""
+    return _format(rule.targets, bindings)
+
+
 def convert_tensor(key, original, llm_architecture, text_config):
     """{our key: tensor} produced from the original tensor `key` (plus the extra inputs its rule needs,
     looked up in `original`); empty for a dropped key."""
@@ -278,28 +289,53 @@ def convert_state_dict(original, llm_architecture, text_config, progress=None):
 def apply_rules(original, rules, text_config, progress=None, layout="the original NaViL layout"):
     """`original` through compiled `rules` (every key must match one; `layout` names them in errors).
     `text_config` gives the head counts the wqkv split needs."""
-    converted, consumed, unmatched = {}, set(), []
-    for key in original:
+    converted = {}
+    for target, tensor in iter_converted(original, rules, text_config, progress, layout):
+        converted[target] = tensor
+    return converted
+
+
+def plan_conversion(keys, rules, layout="the original NaViL layout"):
+    """Match every original key to its rule by name only (no tensor is read): `[(key, rule, bindings)]`
+    for the keys that produce tensors, in `keys` order. Raises `KeyMismatchError` on a key no rule
+    matches, a tensor a rule needs that is absent, a tensor nothing uses, or two keys with one target."""
+    keys = list(keys)
+    present = set(keys)
+    plan, consumed, unmatched, targets = [], set(), [], set()
+    for key in keys:
         rule, bindings = match_source(rules, key)
         if rule is None:
             unmatched.append(key)
             continue
         consumed.add(key)
-        if rule.targets:
-            sources, outputs = _apply(rule, bindings, key, original, text_config)
-            consumed.update(sources)
-            for target, tensor in outputs.items():
-                if target in converted:
-                    raise KeyMismatchError(f"two original tensors map to {target} (second: {key})")
-                converted[target] = tensor
-        if progress is not None:
-            progress()
+        if not rule.targets:
+            continue
+        sources = _format(rule.sources, bindings)
+        missing = [s for s in sources if s not in present]
+        if missing:
+            raise KeyMismatchError(f"{key} needs {_list(missing)}, which the checkpoint lacks")
+        consumed.update(sources)
+        for target in _format(rule.targets, bindings):
+            if target in targets:
+                raise KeyMismatchError(f"two original tensors map to {target} (second: {key})")
+            targets.add(target)
+        plan.append((key, rule, bindings))
     if unmatched:
         raise KeyMismatchError(f"unexpected keys (not in {layout}): {_list(unmatched)}")
-    leftover = set(original) - consumed
+    leftover = present - consumed
     if leftover:  # cannot happen with consistent tables; kept as the "every tensor used" guarantee
         raise KeyMismatchError(f"original tensors not used by the conversion: {_list(leftover)}")
-    return converted
+    return plan
+
+
+def iter_converted(original, rules, text_config, progress=None, layout="the original NaViL layout"):
+    """Original-layout tensors -> ours, one rule at a time: yields `(our key, tensor)`. `original` may be
+    a lazy mapping (tensors are read when their rule runs); every name is checked before the first read
+    (`plan_conversion`). `progress()` is called once per original key that produces tensors."""
+    for key, rule, bindings in plan_conversion(original.keys(), rules, layout):
+        yield from _apply(rule, bindings, key, original, text_config)[1].items()
+        if progress is not None:
+            progress()
 
 
 def iter_original_tensors(state_dict, llm_architecture, text_config, exact_only=False):

@@ -15,6 +15,8 @@ All functions work on `meta` tensors too, which is how full-size key/shape maps 
 helpers at the end say which dtype a checkpoint is stored in and cast to the one asked for.
 """
 
+import math
+
 import torch
 
 from .errors import ConversionError
@@ -110,6 +112,19 @@ def checkpoint_dtype(state_dict):
     for tensor in state_dict.values():
         if tensor.is_floating_point():
             counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype_of_headers(weights):
+    """`checkpoint_dtype` of a lazy safetensors mapping (`SafetensorsFolder`), from the headers alone."""
+    counts = {}
+    for key in weights.keys():
+        dtype = SAFETENSORS_DTYPES.get(weights.dtype_name(key))
+        if dtype is not None:
+            counts[dtype] = counts.get(dtype, 0) + math.prod(weights.shape(key))
     return max(counts, key=counts.get) if counts else torch.float32
 
 

@@ -1,36 +1,17 @@
 """Tokenizers of the folders we read and write: loading one (its own code only with consent) and
 checking a written tokenizer against the one it came from."""
 
-import contextlib
-import warnings
 from pathlib import Path
 
 from .errors import ConversionError, VerificationError, first_line
+from .folders import TOKENIZER_VOCAB_FILES, quiet_transformers
 
 PROBE_TEXT = "Describe the image.\n<|im_start|>user\n<img><IMG_CONTEXT></img> 1+1=2, ünïcödé 中文"
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """AutoTokenizer reads config.json too and warns about it (model_type navil_chat or navil, InternLM2's
-    legacy rope_scaling key): noise about a file the tokenizer does not use."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
-            yield
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 def load_tokenizer(original_dir, trust_remote_code=False):
     """The tokenizer of a folder we read; its own code runs only with `trust_remote_code`."""
     from transformers import AutoTokenizer
-
-    from .folders import TOKENIZER_VOCAB_FILES
 
     if not any((Path(original_dir) / name).is_file() for name in TOKENIZER_VOCAB_FILES):
         raise ConversionError(
@@ -38,7 +19,7 @@ def load_tokenizer(original_dir, trust_remote_code=False):
             "tokenizer_config.json)"
         )
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(original_dir), trust_remote_code=trust_remote_code)
     except Exception as e:
         hint = "" if trust_remote_code else " (if it needs its own code, pass --trust-remote-code)"
@@ -50,7 +31,7 @@ def check_tokenizer(folder, tokenizer):
 
     # A written tokenizer needs no code: whatever it loads with must come from transformers itself.
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             reloaded = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise VerificationError(

@@ -5,7 +5,7 @@ reloaded through `AutoModel`."""
 import torch
 
 from .errors import VerificationError
-from .folders import SafetensorsFolder, progress_bar
+from .folders import SafetensorsFolder, progress_bar, quiet_transformers
 from .keymap import convert_tensor, iter_original_tensors, match_source, rules_for
 from .original import llm_architecture, lm_head_key
 from .tokenizer import check_tokenizer
@@ -22,6 +22,64 @@ def verify_weights(folder, original, original_config, config, model, tokenizer, 
         "written = in memory": check_written_equals_model(written, model),
         "tokenizer": check_tokenizer(folder, tokenizer),
     }
+
+
+def verify_streamed(folder, original, original_config, config, tokenizer, dtype, progress=False):
+    """The weight and tokenizer checks of a streamed conversion on its written folder (the module
+    docstring's 1, 2 and 4; written = converted is checked as the shards are written): every tensor is
+    read lazily, so nothing is held whole. Returns {check: description}."""
+    written = SafetensorsFolder(folder)
+    return {
+        "round trip": check_round_trip(written, original, original_config, config, dtype, progress),
+        "names and shapes": check_written_matches_model(written, config),
+        "tokenizer": check_tokenizer(folder, tokenizer),
+    }
+
+
+def meta_model(config, dtype):
+    """Our model for `config` with no memory behind its weights (the meta device), in `dtype`."""
+    from modeling_navil import NaViLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = NaViLForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def check_written_matches_model(written, config):
+    """The written tensors are exactly the model's weights (a tied LM head left out), with its shapes."""
+    state = meta_model(config, torch.float32).state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(state) - set(written.keys()))
+    unexpected = sorted(set(written.keys()) - set(state))
+    if missing or unexpected:
+        raise VerificationError(f"written weights: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    for key in written.keys():
+        if written.shape(key) != tuple(state[key].shape):
+            raise VerificationError(
+                f"written weights: {key} has shape {written.shape(key)}, the model {tuple(state[key].shape)}"
+            )
+    return f"{len(state)} tensors, the model's names and shapes"
+
+
+def check_offloaded_logits(folder, weights, config, dtype, attn_implementation):
+    """Logits on the probe prompt, two ways that never hold the whole model: our model with its weights
+    taken module by module from `weights` (the conversion's lazy view of the original checkpoint), and
+    the folder loaded through `AutoModel` with every weight left on disk (no missing/unexpected
+    weights). They must be identical."""
+    from accelerate import cpu_offload
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    inputs = dict(probe_inputs(processor))
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    model = meta_model(config, dtype)
+    model.config._attn_implementation = attn_implementation
+    cpu_offload(model, execution_device="cpu", state_dict=weights)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    del model
+    return check_reloaded_logits(folder, inputs, expected, dtype, attn_implementation, offload=True)
 
 
 def same_tensor(a, b):
@@ -109,28 +167,44 @@ def in_memory_logits(folder, model, dtype, attn_implementation):
         return inputs, model(**inputs).logits
 
 
-def check_reloaded_logits(folder, inputs, expected, dtype, attn_implementation):
-    """The folder loaded through `AutoModel` (no missing/unexpected weights) must give exactly `expected`."""
+def check_reloaded_logits(folder, inputs, expected, dtype, attn_implementation, offload=False):
+    """The folder loaded through `AutoModel` (no missing/unexpected weights) must give exactly `expected`.
+    With `offload`, every weight stays in the folder's safetensors files and is read module by module
+    during the forward (accelerate's disk offload), so the check costs one layer's memory."""
+    import tempfile
+
     from transformers import AutoModel
 
-    reloaded, info = AutoModel.from_pretrained(
-        str(folder),
-        trust_remote_code=True,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        output_loading_info=True,
-    )
-    problems = {k: v for k, v in info.items() if v}
-    if problems:
-        raise VerificationError(f"AutoModel.from_pretrained reported {problems}")
-    if type(reloaded).__name__ != "NaViLForConditionalGeneration":
-        raise VerificationError(f"AutoModel loaded {type(reloaded).__name__}, expected NaViLForConditionalGeneration")
-    with torch.no_grad():
-        got = reloaded.eval()(**inputs).logits
+    offload_kwargs = {}
+    scratch = None
+    if offload:
+        scratch = tempfile.TemporaryDirectory(prefix="navil-offload-")
+        offload_kwargs = {"device_map": {"": "disk"}, "offload_folder": scratch.name}
+    with quiet_transformers():
+        reloaded, info = AutoModel.from_pretrained(
+            str(folder),
+            trust_remote_code=True,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            **offload_kwargs,
+        )
+        problems = {k: v for k, v in info.items() if v}
+        if problems:
+            raise VerificationError(f"AutoModel.from_pretrained reported {problems}")
+        if type(reloaded).__name__ != "NaViLForConditionalGeneration":
+            raise VerificationError(
+                f"AutoModel loaded {type(reloaded).__name__}, expected NaViLForConditionalGeneration"
+            )
+        with torch.no_grad():
+            got = reloaded.eval()(**inputs).logits
+    del reloaded
+    if scratch is not None:
+        scratch.cleanup()
     if got.shape != expected.shape or not torch.equal(got, expected):
         diff = (got.float() - expected.float()).abs().max().item() if got.shape == expected.shape else float("nan")
         raise VerificationError(
-            f"logits of the reloaded folder differ from the in-memory model (max abs diff {diff:g}, shapes "
+            f"logits of the reloaded folder differ from the converted model (max abs diff {diff:g}, shapes "
             f"{tuple(got.shape)} vs {tuple(expected.shape)})"
         )
     return f"identical logits {tuple(got.shape)} on a {inputs['input_ids'].shape[1]}-token prompt with one image"

@@ -524,7 +524,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, existing):
     def broken(*args, **kwargs):
         raise VerificationError("logits differ (simulated)")
 
-    monkeypatch.setattr(convert_module, "check_reloaded_logits", broken)
+    monkeypatch.setattr(convert_module, "check_offloaded_logits", broken)
     with pytest.raises(VerificationError, match="simulated"):
         convert_checkpoint(checkpoint("internlm2"), out, force=True)
     if existing:
@@ -534,9 +534,27 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, existing):
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
 
 
+def test_small_shards_stream_and_verify(tmp_path):
+    # One shard per few tensors: the streamed writer names and indexes them as save_pretrained does, and
+    # the sharded folder holds exactly the tensors of the single-file one.
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    convert_checkpoint(checkpoint("internlm2"), single)
+    result = convert_checkpoint(checkpoint("internlm2"), sharded, max_shard_size="20KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert {p.name for p in sharded.glob("*.safetensors")} == set(shards)
+    whole = load_file(single / "model.safetensors")
+    parts = {}
+    for shard in shards:
+        parts.update(load_file(sharded / shard))
+    assert parts.keys() == whole.keys() and all(torch.equal(parts[k], whole[k]) for k in whole)
+    assert "identical logits" in result.checks["logits"]
+
+
 def test_corrupted_written_weights_fail_the_round_trip(tmp_path, monkeypatch):
     """Tamper with one tensor between writing and verifying: the round trip must notice."""
-    real = convert_module.verify_weights
+    real = convert_module.verify_streamed
 
     def tamper(folder, *args, **kwargs):
         path = Path(folder) / "model.safetensors"
@@ -547,7 +565,7 @@ def test_corrupted_written_weights_fail_the_round_trip(tmp_path, monkeypatch):
         save_file(tensors, str(path), metadata={"format": "pt"})
         return real(folder, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "verify_weights", tamper)
+    monkeypatch.setattr(convert_module, "verify_streamed", tamper)
     out = tmp_path / "out"
     with pytest.raises(VerificationError, match=r"round trip: .*layers\.1\.attention\.wqkv_ve\.weight"):
         convert_checkpoint(checkpoint("internlm2"), out)
