@@ -15,10 +15,34 @@ checkpoint would leave a half-published model. With one commit the repository ch
 not at all. Files the Hub already holds with the same content are skipped by huggingface_hub itself; a
 push of an unchanged folder makes no commit. The token comes from `token=` or huggingface_hub's own
 resolution (`HF_TOKEN`, then the saved login) and is never printed.
+
+A hostile or broken Hub cannot make a push hang or lie about its outcome:
+
+- Every HTTP request of the push (API calls, LFS uploads, the check below) has a timeout (`timeout=`,
+  else the `NAVIL_PUSH_TIMEOUT` environment variable, else `DEFAULT_TIMEOUT` seconds). huggingface_hub
+  has none of its own for uploads (its client is created with `timeout=None`; `HF_HUB_ETAG_TIMEOUT` and
+  `HF_HUB_DOWNLOAD_TIMEOUT` only cover downloads), so for the duration of the push its shared client is
+  made by a wrapper of its client factory (`set_client_factory`) that gives each request without a
+  timeout this one. The limit is per network operation (connecting, each read, each write), not for a
+  whole upload, so large files are not cut off. A request that times out ends the push at once with a
+  `PushError` naming the timeout and the request (huggingface_hub's retries, meant for transient errors,
+  would multiply the wait on a Hub that hangs); HTTP errors and dropped connections are still retried
+  where huggingface_hub retries them. Uploads through Xet (`hf_xet`) do not use this client.
+- The commit carries a unique id (`navil-push-id: ...` in its description). When the commit request
+  fails -- an error status, a dropped connection, a timeout -- the branch's history is read back and
+  searched for that id, down to the commit the push was based on. A commit that was applied although
+  the answer was an error counts as a success (`PushResult.warning` says what happened; it is also logged
+  as a warning); otherwise `PushError` says whether nothing was committed (verified), whether no commit
+  was there when checked although the Hub never answered (so it may still appear), or that it could not
+  be determined, with the URL of the branch's commits to look at.
 """
 
 import json
+import logging
+import math
 import os
+import re
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +78,14 @@ IGNORE_PATTERNS = (
 # so transformers cannot pick up stale weights beside the new ones.
 STALE_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json") + PICKLE_SUFFIXES + (".bin.index.json",)
 MAX_LISTED = 8
+TIMEOUT_ENV = "NAVIL_PUSH_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0  # seconds without progress on one request (connect, a read, a write)
+PUSH_ID_PREFIX = "navil-push-id: "
+MAX_HISTORY_PAGES = 20  # pages of the branch history read back to look for a commit after a failed push
+_COMMIT_PATH = re.compile(r"/api/models/[^/]+/[^/]+/commit/.+$")  # POST: the commit request
+_TIMEOUT_KINDS = ("connect", "read", "write", "pool")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +98,9 @@ class PushResult:
     repo_url: str
     files: list = field(default_factory=list)  # paths in the folder that were part of the push
     deleted: list = field(default_factory=list)  # stale remote weight files removed by the commit
+    # set when the commit was applied although the commit request failed (e.g. the Hub answered 500
+    # after committing, or never answered): found in the branch history afterwards
+    warning: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,6 +366,7 @@ def push_folder(
     token=None,
     progress=True,
     endpoint=None,
+    timeout=None,
 ):
     """Check `folder` (`validate_folder`) and upload it to the model repo `repo_id` as one commit.
 
@@ -343,13 +379,18 @@ def push_folder(
         token: a Hub token; `None` uses huggingface_hub's resolution (`HF_TOKEN`, then the saved login).
         progress: show huggingface_hub's progress bars (enabled for the call even if disabled elsewhere).
         endpoint: Hub URL; `None` uses huggingface_hub's configuration (`HF_ENDPOINT`).
+        timeout: seconds any one network operation of the push (connect, a read, a write) may take before
+            the push fails; `None` uses `NAVIL_PUSH_TIMEOUT`, else `DEFAULT_TIMEOUT` (60 s).
 
-    Returns a `PushResult`. Raises `ConversionError` for an incomplete folder or bad arguments (nothing
-    is sent) and `PushError` when the Hub rejects or the upload fails (no commit is made).
+    Returns a `PushResult` (with `warning` set when the commit was applied although the commit request
+    failed). Raises `ConversionError` for an incomplete folder or bad arguments (nothing is sent) and
+    `PushError` when the Hub rejects or the upload fails; its message says whether nothing was committed,
+    or, when that could not be verified, where to look.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     folder = Path(folder)
+    timeout = resolve_timeout(timeout)
     if not folder.is_dir():
         raise ConversionError(f"{folder} is not a directory")
     check_push_target(repo_id, token)
@@ -357,7 +398,9 @@ def push_folder(
     files = folder_files(folder)
     api = HfApi(endpoint=endpoint, token=token, library_name="navil")
     message = commit_message or f"Upload {folder.resolve().name} with navil"
-    with _progress_bars(progress), _scrubbed_errors(repo_id, token):
+    push_id = uuid.uuid4().hex
+    sent = _Requests()
+    with _progress_bars(progress), _request_timeout(timeout, sent), _scrubbed_errors(repo_id, token):
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         repo_id = repo_url.repo_id or repo_id
         info = api.repo_info(repo_id)
@@ -373,12 +416,35 @@ def push_folder(
         stale = sorted(p for p in remote if p.endswith(STALE_WEIGHT_SUFFIXES) and p not in files)
         operations = [CommitOperationDelete(path_in_repo=p) for p in stale]
         operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=folder / p) for p in files]
-        commit = api.create_commit(
-            repo_id,
-            operations,
-            commit_message=message,
-            revision=revision,
-            parent_commit=info.sha,  # fail rather than overwrite a commit made since we looked
+        failure = applied = None
+        try:
+            commit = api.create_commit(
+                repo_id,
+                operations,
+                commit_message=message,
+                commit_description=f"{PUSH_ID_PREFIX}{push_id}",  # to recognise the commit after a failure
+                revision=revision,
+                parent_commit=info.sha,  # fail rather than overwrite a commit made since we looked
+            )
+        except Exception as e:  # whatever broke: re-raised at once unless the commit request went out
+            if not sent.commit:
+                raise  # it never did: nothing was committed
+            failure = e
+        if failure is not None:  # outside the except block: the PushError it may raise carries no traceback of e
+            applied = _commit_outcome(api, repo_id, revision or "main", info.sha, push_id, failure, token)
+    if applied is not None:
+        oid, warning = applied
+        logger.warning(warning)
+        return PushResult(
+            repo_id=repo_id,
+            revision=revision or "main",
+            commit_url=_commit_url(api, repo_id, oid),
+            commit_oid=oid,
+            changed=True,
+            repo_url=str(repo_url),
+            files=files,
+            deleted=stale,
+            warning=warning,
         )
     return PushResult(
         repo_id=repo_id,
@@ -390,6 +456,224 @@ def push_folder(
         files=files,
         deleted=stale,
     )
+
+
+def resolve_timeout(timeout=None):
+    """The push timeout in seconds: `timeout`, else `NAVIL_PUSH_TIMEOUT`, else `DEFAULT_TIMEOUT`.
+    Raises `ConversionError` for a value that is not a positive finite number."""
+    source = "timeout"
+    if timeout is None:
+        text = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not text:
+            return DEFAULT_TIMEOUT
+        source, timeout = TIMEOUT_ENV, text
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConversionError(f"{source} must be a positive number of seconds, got {timeout!r}")
+    return value
+
+
+class _Requests:
+    """What the push has sent (filled in by the request hook of `_request_timeout`)."""
+
+    def __init__(self):
+        self.commit = False  # a commit request went out (it may or may not have been applied)
+
+    def saw(self, request):
+        if request.method == "POST" and _COMMIT_PATH.search(request.url.path):
+            self.commit = True
+
+
+class _HubTimeout(Exception):
+    """A request of the push got no progress within the timeout. Deliberately not an HTTP-library exception:
+    huggingface_hub retries those (up to 5 times, with pauses), which would multiply the wait on a Hub
+    that hangs; this one ends the push at once."""
+
+    def __init__(self, request, kind, seconds):
+        self.request, self.kind, self.seconds = request, kind, seconds
+        what = {"connect": "could not connect", "write": "could not send the request", "pool": "no free connection"}
+        super().__init__(
+            f"{what.get(kind, 'no answer')} within the {seconds:g} s timeout ({request.method} "
+            f"{str(request.url).split('?')[0]}; set it with timeout= or {TIMEOUT_ENV})"
+        )
+
+
+@contextmanager
+def _request_timeout(timeout, sent):
+    """For the block, every request huggingface_hub makes through its shared HTTP client that has no timeout
+    of its own gets `timeout` seconds (per network operation), is reported to `sent`, and a timeout raises
+    `_HubTimeout` instead of being retried.
+
+    huggingface_hub passes `timeout=None` explicitly in some calls (`repo_info`, paginated listings), which
+    would override a client default, so the limit is set on each request, in a request hook. The client
+    factory in place before (the default one, or the user's) makes the client; the hook and the timeout
+    guard are added to it, and that factory is restored afterwards."""
+    from huggingface_hub.utils import _http, set_client_factory
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+    timeout_error = _httpx().TimeoutException
+    kinds = {"ConnectTimeout": "connect", "WriteTimeout": "write", "PoolTimeout": "pool"}
+
+    def hook(request):
+        limits = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            kind: timeout if limits.get(kind) is None else limits[kind] for kind in _TIMEOUT_KINDS
+        }
+        sent.saw(request)
+
+    def factory():
+        client = previous()
+        hooks = client.event_hooks
+        client.event_hooks = {"request": [*hooks.get("request", []), hook], "response": hooks.get("response", [])}
+        send = client.send
+
+        def guarded_send(request, *args, **kwargs):
+            try:
+                return send(request, *args, **kwargs)
+            except timeout_error as e:
+                kind = kinds.get(type(e).__name__, "read")
+                seconds = (request.extensions.get("timeout") or {}).get(kind)
+                raise _HubTimeout(request, kind, seconds if isinstance(seconds, (int, float)) else timeout) from e
+
+        client.send = guarded_send  # `request`, `get`, `post`, `stream` all go through `send`
+        return client
+
+    set_client_factory(factory)  # closes the current shared client: the next request gets one from `factory`
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def _commit_url(api, repo_id, oid):
+    return f"{api.endpoint}/{repo_id}/commit/{oid}"
+
+
+def _commits_url(api, repo_id, revision):
+    from urllib.parse import quote
+
+    return f"{api.endpoint}/{repo_id}/commits/{quote(revision, safe='')}"
+
+
+def _find_push(api, repo_id, revision, parent, push_id):
+    """Read the branch history back, newest first, down to `parent` (the commit the push was based on).
+    Returns the sha of the commit carrying `push_id`, or None when the history since `parent` holds none.
+    Raises `LookupError` when `parent` is not reached, and whatever the requests raise."""
+    from urllib.parse import quote
+
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = f"{api.endpoint}/api/models/{repo_id}/commits/{quote(revision, safe='')}"
+    headers = build_hf_headers(token=api.token, library_name="navil")
+    for _ in range(MAX_HISTORY_PAGES):  # no retries here: one try per page, each under the push timeout
+        response = get_session().get(url, headers=headers)
+        hf_raise_for_status(response)
+        for item in response.json():
+            text = f"{item.get('title') or ''}\n{item.get('message') or ''}"
+            if push_id in text:
+                return item["id"]
+            if item.get("id") == parent:
+                return None
+        url = response.links.get("next", {}).get("url")
+        if not url:
+            break
+    raise LookupError(f"the history of {revision} read back does not reach the commit the push started from")
+
+
+def _commit_outcome(api, repo_id, revision, parent, push_id, error, token):
+    """After a failed commit request: (sha, warning) when the commit was applied anyway; otherwise raise the
+    `PushError` that says truthfully what is known."""
+    detail = _failure_detail(error, token)
+    answered = _http_status(error)
+    commits = _commits_url(api, repo_id, revision)
+    try:
+        oid = _find_push(api, repo_id, revision, parent, push_id)
+    except Exception as check:  # noqa: BLE001 -- the check failed too: say so, never guess
+        why = _failure_detail(check, token)
+        raise PushError(
+            f"push to {repo_id} failed ({detail}); could not determine whether the commit was applied "
+            f"(reading the history of {revision} back failed: {why}): check {commits}"
+        ) from None
+    if oid is not None:
+        if answered is not None:
+            how = f"the Hub answered HTTP {answered}"
+        elif _timeout_of(error) is not None and _timeout_of(error).kind == "read":
+            how = f"the Hub did not answer within the {_timeout_of(error).seconds:g} s timeout"
+        else:
+            how = f"the commit request got no answer ({detail})"
+        return oid, f"{repo_id}: the commit was applied ({oid}) although {how}: {_commit_url(api, repo_id, oid)}"
+    if answered is not None:
+        raise PushError(
+            f"push to {repo_id} failed ({detail}); nothing was committed (checked afterwards: the history of "
+            f"{revision} has no commit of this push)"
+        )
+    raise PushError(
+        f"push to {repo_id} failed ({detail}); no commit of this push was on {revision} when checked right after, "
+        f"but the Hub never answered the commit request and may still apply it: check {commits}"
+    )
+
+
+def _chain(error, limit):
+    """`error` and its causes (explicit or implicit), `limit` at most. The causes of a timeout or a network
+    error of the HTTP library are its internals (the same message again): the chain stops there."""
+    httpx = _httpx()
+    seen = []
+    while error is not None and len(seen) < limit and error not in seen:
+        seen.append(error)
+        if isinstance(error, (_HubTimeout, httpx.RequestError)):
+            break
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _httpx():
+    """The HTTP library huggingface_hub runs on (`httpx2` from its 2.x releases, `httpx` in 1.x)."""
+    from huggingface_hub.utils import _http
+
+    return getattr(_http, "httpx2", None) or _http.httpx
+
+
+def _http_status(error):
+    """The HTTP status of the answer behind `error`, or None when no answer came."""
+    for e in _chain(error, limit=8):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _timeout_of(error):
+    return next((e for e in _chain(error, limit=8) if isinstance(e, _HubTimeout)), None)
+
+
+def _describe(error):
+    """One line for one exception of the chain; network errors name the request that failed."""
+    line = _first_line(error)
+    if isinstance(error, _httpx().RequestError):
+        try:
+            request = error.request
+        except RuntimeError:  # no request attached
+            return line
+        url = str(request.url).split("?")[0]
+        if url not in line:
+            line = f"{line.rstrip('.')} ({request.method} {url})"
+    return line
+
+
+def _failure_detail(error, token):
+    """The first lines of `error` and its causes (3 at most, repeats left out), the token scrubbed."""
+    causes = []
+    for seen in _chain(error, limit=8):
+        line = _describe(seen)
+        if line not in causes and len(causes) < 3:
+            causes.append(line)
+    detail = ": ".join(causes)
+    for secret in _secrets(token):
+        detail = detail.replace(secret, "***")
+    return detail
 
 
 @contextmanager
@@ -413,22 +697,15 @@ def _progress_bars(enabled):
 
 @contextmanager
 def _scrubbed_errors(repo_id, token):
-    """Turn any failure of the Hub calls into one `PushError` line that never contains the token."""
+    """Turn any failure of the Hub calls before the commit request into one `PushError` line that never
+    contains the token."""
     try:
         yield
     except (PushError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 -- HTTP errors, network errors, LFS errors, bad Hub answers
-        causes, seen = [], e
-        while seen is not None and len(causes) < 3:
-            line = _first_line(seen)
-            if line not in causes:
-                causes.append(line)
-            seen = seen.__cause__ or seen.__context__
-        detail = ": ".join(causes)
-        for secret in _secrets(token):
-            detail = detail.replace(secret, "***")
-        raise PushError(f"push to {repo_id} failed ({detail}); nothing was committed") from None
+        # only failures before the commit request was sent get here (see push_folder): nothing was committed
+        raise PushError(f"push to {repo_id} failed ({_failure_detail(e, token)}); nothing was committed") from None
 
 
 def _secrets(token):

@@ -7,8 +7,18 @@ must run with `HF_HUB_DISABLE_XET`), so files go through plain LFS or inline in 
 Answers follow the real Hub where the client depends on them: the preupload endpoint returns each file's
 upload mode and, for files already on the revision, their `oid` (sha256 for LFS files, git blob sha1 for
 regular ones), which is what lets the client skip unchanged files; 404s carry `X-Error-Code`; a 409 on
-repo creation carries the repo `url`. Every request is recorded (method, path, Authorization header),
-and one LFS object can be made to fail (HTTP 500, or the connection dropped) to test interrupted uploads.
+repo creation carries the repo `url`. Every request is recorded (method, path, Authorization header).
+
+Hostile modes, to test interrupted and lost pushes:
+- `fail_lfs_upload(sha256, how)`: the PUT of one LFS object answers HTTP 500 or drops the connection.
+- `fail_commit(how, apply=True)`: the commit endpoint applies the commit (or, with `apply=False`, does not)
+  and then answers HTTP 500 (`"500"`), drops the connection without an answer (`"drop"`) or never answers
+  (`"hang"`).
+- `hang_requests(pattern=None)`: requests whose `"METHOD /path"` matches the regex (every request when
+  `None`) are accepted and never answered: the handler waits, without reading the body, until the server
+  stops. Each hung request is recorded in `state.hung` as (method, path, `time.monotonic()` of arrival).
+The commit history of a branch is served as `list_repo_commits` reads it (`/api/models/R/commits/REV`,
+newest first, with each commit's title and full message), in one page.
 """
 
 import base64
@@ -16,6 +26,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -48,10 +59,11 @@ class Entry:
 class Commit:
     oid: str
     parent: str | None
-    message: str
+    message: str  # the summary (first line)
     files: dict  # path -> Entry (the whole tree at this commit)
     added: list = field(default_factory=list)  # paths sent in the commit payload
     deleted: list = field(default_factory=list)
+    description: str = ""
 
 
 @dataclass
@@ -98,15 +110,19 @@ class HubState:
         self.create_payloads = []
         self.fail_lfs = {}  # sha256 -> "500" | "drop"
         self.lfs_put_attempts = {}  # sha256 -> count
+        self.commit_failure = None  # (how: "500" | "drop" | "hang", apply: bool) or None
+        self.hang = None  # compiled regex on "METHOD /path" of requests never to answer, or None
+        self.hung = []  # (method, path, time.monotonic()) of each request left unanswered
+        self.released = threading.Event()  # set when the server stops: hung handlers return
         self.base_url = None
 
-    def new_commit(self, repo, parent, message, files, added=(), deleted=()):
+    def new_commit(self, repo, parent, message, files, added=(), deleted=(), description=""):
         digest = hashlib.sha1()
         digest.update(f"{parent}\n{message}\n".encode())
         for path in sorted(files):
             digest.update(f"{path} {files[path].blob_oid}\n".encode())
         digest.update(str(len(repo.commits)).encode())
-        commit = Commit(digest.hexdigest(), parent, message, files, sorted(added), sorted(deleted))
+        commit = Commit(digest.hexdigest(), parent, message, files, sorted(added), sorted(deleted), description)
         repo.commits[commit.oid] = commit
         return commit
 
@@ -115,6 +131,10 @@ class HubError(Exception):
     def __init__(self, status, message, code=None, extra=None):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
+
+
+class NoAnswer(Exception):
+    """Raised by a handler that has dealt with the connection itself (dropped it, or left it unanswered)."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -155,6 +175,8 @@ class Handler(BaseHTTPRequestHandler):
         path, query = url.path, parse_qs(url.query)
         with state.lock:
             state.requests.append((method, path, self.headers.get("Authorization")))
+        if state.hang is not None and state.hang.fullmatch(f"{method} {path}"):
+            return self._no_answer("hang", method, path)  # accepted, body left unread, never answered
         body = self._body()
         try:
             if path.startswith("/__lfs/"):
@@ -166,10 +188,30 @@ class Handler(BaseHTTPRequestHandler):
                     status, payload = handler(self, body=body, query=query, **match.groupdict())
                     return self._send(status, payload)
             raise HubError(404, f"no route for {method} {path}")
+        except NoAnswer:
+            return
         except HubError as e:
             headers = {"X-Error-Code": e.code} if e.code else {}
             headers["X-Error-Message"] = e.message
             self._send(e.status, {"error": e.message, **e.extra}, headers)
+
+    def _no_answer(self, how, method=None, path=None):
+        """Drop the connection at once (`"drop"`) or after the server stops (`"hang"`), with no answer."""
+        self.close_connection = True
+        if how == "hang":
+            with self.state.lock:
+                self.state.hung.append((method or self.command, path or urlsplit(self.path).path, time.monotonic()))
+            self.state.released.wait()
+        try:
+            self.connection.shutdown(2)
+        except OSError:
+            pass
+
+    def _fail_commit(self, how):
+        if how == "500":
+            raise HubError(500, "Internal Error (injected)")
+        self._no_answer(how)
+        raise NoAnswer
 
     def do_GET(self):
         self._handle("GET")
@@ -234,6 +276,19 @@ class Handler(BaseHTTPRequestHandler):
             "private": repo.private,
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
         }
+
+    def commits(self, repo, revision, **_):
+        repo = self._repo(repo)
+        return 200, [
+            {
+                "id": c.oid,
+                "title": c.message,
+                "message": c.message + (f"\n\n{c.description}" if c.description else ""),
+                "authors": [{"user": USER}],
+                "date": "2025-01-01T00:00:00.000Z",
+            }
+            for c in repo.history(self._branch(repo, revision))
+        ]
 
     def tree(self, repo, revision, **_):
         repo = self._repo(repo)
@@ -312,6 +367,9 @@ class Handler(BaseHTTPRequestHandler):
         header = lines[0]
         if header.get("key") != "header":
             raise HubError(400, "the first ndjson line must be the header")
+        how, apply = self.state.commit_failure or (None, True)
+        if how is not None and not apply:
+            self._fail_commit(how)
         with self.state.lock:
             branch = self._branch(repo, revision)
             head = repo.head(branch)
@@ -335,8 +393,11 @@ class Handler(BaseHTTPRequestHandler):
                     deleted.append(value["path"])
                 else:
                     raise HubError(400, f"unsupported commit operation {key}")
-            commit = self.state.new_commit(repo, head.oid, header["value"]["summary"], files, added, deleted)
+            summary, description = header["value"]["summary"], header["value"].get("description") or ""
+            commit = self.state.new_commit(repo, head.oid, summary, files, added, deleted, description)
             repo.branches[branch] = commit.oid
+        if how is not None:
+            self._fail_commit(how)  # applied, and then the answer is an error or none
         url = f"{self.state.base_url}/{repo.repo_id}/commit/{commit.oid}"
         return 200, {"success": True, "commitOid": commit.oid, "commitUrl": url}
 
@@ -347,6 +408,7 @@ ROUTES = [
     (("GET", rf"/api/models/{REPO}"), Handler.repo_info),
     (("GET", rf"/api/models/{REPO}/revision/(?P<revision>[^/]+)"), Handler.repo_info),
     (("GET", rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)"), Handler.tree),
+    (("GET", rf"/api/models/{REPO}/commits/(?P<revision>[^/]+)"), Handler.commits),
     (("POST", r"/api/validate-yaml"), Handler.validate_yaml),
     (("POST", rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)"), Handler.preupload),
     (("POST", rf"/{REPO}\.git/info/lfs/objects/batch"), Handler.lfs_batch),
@@ -377,6 +439,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc):
+        self.state.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -389,3 +452,12 @@ class HubServer:
 
     def fail_lfs_upload(self, sha256, how="500"):
         self.state.fail_lfs[sha256] = how
+
+    def fail_commit(self, how="500", apply=True):
+        """Every commit request is applied (or not) and then answered badly: `how` is "500", "drop" or "hang"."""
+        assert how in ("500", "drop", "hang"), how
+        self.state.commit_failure = (how, apply)
+
+    def hang_requests(self, pattern=None):
+        """Leave requests matching `pattern` ("METHOD /path" regex; all when None) unanswered."""
+        self.state.hang = re.compile(pattern or ".*")

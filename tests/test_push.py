@@ -354,6 +354,148 @@ def test_hub_refusal_is_a_push_error(hub, folder):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Hostile Hubs: a commit applied behind an error answer, a Hub that never answers
+
+HANG_TIMEOUT = 2.0  # the push timeout in the tests of unanswered requests
+MARGIN = 2.5  # seconds a timed-out push may take beyond its timeouts (a busy 2-core machine included)
+COMMIT_REQUEST = r"POST /api/models/.+/commit/.+"
+HISTORY_REQUEST = r"GET /api/models/.+/commits/.+"
+
+
+def error_line(err):
+    lines = [x for x in err.splitlines() if x.startswith("navil push: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def seconds_since_hang(hub, end):
+    """Seconds from the first unanswered request reaching the Hub to `end` (a `time.monotonic()`)."""
+    assert hub.state.hung, "no request was left unanswered"
+    return end - hub.state.hung[0][2]
+
+
+@pytest.mark.parametrize("how", ["500", "drop"])
+def test_commit_applied_behind_an_error_is_reported_as_applied(hub, folder, capsys, caplog, how):
+    hub.fail_commit(how)  # the Hub applies the commit, then answers 500 / drops the connection unanswered
+    code, out, err = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny", "--quiet"])
+    assert code == 0, err
+    repo = hub.repo("owner/navil-tiny")
+    head = repo.head("main")
+    assert len(repo.history()) == 2 and head.description.startswith("navil-push-id: ")  # recognisable
+    assert f"the commit was applied ({head.oid}) although" in err
+    assert ("the Hub answered HTTP 500" in err) == (how == "500")
+    assert "nothing was committed" not in out + err and "Traceback" not in err
+    assert f"{hub.url}/owner/navil-tiny/commit/{head.oid}" in out
+    assert len(commit_requests(hub)) == 1  # the commit was not sent twice
+    assert any(m == "GET" and p == "/api/models/owner/navil-tiny/commits/main" for m, p, _ in hub.requests)
+    assert_repo_holds(hub, "owner/navil-tiny", folder)
+
+    hub.state.commit_failure = None  # pushing again finds the files there
+    code, out, _ = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny", "--quiet"])
+    assert code == 0 and "nothing changed" in out and len(repo.commits) == 2
+
+
+@pytest.mark.parametrize("how", ["500", "drop"])
+def test_commit_not_applied_is_checked_before_saying_so(hub, folder, capsys, caplog, how):
+    hub.fail_commit(how, apply=False)
+    code, out, err = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny", "--quiet"])
+    assert code == 1
+    line = error_line(err)
+    assert "push to owner/navil-tiny failed" in line and "Traceback" not in err
+    if how == "500":  # an answer came: what the history shows is final
+        assert "500" in line and f"{hub.url}/api/models/owner/navil-tiny/commit/main" in line
+        assert "nothing was committed (checked afterwards: the history of main has no commit of this push)" in line
+    else:  # no answer: the Hub may still be working on it, so no claim that nothing was committed
+        assert "Server disconnected" in line and f"POST {hub.url}/api/models/owner/navil-tiny/commit/main" in line
+        assert "no commit of this push was on main when checked right after" in line
+        assert "nothing was committed" not in line and f"check {hub.url}/owner/navil-tiny/commits/main" in line
+    assert len(hub.repo("owner/navil-tiny").commits) == 1 and len(commit_requests(hub)) == 1
+
+
+@pytest.mark.parametrize("hanging", ["every request", "LFS uploads"])
+def test_hub_that_never_answers_times_out(hub, folder, hanging):
+    from huggingface_hub.utils import _http
+
+    factory = _http._GLOBAL_CLIENT_FACTORY
+    hub.hang_requests(None if hanging == "every request" else r"PUT /__lfs/upload/.+")  # accepted, never answered
+    with pytest.raises(PushError) as info:
+        push_folder(folder, "owner/navil-tiny", progress=False, timeout=HANG_TIMEOUT)
+    took = seconds_since_hang(hub, time.monotonic())
+    assert HANG_TIMEOUT * 0.9 <= took < HANG_TIMEOUT + MARGIN, took  # one timeout: a hung request is not retried
+    message = str(info.value)
+    if hanging == "every request":
+        assert f"no answer within the 2 s timeout (POST {hub.url}/api/repos/create; " in message
+        assert [(m, p) for m, p, _ in hub.state.hung] == [("POST", "/api/repos/create")]
+    else:  # the body may or may not fit in the socket buffers: no answer, or could not send it
+        assert f"within the 2 s timeout (PUT {hub.url}/__lfs/upload/{sha256(folder / 'model.safetensors')}" in message
+        assert "model.safetensors" in message.split("within")[0]  # the file is named
+        assert len(hub.state.hung) == 1 and hub.state.lfs_put_attempts == {}
+    assert "set it with timeout= or NAVIL_PUSH_TIMEOUT" in message
+    assert message.endswith("nothing was committed")  # true: the commit request was never sent
+    assert commit_requests(hub) == [] and "Traceback" not in message
+    assert _http._GLOBAL_CLIENT_FACTORY is factory  # huggingface_hub's client factory is restored
+
+
+@pytest.mark.parametrize("apply", [True, False])
+def test_commit_that_is_never_answered_is_checked(hub, folder, apply):
+    hub.fail_commit("hang", apply=apply)
+    if apply:  # on a branch: the history read back is that branch's
+        result = push_folder(folder, "owner/navil-tiny", progress=False, timeout=HANG_TIMEOUT, revision="dev")
+        head = hub.repo("owner/navil-tiny").head("dev")
+        assert result.changed and result.commit_oid == head.oid and head.message.startswith("Upload navil-tiny")
+        assert result.commit_url == f"{hub.url}/owner/navil-tiny/commit/{head.oid}" and result.revision == "dev"
+        assert f"the commit was applied ({head.oid}) although the Hub did not answer within the 2 s timeout" in (
+            result.warning
+        )
+        assert ("GET", "/api/models/owner/navil-tiny/commits/dev") in [(m, p) for m, p, _ in hub.requests]
+        assert len(hub.repo("owner/navil-tiny").history("main")) == 1
+        assert_repo_holds(hub, "owner/navil-tiny", folder, revision="dev")
+    else:
+        with pytest.raises(PushError) as info:
+            push_folder(folder, "owner/navil-tiny", progress=False, timeout=HANG_TIMEOUT)
+        message = str(info.value)
+        assert f"no answer within the 2 s timeout (POST {hub.url}/api/models/owner/navil-tiny/commit/main" in message
+        assert "no commit of this push was on main when checked right after" in message
+        assert "nothing was committed" not in message and f"check {hub.url}/owner/navil-tiny/commits/main" in message
+        assert len(hub.repo("owner/navil-tiny").commits) == 1
+    assert HANG_TIMEOUT * 0.9 <= seconds_since_hang(hub, time.monotonic()) < HANG_TIMEOUT + MARGIN
+    assert len(hub.state.hung) == 1 and len(commit_requests(hub)) == 1
+
+
+def test_outcome_that_cannot_be_checked_is_not_guessed(hub, folder):
+    hub.hang_requests(f"{COMMIT_REQUEST}|{HISTORY_REQUEST}")  # the commit and the check both go unanswered
+    with pytest.raises(PushError) as info:
+        push_folder(folder, "owner/navil-tiny", progress=False, timeout=1)
+    took = seconds_since_hang(hub, time.monotonic())
+    assert 2 * 0.9 <= took < 2 + MARGIN, took  # two timeouts: the commit request, then the check
+    message = str(info.value)
+    assert "could not determine whether the commit was applied" in message
+    assert f"no answer within the 1 s timeout (GET {hub.url}/api/models/owner/navil-tiny/commits/main" in message
+    assert message.endswith(f"check {hub.url}/owner/navil-tiny/commits/main")
+    assert "nothing was committed" not in message
+    assert [p for _, p, _ in hub.state.hung] == [
+        "/api/models/owner/navil-tiny/commit/main",
+        "/api/models/owner/navil-tiny/commits/main",
+    ]
+
+
+def test_push_timeout_from_the_environment(hub, folder, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("NAVIL_PUSH_TIMEOUT", "1")
+    hub.hang_requests()
+    code, _, err = run_main(capsys, caplog, ["push", str(folder), "owner/navil-tiny", "--quiet"])
+    took = seconds_since_hang(hub, time.monotonic())
+    assert code == 1 and "no answer within the 1 s timeout" in error_line(err) and 0.9 <= took < 1 + MARGIN
+
+    for bad in ("soon", "0", "-3", "inf"):
+        monkeypatch.setenv("NAVIL_PUSH_TIMEOUT", bad)
+        with pytest.raises(ConversionError, match="NAVIL_PUSH_TIMEOUT must be a positive number of seconds"):
+            push_folder(folder, "owner/navil-tiny")
+    with pytest.raises(ConversionError, match="timeout must be a positive number"):
+        push_folder(folder, "owner/navil-tiny", timeout=0)
+    assert len(hub.requests) == 1  # only the hung request of the first push
+
+
+# ---------------------------------------------------------------------------------------------------
 # navil convert --push-to-hub
 
 
