@@ -7,11 +7,14 @@
 * `NaViLProcessor` -- expands every `<image>` placeholder into `<img>`, per scale (smallest first)
   `grid_h/2` rows of `<IMG_CONTEXT>` x `grid_w/2` + `<IMG_LINE_BREAK>`, then `<IMG_FRAME_BREAK>`, and
   finally `</img>` (SPEC.md §3); tokenises; marks the visual-expert tokens (`<IMG_CONTEXT>`, `<img>`)
-  in `mm_token_type_ids`.
+  in `mm_token_type_ids`. User text is text: `apply_chat_template` passes the text of content items
+  through `literal_text`, which marks every control token in it (`<image>`, `<IMG_CONTEXT>`, `<img>`,
+  `<|im_start|>`, `<|im_end|>`, every added token), and marked spans tokenise as ordinary text tokens.
 * `save_processor` -- writes a folder that `AutoProcessor.from_pretrained(dir, trust_remote_code=True)`
   loads (auto_map entries, code files, tokenizer, chat template).
 """
 
+import functools
 import json
 import os
 import re
@@ -48,11 +51,25 @@ except ImportError:  # imported as a top-level module (tests, scripts next to th
     from image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images
 
 IMAGE_PLACEHOLDER = "<image>"
-# A placeholder / an <IMG_CONTEXT> that is not marked user text (see `sanitize_control_tokens`).
-_UNMARKED = f"(?<!{re.escape(CONTROL_TOKEN_START)})" if CONTROL_TOKEN_START else ""
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# User text is text (`NaViLProcessor.literal_text`): every control-token string in it is wrapped in these two
+# private-use characters -- the same ones transformers' own `sanitize_control_tokens` (5.23+) uses -- and a
+# marked span is tokenised as ordinary text (`split_special_tokens`), never as the control token; a marked
+# `<image>` is not a placeholder. Marks never reach `input_ids`.
+LITERAL_START = CONTROL_TOKEN_START or "\U000f0000"
+LITERAL_END = "\U000f0001"
+# A placeholder / an <IMG_CONTEXT> that is not marked user text.
+_UNMARKED = f"(?<!{re.escape(LITERAL_START)})"
 _PLACEHOLDER_RE = re.compile(_UNMARKED + re.escape(IMAGE_PLACEHOLDER))
 _CONTEXT_TOKEN_RE = re.compile(_UNMARKED + re.escape(IMAGE_CONTEXT_TOKEN))
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+# Splits a prompt into [plain, marked, plain, marked, ..., plain]; a lone mark splits with None as its span.
+_MARKS_RE = re.compile(f"{LITERAL_START}([^{LITERAL_START}{LITERAL_END}]*){LITERAL_END}|[{LITERAL_START}{LITERAL_END}]")
+# Tokenizer arguments the marked-text path implements itself (the others it refuses when set).
+_MARKED_TEXT_KWARGS = (
+    "add_special_tokens", "padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of",
+    "return_attention_mask", "verbose",
+)  # fmt: skip
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
@@ -172,6 +189,17 @@ def image_placeholder_expansion(grids, merge_size=2):
     return "".join(parts)
 
 
+@functools.lru_cache(maxsize=16)
+def _control_tokens_re(tokens: tuple) -> re.Pattern:
+    """A regex matching any of `tokens`, longest first (so a token wins over the tokens it contains)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def strip_literal_marks(text: str) -> str:
+    """`text` without the marks `NaViLProcessor.literal_text` puts around literal control tokens (for display)."""
+    return text.replace(LITERAL_START, "").replace(LITERAL_END, "")
+
+
 class NaViLProcessorKwargs(ProcessingKwargs, total=False):
     """Keyword arguments of `NaViLProcessor.__call__`, routed by transformers' `_merge_kwargs`: flat
     (`padding=True`, `max_pixels=...`), per modality (`text_kwargs={...}`, `images_kwargs={...}`) or
@@ -283,6 +311,161 @@ class NaViLProcessor(ProcessorMixin):
         """The ids marked 1 in `mm_token_type_ids` (transformers' `create_mm_token_type_ids` reads this)."""
         return list(self.visual_expert_token_ids)
 
+    # ------------------------------------------------------------------ user text is text
+    def control_tokens(self) -> tuple:
+        """The strings that `literal_text` keeps literal in user text: every added token of the tokenizer
+        (special or not; whitespace-only ones aside), its special tokens and `chat_control_tokens`, NaViL's 12
+        special tokens (`<IMG_CONTEXT>`, `<img>`, ...), the ChatML role markers `<|im_start|>` / `<|im_end|>`,
+        and the `<image>` placeholder."""
+        tokenizer = self.tokenizer
+        tokens = {token.content for token in tokenizer.added_tokens_decoder.values()}
+        tokens.update(getattr(tokenizer, "all_special_tokens", ()) or ())
+        tokens.update(getattr(tokenizer, "chat_control_tokens", None) or ())
+        tokens = {t for t in tokens if isinstance(t, str) and t.strip()}
+        tokens.update(SPECIAL_TOKENS, CHAT_TOKENS, (IMAGE_PLACEHOLDER,))
+        return tuple(sorted(tokens))
+
+    def literal_text(self, text: str) -> str:
+        """`text` as user text: every control token in it (`control_tokens()`) is wrapped in the private-use
+        marks `LITERAL_START`/`LITERAL_END`, so that this processor tokenises it as ordinary text tokens (the
+        tokenizer's `split_special_tokens`), never as the control token's id, and a typed `<image>` is not a
+        placeholder. Marks already in `text` are dropped first, so user text cannot forge them. A marked token
+        becomes the ordinary text tokens of its characters (as a tokenizer without that added token would
+        encode them, split at its boundaries), so the model reads what was typed. Text with no control token
+        is returned unchanged."""
+        if not isinstance(text, str):
+            raise TypeError(f"literal_text() takes a string, got {type(text).__name__}")
+        text = strip_literal_marks(text)
+        return _control_tokens_re(self.control_tokens()).sub(lambda m: f"{LITERAL_START}{m.group()}{LITERAL_END}", text)
+
+    strip_literal_marks = staticmethod(strip_literal_marks)
+
+    def apply_chat_template(self, conversation, chat_template=None, sanitize_control_tokens=None, **kwargs):
+        """transformers' `ProcessorMixin.apply_chat_template`, with user text kept literal.
+
+        The text of content items (`{"type": "text", "text": ...}`, in any role: system, user, assistant) is
+        user text: it goes through `literal_text`, so `<image>`, `<IMG_CONTEXT>`, `<img>`, `<|im_start|>`,
+        `<|im_end|>` (every `control_tokens()` string) typed there stay text and never become a control token
+        or a placeholder; images are placed only by `{"type": "image"}` items. A string `content` is a
+        prompt fragment in the original format and is taken as it is (an `<image>` there is a placeholder),
+        unless `sanitize_control_tokens=True`, which treats string contents as user text too;
+        `sanitize_control_tokens=False` keeps content items raw as well.
+
+        With `tokenize=False` the returned prompt carries the marks around literal control tokens
+        (invisible private-use characters; a prompt without them is unchanged): give it to this processor
+        (`processor(text=prompt, images=...)`), which honours them; `strip_literal_marks(prompt)` is the
+        plain text for display.
+        """
+        if sanitize_control_tokens is not False:
+            conversation = self._literal_conversation(conversation, strings=bool(sanitize_control_tokens))
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+    def _literal_conversation(self, conversation, strings: bool):
+        """The conversation (or batch of them) with its text items -- and, with `strings`, its string
+        contents -- passed through `literal_text`; messages are copied, never changed in place."""
+
+        def item(x):
+            if isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str):
+                return {**x, "text": self.literal_text(x["text"])}
+            return x
+
+        def message(m):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str) and strings:
+                return {**m, "content": self.literal_text(content)}
+            if isinstance(content, (list, tuple)):
+                return {**m, "content": [item(x) for x in content]}
+            return m
+
+        if not isinstance(conversation, (list, tuple)):
+            return conversation
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            return [[message(m) for m in chat] for chat in conversation]
+        return [message(m) for m in conversation]
+
+    def _tokenize(self, texts, text_kwargs):
+        """The tokenizer on `texts`; text with literal marks (`literal_text`) goes through `_tokenize_marked`."""
+        if not any(LITERAL_START in t or LITERAL_END in t for t in texts):
+            return self.tokenizer(texts, **text_kwargs)
+        return self._tokenize_marked(texts, text_kwargs)
+
+    def _tokenize_marked(self, texts, text_kwargs):
+        """Tokenise prompts that carry literal marks: each marked span as ordinary text, the rest as usual,
+        piece by piece; then the tokenizer's special tokens, truncation and padding as its own call does."""
+        unsupported = sorted(
+            k for k, v in text_kwargs.items() if k not in _MARKED_TEXT_KWARGS and v not in (None, False)
+        )
+        if unsupported:
+            raise ValueError(
+                f"text with literal control tokens (marked user text) cannot be tokenised with {', '.join(unsupported)}"
+            )
+        tokenizer = self.tokenizer
+        before, after = self._special_affixes() if text_kwargs.get("add_special_tokens", True) else ([], [])
+        ids = [before + self._encode_marked(text) + after for text in texts]
+        truncation = getattr(text_kwargs.get("truncation"), "value", text_kwargs.get("truncation"))
+        max_length = text_kwargs.get("max_length")
+        if truncation not in (None, False, "do_not_truncate"):
+            if max_length is None and tokenizer.model_max_length < int(1e20):
+                max_length = tokenizer.model_max_length
+            if max_length is not None:
+                left = getattr(tokenizer, "truncation_side", "right") == "left"
+                ids = [row[-max_length:] if left else row[:max_length] for row in ids]
+        padding = text_kwargs.get("padding", False)
+        return tokenizer.pad(
+            {"input_ids": ids},
+            padding=padding,
+            max_length=max_length if getattr(padding, "value", padding) == "max_length" else None,
+            pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+            padding_side=text_kwargs.get("padding_side"),
+            return_attention_mask=text_kwargs.get("return_attention_mask"),
+        )
+
+    def _encode_marked(self, text: str) -> list:
+        """Token ids of one prompt with literal marks (no special tokens added)."""
+        pieces = _MARKS_RE.split(text)  # [plain, marked, plain, ..., plain]; None for a lone mark
+        ids = self.tokenizer.encode(pieces[0], add_special_tokens=False) if pieces[0] else []
+        for i, piece in enumerate(pieces[1:], start=1):
+            if piece:
+                ids += self._literal_ids(piece) if i % 2 else self._mid_text_ids(piece)
+        return ids
+
+    def _literal_ids(self, piece: str) -> list:
+        """`piece` as ordinary text tokens: `split_special_tokens` stops the special tokens from matching;
+        should an added token still match (a non-special one, by some tokenizers), the piece is encoded in
+        two halves, recursively, so that no added token can form."""
+        ids = self._mid_text_ids(piece, split_special_tokens=True)
+        added = set(self.tokenizer.added_tokens_decoder) - {self.tokenizer.unk_token_id}  # <unk>: unknown text
+        if any(i in added for i in ids):
+            if len(piece) > 1:
+                middle = len(piece) // 2
+                return self._literal_ids(piece[:middle]) + self._literal_ids(piece[middle:])
+            raise ValueError(
+                f"cannot keep {piece!r} literal: the tokenizer encodes the plain character as an added token"
+            )
+        return ids
+
+    def _mid_text_ids(self, piece: str, **kwargs) -> list:
+        """Token ids of `piece` as it reads in the middle of a prompt: encoded after a newline that is then
+        dropped, so a SentencePiece tokenizer adds no word-start prefix (as transformers' own
+        `sanitize_control_tokens` does); plainly when the newline does not come off cleanly."""
+        encode = self.tokenizer.encode
+        newline = encode("\n", add_special_tokens=False, **kwargs)
+        ids = encode("\n" + piece, add_special_tokens=False, **kwargs)
+        if newline and ids[: len(newline)] == newline:
+            return ids[len(newline) :]
+        return encode(piece, add_special_tokens=False, **kwargs)
+
+    def _special_affixes(self):
+        """The ids the tokenizer adds before and after a text when `add_special_tokens=True` (a BOS, ...)."""
+        encode = self.tokenizer.encode
+        plain, full = encode("a", add_special_tokens=False), encode("a", add_special_tokens=True)
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        raise NotImplementedError(
+            "text with literal control tokens: cannot tell which special tokens the tokenizer adds"
+        )
+
     def _images_per_sample(self, counts, images):
         """Group `images` by sample (`counts`: placeholders per prompt): a list per sample, or a flat list
         spread over the placeholders in order."""
@@ -322,6 +505,12 @@ class NaViLProcessor(ProcessorMixin):
         for modality in ("videos", "audio"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"NaViLProcessor takes text and images only, got {modality}")
+        # transformers (5.23+) passes its `sanitize_control_tokens` flag on to the processor: marked text is
+        # always honoured here, so the flag has nothing left to do.
+        kwargs.pop("sanitize_control_tokens", None)
+        for nested in ("text_kwargs", "common_kwargs"):
+            if isinstance(kwargs.get(nested), dict):
+                kwargs[nested] = {k: v for k, v in kwargs[nested].items() if k != "sanitize_control_tokens"}
         # NaViL pads on the left unless told otherwise: a padding_side saved with the tokenizer is not
         # a NaViL default.
         init_kwargs = {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "padding_side"}
@@ -347,7 +536,9 @@ class NaViLProcessor(ProcessorMixin):
 
         Args:
             text: a prompt or a list of prompts; each `<image>` (`self.image_token`) is one image of that
-                sample, in order.
+                sample, in order. Spans marked by `literal_text` (user text from `apply_chat_template` or
+                `model.chat`) are tokenised as ordinary text: a marked `<image>` is no placeholder, a marked
+                `<|im_end|>` or `<IMG_CONTEXT>` never becomes its token id.
             images: `None`, one list of images per sample (`[[img], [img2, img3]]`), or a flat list
                 (a single sample; for several samples, spread over the placeholders in order). Items:
                 `PIL.Image`, file paths, HWC uint8 numpy arrays / torch tensors.
@@ -420,8 +611,8 @@ class NaViLProcessor(ProcessorMixin):
         """Replace the `<image>` placeholders of the prompts `text`, in order over the batch, with
         `images_replacements`. Returns the expanded prompts and, per prompt, one dict per placeholder
         (`type`, `span` and `new_span` character offsets, `text`, `replacement`) as transformers'
-        `ProcessorMixin.get_text_with_replacements` does. Placeholders that `apply_chat_template(...,
-        sanitize_control_tokens=True)` marked as user text are left alone."""
+        `ProcessorMixin.get_text_with_replacements` does. Placeholders marked as user text
+        (`literal_text`, `apply_chat_template` on text items) are left alone."""
         if videos_replacements or audio_replacements:
             raise ValueError("NaViLProcessor takes text and images only")
         replacements = iter(images_replacements)
@@ -457,7 +648,7 @@ class NaViLProcessor(ProcessorMixin):
         text_kwargs = dict(text_kwargs)
         if text_kwargs.get("padding") is None:
             text_kwargs["padding"] = len(texts) > 1
-        inputs = self.tokenizer(texts, **text_kwargs)
+        inputs = self._tokenize(texts, text_kwargs)
         self._check_special_mm_tokens(texts, inputs, modalities=["image"])
         visual_ids = np.array(self.visual_expert_token_ids)
         inputs["mm_token_type_ids"] = [
@@ -564,9 +755,12 @@ def save_processor(processor, out_dir):
 __all__ = [
     "CHAT_TEMPLATES",
     "DEFAULT_SYSTEM_MESSAGE",
+    "LITERAL_END",
+    "LITERAL_START",
     "NaViLProcessor",
     "NaViLProcessorKwargs",
     "extend_chat_template",
     "image_placeholder_expansion",
     "save_processor",
+    "strip_literal_marks",
 ]
