@@ -113,10 +113,13 @@ def create_causal_mask(config, inputs_embeds, attention_mask, cache, position_id
     )
 
 
-try:  # transformers >= 5.23: `apply_chat_template(..., sanitize_control_tokens=True)` marks user text with it
+# The marks around user text that must stay literal: transformers >= 5.23's own (its
+# `apply_chat_template(..., sanitize_control_tokens=True)`), the same private-use characters before.
+try:
+    from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END as CONTROL_TOKEN_END
     from transformers.utils.chat_template_utils import _CONTROL_TOKEN_START as CONTROL_TOKEN_START
 except ImportError:
-    CONTROL_TOKEN_START = None
+    CONTROL_TOKEN_START, CONTROL_TOKEN_END = "\U000f0000", "\U000f0001"
 
 
 # Rope types whose frequencies depend on the sequence length.
@@ -145,6 +148,7 @@ def rope_inv_freq(config, device, seq_len: int | None = None):
 
 __all__ = [
     "CACHE_FIELD",
+    "CONTROL_TOKEN_END",
     "CONTROL_TOKEN_START",
     "CACHE_KWARG",
     "MIN_TRANSFORMERS",

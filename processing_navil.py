@@ -26,7 +26,7 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from transformers.tokenization_utils_base import TextInput
 
 try:
-    from .compat_navil import CONTROL_TOKEN_START
+    from .compat_navil import CONTROL_TOKEN_END, CONTROL_TOKEN_START
     from .configuration_navil import (
         IMAGE_CONTEXT_TOKEN,
         IMAGE_END_TOKEN,
@@ -38,7 +38,7 @@ try:
     )
     from .image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images
 except ImportError:  # imported as a top-level module (tests, scripts next to the file)
-    from compat_navil import CONTROL_TOKEN_START
+    from compat_navil import CONTROL_TOKEN_END, CONTROL_TOKEN_START
     from configuration_navil import (
         IMAGE_CONTEXT_TOKEN,
         IMAGE_END_TOKEN,
@@ -57,8 +57,7 @@ CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 # private-use characters -- the same ones transformers' own `sanitize_control_tokens` (5.23+) uses -- and a
 # marked span is tokenised as ordinary text (`split_special_tokens`), never as the control token; a marked
 # `<image>` is not a placeholder. Marks never reach `input_ids`.
-LITERAL_START = CONTROL_TOKEN_START or "\U000f0000"
-LITERAL_END = "\U000f0001"
+LITERAL_START, LITERAL_END = CONTROL_TOKEN_START, CONTROL_TOKEN_END
 # A placeholder / an <IMG_CONTEXT> that is not marked user text.
 _UNMARKED = f"(?<!{re.escape(LITERAL_START)})"
 _PLACEHOLDER_RE = re.compile(_UNMARKED + re.escape(IMAGE_PLACEHOLDER))

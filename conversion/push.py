@@ -31,8 +31,8 @@ A hostile or broken Hub cannot make a push hang or lie about its outcome:
 - The commit carries a unique id (`navil-push-id: ...` in its description). When the commit request
   fails -- an error status, a dropped connection, a timeout -- the branch's history is read back and
   searched for that id, down to the commit the push was based on. A commit that was applied although
-  the answer was an error counts as a success (`PushResult.warning` says what happened; it is also logged
-  as a warning); otherwise `PushError` says whether nothing was committed (verified), whether no commit
+  the answer was an error counts as a success (`PushResult.warning` says what happened; the command
+  line prints it); otherwise `PushError` says whether nothing was committed (verified), whether no commit
   was there when checked although the Hub never answered (so it may still appear), or that it could not
   be determined, with the URL of the branch's commits to look at.
 """
@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConversionError, PushError
+from .errors import ConversionError, PushError, first_line
 from .folders import (
     CHAT_TEMPLATE_FILES,
     CONFIG_FILE,
@@ -245,18 +245,13 @@ def _check_weight_files(folder, files, problems):
     return None
 
 
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _check_loads_config(folder, problems):
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
     except Exception as e:  # noqa: BLE001 -- any failure means users cannot load it either
-        problems.append(f"AutoConfig.from_pretrained(trust_remote_code=True) fails: {_first_line(e)}")
+        problems.append(f"AutoConfig.from_pretrained(trust_remote_code=True) fails: {first_line(e)}")
         return None
 
 
@@ -266,7 +261,7 @@ def _check_loads_processor(folder, problems):
     try:
         processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
     except Exception as e:  # noqa: BLE001
-        problems.append(f"AutoProcessor.from_pretrained(trust_remote_code=True) fails: {_first_line(e)}")
+        problems.append(f"AutoProcessor.from_pretrained(trust_remote_code=True) fails: {first_line(e)}")
         return
     if not getattr(processor, "chat_template", None):
         problems.append("the processor loaded from the folder has no chat template")
@@ -299,7 +294,7 @@ def safetensors_shapes(folder, shards):
                         problems.append(f"tensor {name} is stored in more than one safetensors file")
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except Exception as e:  # noqa: BLE001 -- a truncated or corrupt header
-            problems.append(f"cannot read the safetensors header of {shard}: {_first_line(e)}")
+            problems.append(f"cannot read the safetensors header of {shard}: {first_line(e)}")
             continue
         if indexed is not None:
             listed_elsewhere = sorted(set(indexed) - set(names))
@@ -315,7 +310,7 @@ def _check_weights_match_model(folder, config, shards, problems):
     try:
         expected, optional = expected_weight_shapes(config)
     except Exception as e:  # noqa: BLE001
-        problems.append(f"cannot build the model from config.json on the meta device: {_first_line(e)}")
+        problems.append(f"cannot build the model from config.json on the meta device: {first_line(e)}")
         return
     stored, header_problems = safetensors_shapes(folder, shards)
     problems.extend(header_problems)
@@ -349,7 +344,7 @@ def check_push_target(repo_id, token=None):
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ConversionError(f"{repo_id!r} is not a valid Hub repo id (OWNER/NAME): {_first_line(e)}") from None
+        raise ConversionError(f"{repo_id!r} is not a valid Hub repo id (OWNER/NAME): {first_line(e)}") from None
     if token is None and get_token() is None:
         raise ConversionError(
             "no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (a token with write access)"
@@ -434,7 +429,6 @@ def push_folder(
             applied = _commit_outcome(api, repo_id, revision or "main", info.sha, push_id, failure, token)
     if applied is not None:
         oid, warning = applied
-        logger.warning(warning)
         return PushResult(
             repo_id=repo_id,
             revision=revision or "main",
@@ -651,7 +645,7 @@ def _timeout_of(error):
 
 def _describe(error):
     """One line for one exception of the chain; network errors name the request that failed."""
-    line = _first_line(error)
+    line = first_line(error)
     if isinstance(error, _httpx().RequestError):
         try:
             request = error.request

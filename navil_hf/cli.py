@@ -223,6 +223,12 @@ def _add_push_options(parser, commit_message):
     parser.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing; default main)")
     if commit_message:
         parser.add_argument("--commit-message", metavar="MSG", help="summary of the commit")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds to wait for each answer of the Hub (default: $NAVIL_PUSH_TIMEOUT, else 60)",
+    )
 
 
 def _non_negative_float(text):
@@ -232,6 +238,13 @@ def _non_negative_float(text):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -271,11 +284,12 @@ def run_convert(args):
     if args.approximate:
         raise UsageError("--approximate applies to --to-original only")
     if args.push_to_hub:
-        from .conversion.push import check_push_target
+        from .conversion.push import check_push_target, resolve_timeout
 
         check_push_target(args.push_to_hub)  # before the conversion, which may take long
-    elif args.private or args.revision:
-        raise UsageError("--private and --revision need --push-to-hub REPO_ID")
+        resolve_timeout(args.timeout)
+    elif args.private or args.revision or args.timeout:
+        raise UsageError("--private, --revision and --timeout need --push-to-hub REPO_ID")
     result = convert_checkpoint(
         args.original_dir,
         args.out_dir,
@@ -320,6 +334,7 @@ def _push(args, folder, repo_id):
             revision=args.revision,
             commit_message=getattr(args, "commit_message", None),
             progress=not args.quiet,
+            timeout=args.timeout,
         )
     except PushError as e:
         retry = (
@@ -327,6 +342,8 @@ def _push(args, folder, repo_id):
         )
         print(f"navil {args.command}: error: {e}{retry}", file=sys.stderr)
         return EXIT_FAILED
+    if result.warning:
+        print(f"navil {args.command}: warning: {result.warning}", file=sys.stderr)
     where = f"{result.repo_id} (branch {result.revision})"
     if result.changed:
         deleted = f", removed stale {', '.join(result.deleted)}" if result.deleted else ""

@@ -515,7 +515,7 @@ def test_convert_push_checks_come_before_converting(hub, tmp_path, monkeypatch, 
     code, _, err = run_main(capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--push-to-hub", "not a repo"])
     assert code == 2 and "not a valid Hub repo id" in err
     code, _, err = run_main(capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--private"])
-    assert code == 2 and "--private and --revision need --push-to-hub" in err
+    assert code == 2 and "--private, --revision and --timeout need --push-to-hub" in err
     monkeypatch.delenv("HF_TOKEN")
     code, _, err = run_main(capsys, caplog, ["convert", str(QWEN3), str(out_dir), "--push-to-hub", "owner/x"])
     assert code == 2 and "no Hugging Face token" in err
