@@ -32,6 +32,8 @@ setup(
         "pillow",
         "tqdm",
         "huggingface_hub",
+        # Streaming conversion: the logits check runs the model with its weights offloaded.
+        "accelerate",
     ],
     extras_require={
         # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
