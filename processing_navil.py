@@ -540,7 +540,7 @@ class NaViLProcessor(ProcessorMixin):
                 `<|im_end|>` or `<IMG_CONTEXT>` never becomes its token id.
             images: `None`, one list of images per sample (`[[img], [img2, img3]]`), or a flat list
                 (a single sample; for several samples, spread over the placeholders in order). Items:
-                `PIL.Image`, file paths, HWC uint8 numpy arrays / torch tensors.
+                `PIL.Image`, file paths, HW or HWC uint8, uint16 or bool numpy arrays / torch tensors (see the image processor for the mode rules).
             **kwargs: `NaViLProcessorKwargs`, flat or nested: tokenizer arguments (`padding`,
                 `padding_side` -- default `"left"` --, `truncation`, `max_length`, ...), image processor
                 arguments (`min_pixels`, `max_pixels`, `multi_scale`, ...), `return_tensors` (`"pt"`,
