@@ -349,3 +349,26 @@ def test_internal_errors_are_one_line_with_exit_1_and_debug_shows_the_traceback(
     assert len(err.splitlines()) == 1 and "internal error" in err and "--debug" in err, err
     with pytest.raises(KeyError):
         navil(["--debug", "convert", str(checkpoint()), str(tmp_path / "out")])
+
+
+def test_init_from_llm_option_mistakes_fail_before_loading(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before the options were checked")
+
+    monkeypatch.setattr("navil_hf.conversion.init_llm.load_source", never)
+    source = tmp_path / "llm"
+    source.mkdir()
+    out = tmp_path / "out"
+    err = usage_error(capsys, "init-from-llm", source, out, "--min-dynamic-patch", 9, "--max-dynamic-patch", 4)
+    assert "--min-dynamic-patch (9) is larger than --max-dynamic-patch (4)" in err
+    err = usage_error(capsys, "init-from-llm", source, out, "--chat-template", "no-such-template")
+    assert "no such file nor template name" in err
+    assert "unknown vision preset" in usage_error(capsys, "init-from-llm", source, out, "--vision-preset", "huge")
+
+
+@pytest.mark.parametrize("content", [b"not a gguf at all", b"GGUF" + b"\x00" * 60])
+def test_a_broken_gguf_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    err = usage_error(capsys, "init-from-llm", path, tmp_path / "out", "-q")
+    assert "model.gguf" in err and "GGUF" in err
