@@ -43,6 +43,7 @@ from navil_hf.conversion.surgery import (
 )
 
 from conftest import FIXTURES, REPO_ROOT, checkpoint, token_ids
+from tiny import full_size_original_config
 
 TOKEN_IDS = token_ids()
 
@@ -285,33 +286,6 @@ def test_legacy_rope_settings_translate_one_way_everywhere(theta, scaling, expec
 # Full-size layouts on the meta device
 
 
-def original_config(llm, **llm_overrides):
-    """A full-size original config: NaViL-2B-like (InternLM2-1.8B LLM) or NaViL-9B-like (Qwen3-8B LLM).
-    The vision sizes are representative, not the released ones."""
-    vision = dict(
-        hidden_size=1152, intermediate_size=4304, num_hidden_layers=24, num_attention_heads=16, num_channels=3,
-        patch_size=16, qkv_bias=True, qk_normalization=False, norm_type="rms_norm", layer_norm_eps=1e-6,
-        hidden_act="gelu", fullatt_block_indexes=[5, 11, 17, 23], window_size=8,
-    )  # fmt: skip
-    if llm == "internlm2":
-        text = dict(
-            architectures=[INTERNLM2], vocab_size=92553, hidden_size=2048, intermediate_size=8192,
-            num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, bias=False,
-        )  # fmt: skip
-    else:
-        text = dict(
-            architectures=[QWEN3], vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-            num_attention_heads=32, num_key_value_heads=8, head_dim=128, attention_bias=False,
-        )  # fmt: skip
-    text.update(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False)
-    text.update(llm_overrides)
-    return dict(
-        model_type="navil_chat", vision_config=vision, llm_config=text, downsample_ratio=0.5,
-        template="internlm2-chat" if llm == "internlm2" else "qwen3-chat",
-        min_dynamic_patch=256, max_dynamic_patch=24576, scale_downsample_ratio=0.7071,
-    )  # fmt: skip
-
-
 def meta_state_dict(shapes):
     return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
 
@@ -327,7 +301,7 @@ def meta_state_dict(shapes):
     ],
 )
 def test_full_size_key_map_on_meta_tensors(llm, overrides, vision, fold):
-    original = original_config(llm, **overrides)
+    original = full_size_original_config(llm, **overrides)
     original["vision_config"].update(vision)
     arch = original["llm_config"]["architectures"][0]
     config = convert_config(original, TOKEN_IDS, fold_visual_output=fold)
@@ -347,7 +321,7 @@ def test_full_size_key_map_on_meta_tensors(llm, overrides, vision, fold):
 
 
 def test_tied_checkpoint_without_lm_head_is_accepted_on_meta():
-    original = original_config("qwen3", tie_word_embeddings=True)
+    original = full_size_original_config("qwen3", tie_word_embeddings=True)
     shapes = expected_original_shapes(original)
     del shapes["language_model.lm_head.weight"]
     check_original_state_dict(shapes, original)
@@ -357,7 +331,7 @@ def test_tied_checkpoint_without_lm_head_is_accepted_on_meta():
 
 
 def test_shape_check_lists_missing_unexpected_and_misshapen_keys():
-    original = original_config("internlm2")
+    original = full_size_original_config("internlm2")
     shapes = expected_original_shapes(original)
     del shapes["mlp1.1.weight"]
     shapes["language_model.model.layers.3.attention.wq.weight"] = (2048, 2048)

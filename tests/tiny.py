@@ -96,3 +96,30 @@ def write_hub_folder(model, out_dir):
     for path in code_files():
         shutil.copy(path, out_dir)
     return out_dir
+
+
+def full_size_original_config(llm, **llm_overrides):
+    """A full-size original config: NaViL-2B-like (InternLM2-1.8B LLM) or NaViL-9B-like (Qwen3-8B LLM).
+    The vision sizes are representative, not the released ones."""
+    vision = dict(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=24, num_attention_heads=16, num_channels=3,
+        patch_size=16, qkv_bias=True, qk_normalization=False, norm_type="rms_norm", layer_norm_eps=1e-6,
+        hidden_act="gelu", fullatt_block_indexes=[5, 11, 17, 23], window_size=8,
+    )  # fmt: skip
+    if llm == "internlm2":
+        text = dict(
+            architectures=["InternLM2VEForCausalLM"], vocab_size=92553, hidden_size=2048, intermediate_size=8192,
+            num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, bias=False,
+        )  # fmt: skip
+    else:
+        text = dict(
+            architectures=["Qwen3VEForCausalLM"], vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128, attention_bias=False,
+        )  # fmt: skip
+    text.update(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False)
+    text.update(llm_overrides)
+    return dict(
+        model_type="navil_chat", vision_config=vision, llm_config=text, downsample_ratio=0.5,
+        template="internlm2-chat" if llm == "internlm2" else "qwen3-chat",
+        min_dynamic_patch=256, max_dynamic_patch=24576, scale_downsample_ratio=0.7071,
+    )  # fmt: skip
