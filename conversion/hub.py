@@ -17,6 +17,7 @@ CODE_MODULES = (
     "processing_navil",
     "compat_navil",
     "chat_navil",
+    "tokenization_navil",
 )
 MODEL_CLASS = "modeling_navil.NaViLForConditionalGeneration"
 AUTO_MAP = {
