@@ -75,32 +75,14 @@ def shard_index(folder, error=ConversionError):
 def read_safetensors(path, error=ConversionError, keys=None):
     """Yield `(name, tensor)` from one safetensors file (all of it, or `keys`), refusing what is not a
     readable safetensors file and tensors holding NaN or infinite values, with `error` naming the file."""
-    import torch
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys() if keys is None else keys:
-                tensor = f.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise error(f"{path}: tensor {key} holds NaN or infinite values")
-                yield key, tensor
-    except error:
-        raise
-    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types, and OSError
-        raise error(f"{path} is not a readable safetensors file: {first_line(e)}") from None
+    weights = SafetensorsFolder.from_files([path], error, check_finite=True)
+    for key in list(weights.keys()) if keys is None else keys:
+        yield key, weights[key]
 
 
 def safetensors_keys(path, error=ConversionError):
     """The tensor names in a safetensors file's header (nothing else is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:  # noqa: BLE001 -- see read_safetensors
-        raise error(f"{path} is not a readable safetensors file: {first_line(e)}") from None
+    return list(read_safetensors_header(path, error))
 
 
 def safetensors_files(folder, error=ConversionError):
@@ -378,17 +360,11 @@ class SafetensorsFolder:
         return self
 
     def _init(self, files, weight_map, error, check_finite):
-        from safetensors import safe_open
-
         self._error, self._check_finite = error, check_finite
-        self._handles, self._weight_map = {}, {}
+        self._headers, self._weight_map = {}, {}
         for path in files:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-                names = list(self._handles[path].keys())
-            except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types, and OSError
-                raise error(f"{path} is not a readable safetensors file: {first_line(e)}") from None
-            for name in names:
+            self._headers[path] = header = read_safetensors_header(path, error)
+            for name in header:
                 if weight_map is None and name in self._weight_map:
                     raise error(f"tensor {name} appears in more than one shard (again in {path.name})")
                 if weight_map is None or weight_map.get(name) == path:
@@ -402,7 +378,7 @@ class SafetensorsFolder:
 
     @property
     def files(self):
-        return list(self._handles)
+        return list(self._headers)
 
     def keys(self):
         return self._weight_map.keys()
@@ -419,30 +395,106 @@ class SafetensorsFolder:
     def file_of(self, key):
         return self._weight_map[key]
 
-    def _slice(self, key):
-        return self._handles[self._weight_map[key]].get_slice(key)
+    def _entry(self, key):
+        return self._headers[self._weight_map[key]][key]
 
     def shape(self, key):
-        return tuple(self._slice(key).get_shape())
+        return tuple(self._entry(key)["shape"])
 
     def shapes(self):
         """{name: shape} from the headers (no tensor data is read)."""
         return {key: self.shape(key) for key in self._weight_map}
 
     def dtype_name(self, key):
-        return self._slice(key).get_dtype()  # "F32", "BF16", ...
+        return self._entry(key)["dtype"]  # "F32", "BF16", ...
 
     def __getitem__(self, key):
+        """The tensor, read into memory of its own (no memory map: what is not referenced is freed)."""
         import torch
 
-        path = self._weight_map[key]
+        path, entry = self._weight_map[key], self._entry(key)
+        start, end = entry["data_offsets"]
+        data = bytearray(end - start)
         try:
-            tensor = self._handles[path].get_tensor(key)
-        except Exception as e:  # noqa: BLE001 -- a truncated file fails only here
+            with open(path, "rb") as f:
+                f.seek(entry["data_start"] + start)
+                if f.readinto(data) != len(data):
+                    raise OSError("the file ends early (truncated?)")
+        except OSError as e:
             raise self._error(f"{path}: cannot read tensor {key}: {first_line(e)}") from None
+        dtype = SAFETENSORS_TORCH_DTYPES[entry["dtype"]]
+        tensor = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
         if self._check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise self._error(f"{path}: tensor {key} holds NaN or infinite values")
         return tensor
+
+
+SAFETENSORS_TORCH_DTYPES = {}  # filled on first use (importing torch here would slow the command line)
+_SAFETENSORS_ITEM_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def read_safetensors_header(path, error=ConversionError):
+    """{name: {"dtype", "shape", "data_offsets", "data_start"}} of a safetensors file, validated (a header
+    that is not JSON, offsets outside the file or overlapping, sizes that do not match the shape) before
+    any tensor is read."""
+    import torch
+
+    if not SAFETENSORS_TORCH_DTYPES:
+        SAFETENSORS_TORCH_DTYPES.update(
+            F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
+            I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool,
+        )  # fmt: skip
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise ValueError("shorter than a safetensors header")
+            length = int.from_bytes(prefix, "little")
+            if length <= 0 or 8 + length > size:
+                raise ValueError(f"header length {length} does not fit in the file ({size} bytes)")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not a readable safetensors file: {first_line(e)}") from None
+    if not isinstance(header, dict):
+        raise error(f"{path} is not a readable safetensors file: its header is not an object")
+    header.pop("__metadata__", None)
+    data_start, data_size, spans = 8 + length, size - 8 - length, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+            count = 1
+            for dim in shape:
+                if not isinstance(dim, int) or dim < 0:
+                    raise ValueError(f"bad shape {shape}")
+                count *= dim
+            if dtype not in _SAFETENSORS_ITEM_SIZES:
+                raise ValueError(f"unsupported dtype {dtype!r}")
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
+                raise ValueError(f"offsets {start}..{end} outside the data ({data_size} bytes)")
+            if end - start != count * _SAFETENSORS_ITEM_SIZES[dtype]:
+                raise ValueError(f"{end - start} bytes for shape {shape} of {dtype}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise error(f"{path} is not a readable safetensors file: tensor {name}: {first_line(e)}") from None
+        entry["data_start"] = data_start
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise error(f"{path} is not a readable safetensors file: tensors {name} and {other} overlap")
+    return header
 
 
 class ShardWriter:

@@ -29,6 +29,13 @@ def test_quick_run(name, capsys):
     assert "| target |" in capsys.readouterr().out or name == "vision"
 
 
+def test_convert_memory_quick_run(tmp_path, capsys):
+    """The conversion memory benchmark builds a synthetic original checkpoint and converts it, verified."""
+    _script("convert_memory").main(["--quick", "--workdir", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert "navil convert --dtype auto (verified)" in out and "identical logits" in out
+
+
 def test_gpu_script_quick_runs_anywhere(capsys):
     """The GPU script's code paths (parity, measured peak, prefill FLOPs, decode) at tiny sizes on CPU."""
     _script("gpu").main(["--quick"])
