@@ -62,7 +62,7 @@ from .original import (
 from .schema import check_token_ids
 from .surgery import checkpoint_dtype_of_headers, resolve_dtype
 from .tokenizer import load_tokenizer
-from .verify import check_offloaded_logits, verify_streamed
+from .verify import check_offloaded_logits, meta_model, verify_streamed
 
 
 @dataclass
@@ -162,11 +162,14 @@ def _convert(
     with staged_folder(out_dir, force) as tmp:
         # The weights, streamed: one rule's tensors read, converted and cast at a time, one shard held.
         writer = ShardWriter(tmp, max_shard_size, verify=verify)
+        sizes = {k: v.numel() * v.element_size() for k, v in meta_model(config, target).state_dict().items()}
         with progress_bar(progress, total=len(converted), desc="converting", unit="tensor") as bar:
             for name in converted.written_keys():
+                writer.make_room(sizes[name])
                 writer.add(name, converted[name])
                 bar.update()
             num_written = writer.close()
+        original.check_finite = False  # every tensor was checked as it was converted
         steps = len(extra) + 7  # + config, processor, 4 code files, README.md
         with progress_bar(progress, total=steps, desc="writing", unit="file") as bar:
             write_hub_folder(

@@ -360,7 +360,7 @@ class SafetensorsFolder:
         return self
 
     def _init(self, files, weight_map, error, check_finite):
-        self._error, self._check_finite = error, check_finite
+        self._error, self.check_finite = error, check_finite
         self._headers, self._weight_map = {}, {}
         for path in files:
             self._headers[path] = header = read_safetensors_header(path, error)
@@ -422,9 +422,9 @@ class SafetensorsFolder:
                     raise OSError("the file ends early (truncated?)")
         except OSError as e:
             raise self._error(f"{path}: cannot read tensor {key}: {first_line(e)}") from None
-        dtype = SAFETENSORS_TORCH_DTYPES[entry["dtype"]]
+        dtype = _torch_dtypes()[entry["dtype"]]
         tensor = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
-        if self._check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if self.check_finite and tensor.is_floating_point() and not all_finite(tensor):
             raise self._error(f"{path}: tensor {key} holds NaN or infinite values")
         return tensor
 
@@ -444,10 +444,55 @@ _SAFETENSORS_ITEM_SIZES = {
 }
 
 
-def read_safetensors_header(path, error=ConversionError):
-    """{name: {"dtype", "shape", "data_offsets", "data_start"}} of a safetensors file, validated (a header
-    that is not JSON, offsets outside the file or overlapping, sizes that do not match the shape) before
-    any tensor is read."""
+def release_freed_memory():
+    """Give freed heap memory back to the system (glibc keeps freed small blocks otherwise, so a streamed
+    conversion's resident memory would grow with every shard); a no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def all_finite(tensor, chunk=1 << 24):
+    """Whether a floating tensor holds no NaN or infinity, checked in chunks (no tensor-sized temporary)."""
+    import torch
+
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write `tensors` ({name: tensor}, contiguous) as one safetensors file, each tensor's bytes written
+    straight from its memory (`safetensors.torch.save_file` copies every tensor to `bytes` first)."""
+    import torch
+
+    names = {dtype: name for name, dtype in _torch_dtypes().items()}
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
+def _torch_dtypes():
     import torch
 
     if not SAFETENSORS_TORCH_DTYPES:
@@ -455,6 +500,14 @@ def read_safetensors_header(path, error=ConversionError):
             F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
             I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool,
         )  # fmt: skip
+    return SAFETENSORS_TORCH_DTYPES
+
+
+def read_safetensors_header(path, error=ConversionError):
+    """{name: {"dtype", "shape", "data_offsets", "data_start"}} of a safetensors file, validated (a header
+    that is not JSON, offsets outside the file or overlapping, sizes that do not match the shape) before
+    any tensor is read."""
+    _torch_dtypes()
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -511,6 +564,12 @@ class ShardWriter:
         self._pending, self._pending_bytes, self._shards, self._total = {}, 0, [], 0
         self.names = []
 
+    def make_room(self, nbytes):
+        """Write the pending shard now if a tensor of `nbytes` would overflow it: called before that
+        tensor is read, so the shard and the new tensor are never held together with the read-back."""
+        if self._pending and self._pending_bytes + nbytes > self.limit:
+            self._flush()
+
     def add(self, name, tensor):
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.limit:
@@ -521,21 +580,20 @@ class ShardWriter:
         self.names.append(name)
 
     def _flush(self):
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
         path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata=self.metadata)
-        if self.verify:  # one tensor at a time: the shard is not held twice
-            with safe_open(str(path), framework="pt") as f:
-                for name, tensor in self._pending.items():
-                    got = f.get_tensor(name)
-                    if got.dtype != tensor.dtype or got.shape != tensor.shape or not got.equal(tensor):
-                        from .errors import VerificationError
+        write_safetensors(path, self._pending, self.metadata)
+        if self.verify:  # read back one tensor at a time: the shard is not held twice
+            from .errors import VerificationError
 
-                        raise VerificationError(f"written weights: {name} differs from the converted tensor")
+            written = SafetensorsFolder.from_files([path], VerificationError)
+            for name, tensor in self._pending.items():
+                got = written[name]
+                if got.dtype != tensor.dtype or got.shape != tensor.shape or not got.equal(tensor):
+                    raise VerificationError(f"written weights: {name} differs from the converted tensor")
+                del got
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
+        release_freed_memory()
 
     def close(self):
         """Write the last shard and name the shards; returns the number of tensors written."""

@@ -375,6 +375,7 @@ def iter_original_tensors(state_dict, llm_architecture, text_config, exact_only=
                 if not exact_only:
                     restored[sources[0]] = tensor
                 yield sources[0], tensor
+                del tensor  # a lazy reader's tensor is freed as soon as the consumer drops it
     unexpected = set(keys) - consumed
     if unexpected:
         raise KeyMismatchError(f"keys with no original counterpart: {_list(unexpected)}")

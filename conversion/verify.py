@@ -5,7 +5,7 @@ reloaded through `AutoModel`."""
 import torch
 
 from .errors import VerificationError
-from .folders import SafetensorsFolder, progress_bar, quiet_transformers
+from .folders import SafetensorsFolder, progress_bar, quiet_transformers, release_freed_memory
 from .keymap import convert_tensor, iter_original_tensors, match_source, rules_for
 from .original import llm_architecture, lm_head_key
 from .tokenizer import check_tokenizer
@@ -105,6 +105,9 @@ def check_round_trip(written, original, original_config, config, dtype, progress
                 raise VerificationError(f"round trip: converting back does not reproduce {key} bit for bit")
             seen.add(key)
             bar.update()
+            del tensor  # before the next one is read: one written and one original tensor at a time
+            if len(seen) % 64 == 0:
+                release_freed_memory()
     missing = set(original) - seen
     if config.tie_word_embeddings:
         missing.discard(lm_head_key(original_config))
