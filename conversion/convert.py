@@ -28,6 +28,7 @@ Verification (`--verify`, the default), every step streamed:
    prompt with one small image.
 """
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from .folders import (
     transformers_progress_bars,
 )
 from .hub import build_generation_config, build_processor, model_card, read_license, write_hub_folder
-from .keymap import convert_rule, plan_conversion, rule_targets, rules_for_config
+from .keymap import cast_view, plan_conversion, rule_view, rules_for_config
 from .original import (
     OriginalCheckpointError,
     check_original_state_dict,
@@ -157,14 +158,17 @@ def _convert(
     card = model_card(
         config, source=_source_name(original_dir), license=read_license(original_dir), dtype=target, verified=verify
     )
-    converted = ConvertedWeights(original, plan, config, target)
+    converted = cast_view(rule_view(original, plan, config.text_config), target)
+    written_keys = [k for k in converted.keys() if not (config.tie_word_embeddings and k == LM_HEAD)]
+    if config.tie_word_embeddings:  # ours shares the embedding (not written; the offload hooks look it up)
+        converted.add(LM_HEAD, functools.partial(converted.__getitem__, EMBEDDINGS))
     checks, notices = {}, []
     with staged_folder(out_dir, force) as tmp:
         # The weights, streamed: one rule's tensors read, converted and cast at a time, one shard held.
         writer = ShardWriter(tmp, max_shard_size, verify=verify)
         sizes = {k: v.numel() * v.element_size() for k, v in meta_model(config, target).state_dict().items()}
-        with progress_bar(progress, total=len(converted), desc="converting", unit="tensor") as bar:
-            for name in converted.written_keys():
+        with progress_bar(progress, total=len(written_keys), desc="converting", unit="tensor") as bar:
+            for name in written_keys:
                 writer.make_room(sizes[name])
                 writer.add(name, converted[name])
                 bar.update()
@@ -201,44 +205,6 @@ def _convert(
         seconds=time.perf_counter() - start,
         notices=notices,
     )
-
-
-class ConvertedWeights:
-    """Our layout as a lazy mapping over the original checkpoint: `converted[our key]` reads the original
-    tensors its rule needs, converts them and casts them to `dtype`. A tied LM head is the embedding
-    (and is not written: `written_keys`)."""
-
-    def __init__(self, original, plan, config, dtype):
-        self.original, self.config, self.dtype = original, config, dtype
-        self._rule_of = {}
-        for key, rule, bindings in plan:
-            for target in rule_targets(rule, bindings):
-                self._rule_of[target] = (key, rule, bindings)
-        self.tied = bool(config.tie_word_embeddings)
-        if self.tied:
-            self._rule_of.pop(LM_HEAD, None)
-
-    def written_keys(self):
-        return list(self._rule_of)
-
-    def keys(self):
-        return [*self._rule_of, *([LM_HEAD] if self.tied else [])]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self):
-        return len(self._rule_of)
-
-    def __contains__(self, key):
-        return key in self._rule_of or (self.tied and key == LM_HEAD)
-
-    def __getitem__(self, name):
-        if self.tied and name == LM_HEAD:
-            name = EMBEDDINGS
-        key, rule, bindings = self._rule_of[name]
-        tensor = convert_rule(rule, bindings, key, self.original, self.config.text_config)[name]
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
 
 LM_HEAD, EMBEDDINGS = "lm_head.weight", "model.language_model.embed_tokens.weight"

@@ -390,3 +390,57 @@ def to_original_state_dict(state_dict, llm_architecture, text_config, exact_only
         else:
             original[key] = tensor
     return original, not_reproduced
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lazy views: tensors made when they are looked up, so conversions stream whatever the size
+
+
+class LazyWeights:
+    """A read-only mapping whose values are made when looked up: `{key: zero-argument function}`.
+    Anything that reads a state dict key by key (a shard writer, accelerate's offload hooks) then holds
+    one tensor at a time."""
+
+    def __init__(self, makers=None):
+        self._makers = dict(makers or {})
+
+    def add(self, key, maker):
+        self._makers[key] = maker
+
+    def keys(self):
+        return self._makers.keys()
+
+    def __iter__(self):
+        return iter(self._makers)
+
+    def __len__(self):
+        return len(self._makers)
+
+    def __contains__(self, key):
+        return key in self._makers
+
+    def __getitem__(self, key):
+        return self._makers[key]()
+
+
+def _made(rule, bindings, key, original, text_config, target):
+    return convert_rule(rule, bindings, key, original, text_config)[target]
+
+
+def rule_view(original, plan, text_config):
+    """Our keys -> the tensors their rules (`plan_conversion`) make from `original`, lazily."""
+    view = LazyWeights()
+    for key, rule, bindings in plan:
+        for target in rule_targets(rule, bindings):
+            view.add(target, functools.partial(_made, rule, bindings, key, original, text_config, target))
+    return view
+
+
+def _cast(weights, key, dtype):
+    tensor = weights[key]
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def cast_view(weights, dtype):
+    """`weights` with every floating tensor cast to `dtype` when it is read."""
+    return LazyWeights({key: functools.partial(_cast, weights, key, dtype) for key in weights.keys()})
