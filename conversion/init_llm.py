@@ -23,6 +23,7 @@ modeling code: with `trust_remote_code=True` that code is the reference; without
 transformers' `LlamaForCausalLM` on the unfused weights.
 """
 
+import functools
 import json
 import re
 import time
@@ -36,18 +37,19 @@ from .errors import ConversionError, VerificationError, first_line
 from .folders import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
+    SafetensorsFolder,
+    ShardWriter,
     check_output_dir,
     progress_bar,
-    read_safetensors,
     safetensors_files,
     staged_folder,
     transformers_progress_bars,
 )
-from .hub import build_generation_config, model_from_state_dict, write_hub_folder
-from .keymap import apply_rules, compile_table, internlm2_decoder_keys
+from .hub import build_generation_config, write_hub_folder
+from .keymap import LazyWeights, cast_view, compile_table, internlm2_decoder_keys, plan_conversion, rule_view
 from .surgery import DTYPES, resolve_dtype
 from .tokenizer import load_tokenizer
-from .verify import check_reloaded_logits, in_memory_logits
+from .verify import check_offloaded_logits, meta_model
 
 TEXT_PARITY_TOLERANCE = 1e-4
 FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
@@ -131,7 +133,7 @@ class SourceLLM:
     name: str
     family: str
     config: object  # a transformers config (or, for InternLM2 without its code, a dict)
-    state_dict: dict  # Hugging Face names (InternLM2: its own names), float32
+    state_dict: object  # a mapping, Hugging Face names (InternLM2: its own names), float32; lazy for folders
     tokenizer: object
     reference: object  # callable(input_ids) -> logits, transformers' own model class
     reference_class: str
@@ -165,6 +167,8 @@ def load_source(src, *, trust_remote_code=False, progress=False):
     generation_config = _generation_config(src)
     if family == "internlm2" and not (trust_remote_code and raw.get("auto_map")):
         return _load_internlm2_without_code(src, raw, tokenizer, license, generation_config, progress)
+    if not (trust_remote_code and raw.get("auto_map")):
+        return _load_lazily(src, tokenizer, license, generation_config)
     safetensors_files(src)  # never a pickle, even one transformers would load
     model = _auto_causal_lm(str(src), trust_remote_code=trust_remote_code, use_safetensors=True)
     return SourceLLM(
@@ -258,29 +262,21 @@ def _generation_config(src):
     return GenerationConfig.from_pretrained(str(src))
 
 
-def _read_safetensors(src, progress):
-    files = safetensors_files(src)
-    state = {}
-    with progress_bar(progress, total=len(files), desc="reading", unit="file") as bar:
-        for path in files:
-            state.update({k: v.float() for k, v in read_safetensors(path)})
-            bar.update()
-    return state
-
-
 # A plain InternLM2 LLM -> the same decoder in Llama names: keymap's InternLM2 table, rooted elsewhere.
 INTERNLM2_LLM_RULES = compile_table(internlm2_decoder_keys(source_root="", target_model="model", experts=False))
 
 
 def internlm2_to_llama(state_dict, config):
-    """InternLM2 tensors -> the same decoder in Llama names (exact: renames and the wqkv split)."""
+    """InternLM2 tensors -> the same decoder in Llama names (exact: renames and the wqkv split), as a lazy
+    view of `state_dict` (every name is checked first)."""
     heads = _config_value(config, "num_attention_heads")
     shapes = SimpleNamespace(
         num_attention_heads=heads,
         num_key_value_heads=_config_value(config, "num_key_value_heads") or heads,
         head_dim=_config_value(config, "hidden_size") // heads,
     )
-    return apply_rules(state_dict, INTERNLM2_LLM_RULES, shapes, layout="the InternLM2 layout")
+    plan = plan_conversion(state_dict.keys(), INTERNLM2_LLM_RULES, layout="the InternLM2 layout")
+    return rule_view(state_dict, plan, shapes)
 
 
 def legacy_rope_parameters(config):
@@ -315,27 +311,65 @@ def internlm2_llama_config(config):
     )
 
 
+def _tensor_view(src, config):
+    """The safetensors of a Hugging Face folder as a lazy float32 mapping (a tied LM head looks up the
+    embedding): nothing is read until a tensor is needed."""
+    safetensors_files(src)  # never a pickle, even one transformers would load
+    weights = cast_view(SafetensorsFolder(src, check_finite=True), torch.float32)
+    if bool(_config_value(config, "tie_word_embeddings", False)) and "lm_head.weight" not in weights:
+        weights.add("lm_head.weight", functools.partial(weights.__getitem__, "model.embed_tokens.weight"))
+    return weights
+
+
+def _offloaded_reference(model_class, config, weights):
+    """transformers' own model for `config`, with no memory behind its weights: each module's weights are
+    read from `weights` when it runs (accelerate's offload hooks), so the reference costs one layer."""
+    from accelerate import cpu_offload
+
+    with torch.device("meta"):
+        model = model_class(config)
+    model = model.to(torch.float32).eval()
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is not None:  # its (non-persistent) buffers are computed, not stored: build them for real
+        model.model.rotary_emb = type(rotary)(config)
+    cpu_offload(model, execution_device="cpu", state_dict=weights)
+    return model
+
+
+def _load_lazily(src, tokenizer, license, generation_config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(src))
+    weights = _tensor_view(src, config)
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    return SourceLLM(
+        name=src.resolve().name,
+        family=config.model_type,
+        config=config,
+        state_dict=weights,
+        tokenizer=tokenizer,
+        reference=_reference(_offloaded_reference(model_class, config, weights)),
+        reference_class=model_class.__name__,
+        license=license,
+        generation_config=generation_config,
+    )
+
+
 def _load_internlm2_without_code(src, raw, tokenizer, license, generation_config, progress):
     from transformers import LlamaForCausalLM
 
-    state = _read_safetensors(src, progress)
     llama_config = internlm2_llama_config(raw)
-    with torch.device("meta"):
-        reference = LlamaForCausalLM(llama_config)
+    state = _tensor_view(src, raw)
     weights = internlm2_to_llama(state, raw)
-    if llama_config.tie_word_embeddings:
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-    reference.load_state_dict(weights, strict=True, assign=True)
-    if llama_config.tie_word_embeddings:
-        reference.tie_weights()
-    reference.model.rotary_emb = type(reference.model.rotary_emb)(llama_config)  # buffers off the meta device
+    if llama_config.tie_word_embeddings and "lm_head.weight" not in weights:
+        weights.add("lm_head.weight", functools.partial(weights.__getitem__, "model.embed_tokens.weight"))
     return SourceLLM(
         name=src.resolve().name,
         family="internlm2",
         config=raw,
         state_dict=state,
         tokenizer=tokenizer,
-        reference=_reference(reference.eval()),
+        reference=_reference(_offloaded_reference(LlamaForCausalLM, llama_config, weights)),
         reference_class="LlamaForCausalLM (InternLM2 weights, wqkv unfused)",
         license=license,
         generation_config=generation_config,
@@ -396,36 +430,32 @@ _TEXT_PARTS = re.compile(r"self_attn\.(?:[qkvo]_proj|[qk]_norm)\.(?:weight|bias)
 
 
 def navil_text_state_dict(hf_state_dict, tie_word_embeddings):
-    """Hugging Face decoder tensors -> our text model and LM head, with every visual expert a copy of
-    its text twin: `{q,k,v,o}_proj` -> `{q,k,v,o}_proj_ve`, `{q,k}_norm` -> `{q,k}_norm_ve`, `mlp` -> `mlp_ve`."""
-    out = {}
-    for key, tensor in hf_state_dict.items():
-        if _DERIVED.fullmatch(key):
+    """Hugging Face decoder tensors -> our text model's decoder layers and final norm, with every visual
+    expert a copy of its text twin: `{q,k,v,o}_proj` -> `{q,k,v,o}_proj_ve`, `{q,k}_norm` -> `{q,k}_norm_ve`,
+    `mlp` -> `mlp_ve`. A lazy view: each tensor is read from `hf_state_dict` when looked up (the
+    embedding and LM head are resized by `build_navil`)."""
+    out = LazyWeights()
+    for key in hf_state_dict.keys():
+        if _DERIVED.fullmatch(key) or key in ("model.embed_tokens.weight", "lm_head.weight"):
             continue
+        read = functools.partial(hf_state_dict.__getitem__, key)
         m = _HF_LAYER.fullmatch(key)
         if m:
             layer, part = m.groups()
             if not _TEXT_PARTS.fullmatch(part):
                 raise ConversionError(f"unexpected decoder tensor {key}")
             base = f"model.language_model.layers.{layer}."
-            out[base + part] = tensor
+            out.add(base + part, read)
             if part.startswith("mlp."):
-                out[base + "mlp_ve." + part[len("mlp.") :]] = tensor.clone()
+                out.add(base + "mlp_ve." + part[len("mlp.") :], read)
             elif part.startswith("self_attn."):
                 module, _, kind = part[len("self_attn.") :].partition(".")
-                out[f"{base}self_attn.{module}_ve.{kind}"] = tensor.clone()
-        elif key == "model.embed_tokens.weight":
-            out["model.language_model.embed_tokens.weight"] = tensor
+                out.add(f"{base}self_attn.{module}_ve.{kind}", read)
         elif key == "model.norm.weight":
-            out["model.language_model.norm.weight"] = tensor
-        elif key == "lm_head.weight":
-            if not tie_word_embeddings:
-                out["lm_head.weight"] = tensor
+            out.add("model.language_model.norm.weight", read)
         else:
             raise ConversionError(f"unexpected tensor {key}")
-    if tie_word_embeddings:
-        out["lm_head.weight"] = out["model.language_model.embed_tokens.weight"]
-    elif "lm_head.weight" not in out:
+    if not tie_word_embeddings and "lm_head.weight" not in hf_state_dict:
         raise ConversionError("the LLM has no lm_head.weight and does not tie its word embeddings")
     return out
 
@@ -499,7 +529,9 @@ def check_chat_template_option(chat_template):
 
 
 def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynamic_patch=256, max_dynamic_patch=24576):
-    """(model, config, processor, added tokens) of a NaViL built from `source`, float32."""
+    """(weights, config, processor, added tokens) of a NaViL built from `source`: `weights` a lazy
+    mapping in our key layout, float32 (the decoder read from the source when looked up; the resized
+    embedding and LM head and the fresh vision encoder, connector and special table held)."""
     from configuration_navil import IMAGE_CONTEXT_TOKEN, SPECIAL_TOKENS, NaViLConfig, NaViLTextConfig
     from modeling_navil import NaViLConnector, NaViLVisionModel
     from processing_navil import NaViLProcessor
@@ -517,26 +549,32 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
     if source.family == "internlm2":
         hf_state = internlm2_to_llama(hf_state, source.config)
     text_state = navil_text_state_dict(hf_state, text_kwargs["tie_word_embeddings"])
-    source_vocab = text_state["model.language_model.embed_tokens.weight"].shape[0]
+    source_embed = hf_state["model.embed_tokens.weight"]
+    source_vocab = source_embed.shape[0]
     trained_rows = min(trained_rows, source_vocab)
     vocab_size = max(source_vocab, len(tokenizer))
     new_ids = [ids[t] for t in added]
-    embed = _resize_rows(text_state["model.language_model.embed_tokens.weight"], vocab_size, new_ids, trained_rows)
-    text_state["model.language_model.embed_tokens.weight"] = embed
+    # The embedding and LM head are resized (new rows: the mean trained row), so they are held; every
+    # other tensor stays a lazy read of the source.
+    embed = _resize_rows(source_embed, vocab_size, new_ids, trained_rows)
+    del source_embed
+    text_state.add("model.language_model.embed_tokens.weight", lambda: embed)
     if text_kwargs["tie_word_embeddings"]:
-        text_state["lm_head.weight"] = embed
+        text_state.add("lm_head.weight", lambda: embed)
     else:
-        text_state["lm_head.weight"] = _resize_rows(text_state["lm_head.weight"], vocab_size, new_ids, trained_rows)
+        head = _resize_rows(hf_state["lm_head.weight"], vocab_size, new_ids, trained_rows)
+        text_state.add("lm_head.weight", lambda: head)
 
     if source.family == "internlm2":
         # NaViL-2B's InternLM2 layout: visual tokens get o_proj_ve(o_proj(x)) (SPEC §8.2). With o_proj_ve
         # the identity the visual path starts equal to the text path, and the folder converts back to
         # the original layout (`navil convert --to-original`).
         text_kwargs["chain_visual_output"] = True
-        for key in [k for k in text_state if k.endswith("self_attn.o_proj_ve.weight")]:
-            text_state[key] = torch.eye(text_kwargs["hidden_size"], dtype=text_state[key].dtype)
-        for key in [k for k in text_state if k.endswith("self_attn.o_proj_ve.bias")]:
-            text_state[key] = torch.zeros(text_kwargs["hidden_size"], dtype=text_state[key].dtype)
+        hidden = text_kwargs["hidden_size"]
+        for key in [k for k in text_state.keys() if k.endswith("self_attn.o_proj_ve.weight")]:
+            text_state.add(key, functools.partial(torch.eye, hidden))
+        for key in [k for k in text_state.keys() if k.endswith("self_attn.o_proj_ve.bias")]:
+            text_state.add(key, functools.partial(torch.zeros, hidden))
 
     special = {}
     if source.generation_config is not None:
@@ -571,15 +609,20 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
     torch.manual_seed(seed)
     vision = NaViLVisionModel(config.vision_config)
     connector = _init_connector(NaViLConnector(config), config.text_config.initializer_range)
-    state = dict(text_state)
-    state.update({f"model.vision_model.{k}": v for k, v in vision.state_dict().items()})
-    state.update({f"model.connector.{k}": v for k, v in connector.state_dict().items()})
+    state = text_state
+    fresh = {f"model.vision_model.{k}": v for k, v in vision.state_dict().items()}
+    fresh.update({f"model.connector.{k}": v for k, v in connector.state_dict().items()})
     # The special-token table starts as the plain embedding of its tokens: prompt and generated
     # occurrences of a special token (SPEC §8.3) look the same until training separates them.
-    state["model.special_token_embedding.weight"] = embed[torch.tensor(config.special_token_ids)].clone()
-    model = model_from_state_dict(state, config)
+    fresh["model.special_token_embedding.weight"] = embed[torch.tensor(config.special_token_ids)].clone()
+    for key, tensor in fresh.items():
+        state.add(key, functools.partial(_identity, tensor))
     processor = NaViLProcessor.for_config(config, tokenizer, chat_template=template)
-    return model, config, processor, added
+    return state, config, processor, added
+
+
+def _identity(value):
+    return value
 
 
 def check_text_parity(model, source, tokenizer, new_token_ids=(), attn_implementation="sdpa"):
@@ -655,11 +698,17 @@ def _init_from_llm(
         )
     source = load_source(src, trust_remote_code=trust_remote_code, progress=progress)
     target = resolve_dtype(dtype, source_dtype(source))
-    model, config, processor, added = build_navil(
+    weights, config, processor, added = build_navil(
         source, vision_preset, seed=seed, chat_template=chat_template,
         min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch,
     )  # fmt: skip
     tokenizer = processor.tokenizer
+    # Our model for the checks, with no memory behind its weights: each module's weights are looked
+    # up in `weights` (read from the source, lazily) when it runs.
+    from accelerate import cpu_offload
+
+    model = meta_model(config, torch.float32)
+    cpu_offload(model, execution_device="cpu", state_dict=weights)
     checks, worst, notices = {}, None, []
     if verify:
         new_ids = tokenizer.convert_tokens_to_ids(added)
@@ -669,29 +718,36 @@ def _init_from_llm(
         "connector": sum(p.numel() for p in model.model.connector.parameters()),
         "language model": sum(p.numel() for p in model.model.language_model.parameters()),
     }
+    sizes = {k: v.numel() * target.itemsize for k, v in model.state_dict().items()}
+    del model
     source_name, source_license, family = source.name, source.license, source.family
-    del source  # the reference model is not needed any more
-    if target != torch.float32:
-        model = model.to(target)
     config.dtype = target
     text = config.text_config
     eos = text.eos_token_id
     stop = " or ".join(f"`{tokenizer.convert_ids_to_tokens(i)}`" for i in (eos if isinstance(eos, list) else [eos]))
     card = init_model_card(config, source=source_name, vision_preset=vision_preset, license=source_license,
                            dtype=target, parameters=parameters, verified=verify, stop=stop)  # fmt: skip
+    stored = cast_view(weights, target)
+    written_keys = [k for k in stored.keys() if not (config.tie_word_embeddings and k == "lm_head.weight")]
     with staged_folder(out_dir, force) as tmp:
+        writer = ShardWriter(tmp, max_shard_size, verify=verify)
+        with progress_bar(progress, total=len(written_keys), desc="writing weights", unit="tensor") as bar:
+            for name in written_keys:
+                writer.make_room(sizes[name])
+                writer.add(name, stored[name])
+                bar.update()
+            writer.close()
         with progress_bar(progress, total=7, desc="writing", unit="file") as bar:
             write_hub_folder(
-                model, config, tokenizer, tmp, processor=processor,
+                None, config, tokenizer, tmp, processor=processor,
                 generation_config=build_generation_config(
                     tokenizer, text.eos_token_id, text.pad_token_id, text.bos_token_id
-                ), model_card=card,
-                max_shard_size=max_shard_size, progress=lambda description: bar.update(), notices=notices,
+                ), model_card=card, progress=lambda description: bar.update(), notices=notices,
             )  # fmt: skip
         if verify:
-            inputs, expected = in_memory_logits(tmp, model, target, attn_implementation)
-            del model
-            checks["logits"] = check_reloaded_logits(tmp, inputs, expected, target, attn_implementation)
+            checks["written = converted"] = f"{len(written_keys)} written tensors read back bit for bit"
+            checks["logits"] = check_offloaded_logits(tmp, stored, config, target, attn_implementation)
+    del source  # the reference model's hooks and the lazy source
     return InitResult(
         out_dir=out_dir, config=config, family=family, vision_preset=vision_preset, dtype=target,
         parameters=parameters, added_tokens=added, text_max_abs_diff=worst, verified=verify, checks=checks,
