@@ -1,5 +1,5 @@
-"""Peak memory and time of `navil convert` on a large synthetic original checkpoint, against a plain
-copy of the same files.
+"""Peak memory and time of `navil convert` on a large synthetic original checkpoint (or of `navil
+init-from-llm` on a large synthetic LLM: `--task init`), against a plain copy of the same files.
 
 The checkpoint has NaViL-9B's real widths (Qwen3-8B with a visual expert of every attention
 projection and FFN, a 24-layer 1152-wide ViT) and `--layers` of its 36 decoder layers, random bf16
@@ -9,6 +9,7 @@ high-water mark (`VmHWM`). The conversion runs with full verification.
 
     python benchmarks/convert_memory.py --layers 18              # ~17 GB, NaViL-9B widths
     python benchmarks/convert_memory.py --layers 18 --dtype float32
+    python benchmarks/convert_memory.py --task init --layers 36   # init-from-llm on a Qwen3-8B-like LLM
     python benchmarks/convert_memory.py --quick                  # tiny widths, smoke run
 """
 
@@ -66,6 +67,47 @@ def build_checkpoint(folder, config, shard_bytes, seed=0):
     return total
 
 
+def build_llm(folder, layers, shard_bytes, quick=False, seed=0):
+    """A Hugging Face Qwen3 folder at Qwen3-8B's widths (`layers` of 36) with random bf16 weights and the
+    tests' tiny tokenizer (with a chat template); returns its size in bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from llm_sources import make_tokenizer
+
+    widths = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128)  # fmt: skip
+    if quick:
+        widths = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16)  # fmt: skip
+    config = Qwen3Config(num_hidden_layers=layers, tie_word_embeddings=False, max_position_embeddings=32768, **widths)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3ForCausalLM(config).state_dict().items()}
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    shards, current, size, total = [], {}, 0, 0
+    for key, shape in shapes.items():
+        tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        if current and size + tensor.numel() * 2 > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size, total = size + tensor.numel() * 2, total + tensor.numel() * 2
+    shards.append(current)
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config.dtype = "bfloat16"
+    config.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return total
+
+
 def measured(command):
     """(seconds, peak RSS in bytes, output) of `command` run as a child process; raises if it fails.
 
@@ -93,7 +135,13 @@ def measured(command):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=18, help="decoder layers (NaViL-9B has 36)")
+    parser.add_argument(
+        "--task",
+        choices=("convert", "init"),
+        default="convert",
+        help="convert: an original NaViL-9B-like checkpoint; init: init-from-llm on a Qwen3-8B-like LLM",
+    )
+    parser.add_argument("--layers", type=int, default=18, help="decoder layers (NaViL-9B and Qwen3-8B have 36)")
     parser.add_argument("--shard-size", default="4GB", help="shard size of the synthetic checkpoint and the output")
     parser.add_argument("--dtype", default="auto", help="output dtype (auto keeps bf16)")
     parser.add_argument("--workdir", default=None, help="where to build (default: a folder beside the repo)")
@@ -117,32 +165,40 @@ def main(argv=None):
         config = full_size_original_config("qwen3", num_hidden_layers=args.layers)
     work = Path(args.workdir or Path(ROOT).parent / "bench-convert-memory")
     shutil.rmtree(work, ignore_errors=True)
-    source, copy, out = work / "original", work / "copy", work / "converted"
+    source, copy, out = work / "source", work / "copy", work / "out"
+    shard = convert_file_size_to_int(args.shard_size)
     try:
         start = time.perf_counter()
-        total = build_checkpoint(source, config, convert_file_size_to_int(args.shard_size))
+        if args.task == "convert":
+            total = build_checkpoint(source, config, shard)
+            command = ["convert", str(source), str(out), "--dtype", args.dtype]
+            what = f"navil convert --dtype {args.dtype} (verified)"
+            title = f"navil convert, {config['llm_config']['num_hidden_layers']} decoder layers at NaViL-9B widths"
+        else:
+            layers = 2 if args.quick else args.layers
+            total = build_llm(source, layers, shard, quick=args.quick)
+            preset = "tiny" if args.quick else "base"
+            command = ["init-from-llm", str(source), str(out), "--vision-preset", preset, "--dtype", args.dtype]
+            what = f"navil init-from-llm --vision-preset {preset} --dtype {args.dtype} (verified)"
+            title = f"navil init-from-llm, {layers} decoder layers at Qwen3-8B widths"
         print(f"built {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s at {source}")
         copy_s, copy_rss, _ = measured(
             [sys.executable, "-c", f"import shutil; shutil.copytree({str(source)!r}, {str(copy)!r})"]
         )
         shutil.rmtree(copy)
-        env_python = [sys.executable, "-m", "navil_hf", "convert", str(source), str(out), "-q"]
-        command = [*env_python, "--max-shard-size", args.shard_size, "--dtype", args.dtype]
-        convert_s, convert_rss, output = measured(command)
+        command = [sys.executable, "-m", "navil_hf", *command, "-q", "--max-shard-size", args.shard_size]
+        seconds, rss, output = measured(command)
         written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        shard = convert_file_size_to_int(args.shard_size)
         print(output)
         print_table(
-            f"navil convert, {config['llm_config']['num_hidden_layers']} decoder layers at NaViL-9B widths "
-            f"({machine()})",
-            ["step", "checkpoint GB", "shard GB", "written GB", "peak RSS GB", "seconds"],
+            f"{title} ({machine()})",
+            ["step", "source GB", "shard GB", "written GB", "peak RSS GB", "seconds"],
             [
                 ["plain copy (shutil.copytree)", total / 1e9, shard / 1e9, total / 1e9, copy_rss / 1e9, copy_s],
-                [f"navil convert --dtype {args.dtype} (verified)", total / 1e9, shard / 1e9, written / 1e9,
-                 convert_rss / 1e9, convert_s],
+                [what, total / 1e9, shard / 1e9, written / 1e9, rss / 1e9, seconds],
             ],
-        )  # fmt: skip
-        print(f"\ntarget: peak RSS <= shard + 2 GB + one layer; ratio time convert / copy {convert_s / copy_s:.1f}")
+        )
+        print(f"\ntarget: peak RSS <= shard + 2 GB + one layer; ratio time / copy {seconds / copy_s:.1f}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

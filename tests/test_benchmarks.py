@@ -34,6 +34,9 @@ def test_convert_memory_quick_run(tmp_path, capsys):
     _script("convert_memory").main(["--quick", "--workdir", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert "navil convert --dtype auto (verified)" in out and "identical logits" in out
+    _script("convert_memory").main(["--quick", "--task", "init", "--workdir", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert "navil init-from-llm" in out and "identical logits" in out
 
 
 def test_gpu_script_quick_runs_anywhere(capsys):
