@@ -24,6 +24,7 @@ Verification (`verify=True`, before anything is moved into place):
 """
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,22 +40,33 @@ from .folders import (
     TOKENIZER_FILES,
     WEIGHT_FILES,
     SafetensorsFolder,
+    ShardWriter,
     check_output_dir,
     progress_bar,
     staged_folder,
     transformers_progress_bars,
 )
-from .keymap import KeyMismatchError, convert_state_dict, folds_visual_output, iter_original_tensors, rules_for_config
+from .keymap import (
+    KeyMismatchError,
+    folds_visual_output,
+    iter_original_tensors,
+    plan_conversion,
+    rule_view,
+    rules_for_config,
+    to_original_state_dict,
+)
 from .original import (
     ORIGINAL_MODEL_TYPE,
+    OriginalCheckpointError,
     check_original_state_dict,
     convert_config,
+    expected_original_shapes,
     load_original_config,
-    load_original_state_dict,
     special_token_ids,
     to_original_config,
+    weight_files,
 )
-from .surgery import checkpoint_dtype
+from .surgery import checkpoint_dtype_of_headers
 from .tokenizer import check_tokenizer, load_tokenizer
 from .verify import same_tensor
 
@@ -163,20 +175,18 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
     tokenizer = load_tokenizer(converted_dir)
 
     ours = SafetensorsFolder(converted_dir)
-    with progress_bar(progress, desc="converting", unit="tensor") as bar:
-        original = {}
-        for key, tensor in iter_original_tensors(ours, arch, text_config, exact_only=not approximate):
-            original[key] = tensor
-            bar.update()
-    dtype = checkpoint_dtype(original)
+    dtype = checkpoint_dtype_of_headers(ours)
     original_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-
     checks, error = {}, None
     with staged_folder(original_dir, force) as tmp:
-        _write(tmp, original, original_config, tokenizer, converted_dir, max_shard_size)
-        num_written = len(original)
+        if approximate and folded:  # the least-squares unfold needs every exact result: held in memory
+            original, _ = to_original_state_dict(ours, arch, text_config, exact_only=False)
+            num_written = _write_weights(tmp, original.items(), max_shard_size, len(original), progress)
+        else:  # streamed: one rule's tensors read, inverted and written at a time
+            tensors = iter_original_tensors(ours, arch, text_config, exact_only=True)
+            num_written = _write_weights(tmp, tensors, max_shard_size, None, progress, original_config, dtype)
+        _write(tmp, original_config, tokenizer, converted_dir)
         if verify:
-            del original  # the checks read the written files
             checks["original layout"] = check_original_layout(tmp)
             checks["forward again"], error = check_forward(tmp, ours, config, arch, progress)
             checks["config"] = check_config_forward(tmp, config, folded)
@@ -223,10 +233,24 @@ the `navil` package does not ship. `navil convert` turns this folder back into t
 """
 
 
-def _write(folder, original, original_config, tokenizer, converted_dir, max_shard_size):
-    from huggingface_hub import save_torch_state_dict
+def _write_weights(folder, tensors, max_shard_size, total=None, progress=False, original_config=None, dtype=None):
+    """Write `(key, tensor)` pairs into shards as they come; with `original_config` each shard is flushed
+    before a tensor that would overflow it is made (sizes from the shapes the config implies)."""
+    sizes = {}
+    if original_config is not None:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        sizes = {k: math.prod(shape) * itemsize for k, shape in expected_original_shapes(original_config).items()}
+    writer = ShardWriter(folder, max_shard_size, verify=False)
+    with progress_bar(progress, total=total, desc="converting", unit="tensor") as bar:
+        for key, tensor in tensors:
+            writer.make_room(sizes.get(key, 0))
+            writer.add(key, tensor)
+            del tensor
+            bar.update()
+    return writer.close()
 
-    save_torch_state_dict(original, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+
+def _write(folder, original_config, tokenizer, converted_dir):
     (folder / CONFIG_FILE).write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(folder))
     for code in folder.glob("*_navil.py"):  # our tokenizer class copies itself; the original has its own code
@@ -283,8 +307,8 @@ def check_original_layout(folder):
     """The written folder reads as an original checkpoint whose tensors are the ones its config implies."""
     try:
         config = load_original_config(folder)
-        written = load_original_state_dict(folder)
-        check_original_state_dict({k: tuple(v.shape) for k, v in written.items()}, config)
+        written = SafetensorsFolder.from_files(weight_files(folder), OriginalCheckpointError)
+        check_original_state_dict(written.shapes(), config)
     except ConversionError as e:
         raise VerificationError(f"the written folder is not a valid original checkpoint: {e}") from None
     return f"{len(written)} tensors with the names and shapes the written config.json implies"
@@ -294,14 +318,14 @@ def compare_forward(original, ours, arch, text_config, progress=False):
     """Convert original-layout tensors forward again and compare with ours: every tensor bit for bit,
     except those of inexact (fold) rules, whose max-abs difference is returned. Returns
     `(number of exact tensors, max-abs error of the folded ones or None)`."""
-    try:
-        again = convert_state_dict(original, arch, text_config)
+    try:  # a lazy view: each tensor is converted when compared
+        again = rule_view(original, plan_conversion(original.keys(), rules_for_config(arch, text_config)), text_config)
     except KeyMismatchError as e:
         raise VerificationError(f"the written weights do not convert forward again: {e}") from None
     inexact = [p for rule in rules_for_config(arch, text_config) if not rule.exact for p in rule.target_patterns]
     tied = bool(text_config.tie_word_embeddings)
     expected = set(ours.keys()) - ({"lm_head.weight"} if tied else set())
-    missing, unexpected = sorted(expected - set(again)), sorted(set(again) - set(ours.keys()))
+    missing, unexpected = sorted(expected - set(again.keys())), sorted(set(again.keys()) - set(ours.keys()))
     if missing or unexpected:
         raise VerificationError(
             "converting the written weights forward gives other keys: "
@@ -325,7 +349,7 @@ def compare_forward(original, ours, arch, text_config, progress=False):
 
 
 def check_forward(folder, ours, config, arch, progress=False):
-    written = load_original_state_dict(folder)
+    written = SafetensorsFolder.from_files(weight_files(folder), VerificationError)
     exact, error = compare_forward(written, ours, arch, config.text_config, progress)
     message = f"{exact} of our tensors reproduced bit for bit from the written original"
     if error is not None:

@@ -337,13 +337,16 @@ def test_force_replaces_and_failed_verification_writes_nothing(tmp_path, monkeyp
     convert_to_original(round_trip["ours"], out, force=True, progress=False)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
 
-    real = back_module._write
+    real = back_module._write_weights
 
-    def tamper(folder, original, *args):
-        key = next(iter(original))
-        real(folder, {**original, key: original[key] + 1}, *args)
+    def tamper(folder, tensors, *args):
+        def changed():
+            for index, (key, tensor) in enumerate(tensors):
+                yield key, (tensor + 1 if index == 0 else tensor)
 
-    monkeypatch.setattr(back_module, "_write", tamper)
+        return real(folder, changed(), *args)
+
+    monkeypatch.setattr(back_module, "_write_weights", tamper)
     target = tmp_path / "tampered"
     with pytest.raises(VerificationError, match="bit for bit"):
         convert_to_original(round_trip["ours"], target, progress=False)
