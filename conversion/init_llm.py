@@ -528,10 +528,20 @@ def check_chat_template_option(chat_template):
         )
 
 
-def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynamic_patch=256, max_dynamic_patch=24576):
+def build_navil(
+    source,
+    vision_preset,
+    *,
+    seed=0,
+    chat_template=None,
+    min_dynamic_patch=256,
+    max_dynamic_patch=24576,
+    held_dtype=None,
+):
     """(weights, config, processor, added tokens) of a NaViL built from `source`: `weights` a lazy
     mapping in our key layout, float32 (the decoder read from the source when looked up; the resized
-    embedding and LM head and the fresh vision encoder, connector and special table held)."""
+    embedding and LM head and the fresh vision encoder, connector and special table held, the embedding
+    and LM head in `held_dtype`, default float32: the dtype that will be written, so nothing is lost)."""
     from configuration_navil import IMAGE_CONTEXT_TOKEN, SPECIAL_TOKENS, NaViLConfig, NaViLTextConfig
     from modeling_navil import NaViLConnector, NaViLVisionModel
     from processing_navil import NaViLProcessor
@@ -556,14 +566,15 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
     new_ids = [ids[t] for t in added]
     # The embedding and LM head are resized (new rows: the mean trained row), so they are held; every
     # other tensor stays a lazy read of the source.
-    embed = _resize_rows(source_embed, vocab_size, new_ids, trained_rows)
+    held = held_dtype or torch.float32
+    embed = _resize_rows(source_embed, vocab_size, new_ids, trained_rows).to(held)
     del source_embed
-    text_state.add("model.language_model.embed_tokens.weight", lambda: embed)
+    text_state.add("model.language_model.embed_tokens.weight", functools.partial(_as_float32, embed))
     if text_kwargs["tie_word_embeddings"]:
-        text_state.add("lm_head.weight", lambda: embed)
+        text_state.add("lm_head.weight", functools.partial(_as_float32, embed))
     else:
-        head = _resize_rows(hf_state["lm_head.weight"], vocab_size, new_ids, trained_rows)
-        text_state.add("lm_head.weight", lambda: head)
+        head = _resize_rows(hf_state["lm_head.weight"], vocab_size, new_ids, trained_rows).to(held)
+        text_state.add("lm_head.weight", functools.partial(_as_float32, head))
 
     if source.family == "internlm2":
         # NaViL-2B's InternLM2 layout: visual tokens get o_proj_ve(o_proj(x)) (SPEC §8.2). With o_proj_ve
@@ -614,7 +625,7 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
     fresh.update({f"model.connector.{k}": v for k, v in connector.state_dict().items()})
     # The special-token table starts as the plain embedding of its tokens: prompt and generated
     # occurrences of a special token (SPEC §8.3) look the same until training separates them.
-    fresh["model.special_token_embedding.weight"] = embed[torch.tensor(config.special_token_ids)].clone()
+    fresh["model.special_token_embedding.weight"] = embed[torch.tensor(config.special_token_ids)].float()
     for key, tensor in fresh.items():
         state.add(key, functools.partial(_identity, tensor))
     processor = NaViLProcessor.for_config(config, tokenizer, chat_template=template)
@@ -623,6 +634,10 @@ def build_navil(source, vision_preset, *, seed=0, chat_template=None, min_dynami
 
 def _identity(value):
     return value
+
+
+def _as_float32(tensor):
+    return tensor.float()
 
 
 def check_text_parity(model, source, tokenizer, new_token_ids=(), attn_implementation="sdpa"):
@@ -700,7 +715,7 @@ def _init_from_llm(
     target = resolve_dtype(dtype, source_dtype(source))
     weights, config, processor, added = build_navil(
         source, vision_preset, seed=seed, chat_template=chat_template,
-        min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch,
+        min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch, held_dtype=target,
     )  # fmt: skip
     tokenizer = processor.tokenizer
     # Our model for the checks, with no memory behind its weights: each module's weights are looked
