@@ -540,8 +540,9 @@ def build_navil(
 ):
     """(weights, config, processor, added tokens) of a NaViL built from `source`: `weights` a lazy
     mapping in our key layout, float32 (the decoder read from the source when looked up; the resized
-    embedding and LM head and the fresh vision encoder, connector and special table held, the embedding
-    and LM head in `held_dtype`, default float32: the dtype that will be written, so nothing is lost)."""
+    embedding and LM head and the fresh vision encoder, connector and special table held). Tensors are
+    float32, except the held embedding and LM head: `held_dtype` (the dtype that will be written, so
+    nothing is lost; `cast_view(weights, torch.float32)` for float32 checks)."""
     from configuration_navil import IMAGE_CONTEXT_TOKEN, SPECIAL_TOKENS, NaViLConfig, NaViLTextConfig
     from modeling_navil import NaViLConnector, NaViLVisionModel
     from processing_navil import NaViLProcessor
@@ -569,12 +570,12 @@ def build_navil(
     held = held_dtype or torch.float32
     embed = _resize_rows(source_embed, vocab_size, new_ids, trained_rows).to(held)
     del source_embed
-    text_state.add("model.language_model.embed_tokens.weight", functools.partial(_as_float32, embed))
+    text_state.add("model.language_model.embed_tokens.weight", functools.partial(_identity, embed))
     if text_kwargs["tie_word_embeddings"]:
-        text_state.add("lm_head.weight", functools.partial(_as_float32, embed))
+        text_state.add("lm_head.weight", functools.partial(_identity, embed))
     else:
         head = _resize_rows(hf_state["lm_head.weight"], vocab_size, new_ids, trained_rows).to(held)
-        text_state.add("lm_head.weight", functools.partial(_as_float32, head))
+        text_state.add("lm_head.weight", functools.partial(_identity, head))
 
     if source.family == "internlm2":
         # NaViL-2B's InternLM2 layout: visual tokens get o_proj_ve(o_proj(x)) (SPEC §8.2). With o_proj_ve
@@ -634,10 +635,6 @@ def build_navil(
 
 def _identity(value):
     return value
-
-
-def _as_float32(tensor):
-    return tensor.float()
 
 
 def check_text_parity(model, source, tokenizer, new_token_ids=(), attn_implementation="sdpa"):
@@ -723,7 +720,7 @@ def _init_from_llm(
     from accelerate import cpu_offload
 
     model = meta_model(config, torch.float32)
-    cpu_offload(model, execution_device="cpu", state_dict=weights)
+    cpu_offload(model, execution_device="cpu", state_dict=cast_view(weights, torch.float32))
     checks, worst, notices = {}, None, []
     if verify:
         new_ids = tokenizer.convert_tokens_to_ids(added)
