@@ -41,13 +41,12 @@ from .folders import (
     LICENSE_FILES,
     TOKENIZER_FILES,
     SafetensorsFolder,
-    ShardWriter,
     check_output_dir,
     progress_bar,
     staged_folder,
     transformers_progress_bars,
 )
-from .hub import build_generation_config, build_processor, model_card, read_license, write_hub_folder
+from .hub import build_generation_config, build_processor, model_card, read_license, write_hub_folder, write_weights
 from .keymap import cast_view, plan_conversion, rule_view, rules_for_config
 from .original import (
     OriginalCheckpointError,
@@ -63,7 +62,7 @@ from .original import (
 from .schema import check_token_ids
 from .surgery import checkpoint_dtype_of_headers, resolve_dtype
 from .tokenizer import load_tokenizer
-from .verify import check_offloaded_logits, meta_model, verify_streamed
+from .verify import check_offloaded_logits, verify_streamed
 
 
 @dataclass
@@ -159,20 +158,12 @@ def _convert(
         config, source=_source_name(original_dir), license=read_license(original_dir), dtype=target, verified=verify
     )
     converted = cast_view(rule_view(original, plan, config.text_config), target)
-    written_keys = [k for k in converted.keys() if not (config.tie_word_embeddings and k == LM_HEAD)]
     if config.tie_word_embeddings:  # ours shares the embedding (not written; the offload hooks look it up)
         converted.add(LM_HEAD, functools.partial(converted.__getitem__, EMBEDDINGS))
     checks, notices = {}, []
     with staged_folder(out_dir, force) as tmp:
         # The weights, streamed: one rule's tensors read, converted and cast at a time, one shard held.
-        writer = ShardWriter(tmp, max_shard_size, verify=verify)
-        sizes = {k: v.numel() * v.element_size() for k, v in meta_model(config, target).state_dict().items()}
-        with progress_bar(progress, total=len(written_keys), desc="converting", unit="tensor") as bar:
-            for name in written_keys:
-                writer.make_room(sizes[name])
-                writer.add(name, converted[name])
-                bar.update()
-            num_written = writer.close()
+        num_written = write_weights(tmp, converted, config, target, max_shard_size, verify, progress)
         original.check_finite = False  # every tensor was checked as it was converted
         steps = len(extra) + 7  # + config, processor, 4 code files, README.md
         with progress_bar(progress, total=steps, desc="writing", unit="file") as bar:

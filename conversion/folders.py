@@ -80,11 +80,6 @@ def read_safetensors(path, error=ConversionError, keys=None):
         yield key, weights[key]
 
 
-def safetensors_keys(path, error=ConversionError):
-    """The tensor names in a safetensors file's header (nothing else is read)."""
-    return list(read_safetensors_header(path, error))
-
-
 def safetensors_files(folder, error=ConversionError):
     """The `*.safetensors` files of `folder` (sorted); `error` when there are none, naming any pickles."""
     folder = Path(folder)
@@ -405,8 +400,9 @@ class SafetensorsFolder:
         """{name: shape} from the headers (no tensor data is read)."""
         return {key: self.shape(key) for key in self._weight_map}
 
-    def dtype_name(self, key):
-        return self._entry(key)["dtype"]  # "F32", "BF16", ...
+    def dtype(self, key):
+        """The torch dtype of a tensor, from the header."""
+        return _torch_dtypes()[self._entry(key)["dtype"]]
 
     def __getitem__(self, key):
         """The tensor, read into memory of its own (no memory map: what is not referenced is freed)."""
@@ -611,7 +607,3 @@ class ShardWriter:
         index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return len(self.names)
-
-
-def count_tensors(files):
-    return sum(len(safetensors_keys(path)) for path in files)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .folders import CONFIG_FILE
+from .folders import CONFIG_FILE, ShardWriter, progress_bar
 
 CODE_MODULES = (
     "configuration_navil",
@@ -49,6 +49,31 @@ def model_from_state_dict(state_dict, config):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
+
+
+def meta_model(config, dtype):
+    """Our model for `config` with no memory behind its weights (the meta device), in `dtype`."""
+    from modeling_navil import NaViLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = NaViLForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def write_weights(folder, weights, config, dtype, max_shard_size="5GB", verify=True, progress=False):
+    """Write `weights` (our key layout, already in `dtype`; a lazy mapping is read one tensor at a time)
+    as the model's safetensors shards in `folder`. The shard being filled is flushed before a tensor that
+    would overflow it is read (sizes from the meta model), so one shard and one tensor are held; with
+    `verify` each shard is read back bit for bit. A tied LM head is left out. Returns the tensor count."""
+    state = meta_model(config, dtype).state_dict()
+    keys = [k for k in weights.keys() if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    writer = ShardWriter(folder, max_shard_size, verify=verify)
+    with progress_bar(progress, total=len(keys), desc="writing weights", unit="tensor") as bar:
+        for key in keys:
+            writer.make_room(state[key].numel() * state[key].element_size())
+            writer.add(key, weights[key])
+            bar.update()
+    return writer.close()
 
 
 def build_processor(tokenizer, config):

@@ -38,18 +38,17 @@ from .folders import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
     SafetensorsFolder,
-    ShardWriter,
     check_output_dir,
     progress_bar,
     safetensors_files,
     staged_folder,
     transformers_progress_bars,
 )
-from .hub import build_generation_config, write_hub_folder
+from .hub import build_generation_config, meta_model, write_hub_folder, write_weights
 from .keymap import LazyWeights, cast_view, compile_table, internlm2_decoder_keys, plan_conversion, rule_view
 from .surgery import DTYPES, resolve_dtype
 from .tokenizer import load_tokenizer
-from .verify import check_offloaded_logits, meta_model
+from .verify import check_offloaded_logits
 
 TEXT_PARITY_TOLERANCE = 1e-4
 FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
@@ -311,11 +310,15 @@ def internlm2_llama_config(config):
     )
 
 
-def _tensor_view(src, config):
-    """The safetensors of a Hugging Face folder as a lazy float32 mapping (a tied LM head looks up the
-    embedding): nothing is read until a tensor is needed."""
+def _tensor_view(src):
+    """The safetensors of a Hugging Face folder as a lazy float32 mapping: nothing is read until a tensor
+    is needed."""
     safetensors_files(src)  # never a pickle, even one transformers would load
-    weights = cast_view(SafetensorsFolder(src, check_finite=True), torch.float32)
+    return cast_view(SafetensorsFolder(src, check_finite=True), torch.float32)
+
+
+def _tie_head(weights, config):
+    """A tied LM head, which the folder leaves out, looks up the embedding (Llama names)."""
     if bool(_config_value(config, "tie_word_embeddings", False)) and "lm_head.weight" not in weights:
         weights.add("lm_head.weight", functools.partial(weights.__getitem__, "model.embed_tokens.weight"))
     return weights
@@ -340,7 +343,7 @@ def _load_lazily(src, tokenizer, license, generation_config):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(src))
-    weights = _tensor_view(src, config)
+    weights = _tie_head(_tensor_view(src), config)
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
     return SourceLLM(
         name=src.resolve().name,
@@ -359,10 +362,8 @@ def _load_internlm2_without_code(src, raw, tokenizer, license, generation_config
     from transformers import LlamaForCausalLM
 
     llama_config = internlm2_llama_config(raw)
-    state = _tensor_view(src, raw)
-    weights = internlm2_to_llama(state, raw)
-    if llama_config.tie_word_embeddings and "lm_head.weight" not in weights:
-        weights.add("lm_head.weight", functools.partial(weights.__getitem__, "model.embed_tokens.weight"))
+    state = _tensor_view(src)  # InternLM2 names; the reference reads them as Llama names
+    weights = _tie_head(internlm2_to_llama(state, raw), llama_config)
     return SourceLLM(
         name=src.resolve().name,
         family="internlm2",
@@ -730,7 +731,6 @@ def _init_from_llm(
         "connector": sum(p.numel() for p in model.model.connector.parameters()),
         "language model": sum(p.numel() for p in model.model.language_model.parameters()),
     }
-    sizes = {k: v.numel() * target.itemsize for k, v in model.state_dict().items()}
     del model
     source_name, source_license, family = source.name, source.license, source.family
     config.dtype = target
@@ -740,15 +740,8 @@ def _init_from_llm(
     card = init_model_card(config, source=source_name, vision_preset=vision_preset, license=source_license,
                            dtype=target, parameters=parameters, verified=verify, stop=stop)  # fmt: skip
     stored = cast_view(weights, target)
-    written_keys = [k for k in stored.keys() if not (config.tie_word_embeddings and k == "lm_head.weight")]
     with staged_folder(out_dir, force) as tmp:
-        writer = ShardWriter(tmp, max_shard_size, verify=verify)
-        with progress_bar(progress, total=len(written_keys), desc="writing weights", unit="tensor") as bar:
-            for name in written_keys:
-                writer.make_room(sizes[name])
-                writer.add(name, stored[name])
-                bar.update()
-            writer.close()
+        num_written = write_weights(tmp, stored, config, target, max_shard_size, verify, progress)
         with progress_bar(progress, total=7, desc="writing", unit="file") as bar:
             write_hub_folder(
                 None, config, tokenizer, tmp, processor=processor,
@@ -757,7 +750,7 @@ def _init_from_llm(
                 ), model_card=card, progress=lambda description: bar.update(), notices=notices,
             )  # fmt: skip
         if verify:
-            checks["written = converted"] = f"{len(written_keys)} written tensors read back bit for bit"
+            checks["written = converted"] = f"{num_written} written tensors read back bit for bit"
             checks["logits"] = check_offloaded_logits(tmp, stored, config, target, attn_implementation)
     del source  # the reference model's hooks and the lazy source
     return InitResult(

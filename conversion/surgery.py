@@ -106,24 +106,13 @@ def unfold_chained_projection(folded_weight, first_weight):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def checkpoint_dtype(state_dict):
-    """A checkpoint's floating dtype: the most common one by element count (float32 if none)."""
-    counts = {}
-    for tensor in state_dict.values():
-        if tensor.is_floating_point():
-            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
 def checkpoint_dtype_of_headers(weights):
-    """`checkpoint_dtype` of a lazy safetensors mapping (`SafetensorsFolder`), from the headers alone."""
+    """A checkpoint's floating dtype: the most common one by element count (float32 if none), from the
+    headers of a lazy safetensors mapping (`SafetensorsFolder`) alone."""
     counts = {}
     for key in weights.keys():
-        dtype = SAFETENSORS_DTYPES.get(weights.dtype_name(key))
-        if dtype is not None:
+        dtype = weights.dtype(key)
+        if dtype.is_floating_point:
             counts[dtype] = counts.get(dtype, 0) + math.prod(weights.shape(key))
     return max(counts, key=counts.get) if counts else torch.float32
 
@@ -137,7 +126,3 @@ def resolve_dtype(dtype, auto_dtype):
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def cast_floating(state_dict, dtype):
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}

@@ -1,27 +1,17 @@
 """Checks a conversion runs on the folder it wrote, before publishing it (the list is in `convert.py`'s
-docstring): the round trip to the original layout, written = in memory, and the logits of the folder
-reloaded through `AutoModel`."""
+docstring): the round trip to the original layout, the written names and shapes, the tokenizer, and the
+logits of the folder reloaded through `AutoModel`, all streamed."""
 
 import torch
 
 from .errors import VerificationError
 from .folders import SafetensorsFolder, progress_bar, quiet_transformers, release_freed_memory
+from .hub import meta_model
 from .keymap import convert_tensor, iter_original_tensors, match_source, rules_for
 from .original import llm_architecture, lm_head_key
 from .tokenizer import check_tokenizer
 
 PROBE_QUESTION = "Describe the image."
-
-
-def verify_weights(folder, original, original_config, config, model, tokenizer, dtype, progress=False):
-    """The weight and tokenizer checks of the module docstring (1-4) on a written folder; raise
-    `VerificationError` on the first failure. Returns {check: description}."""
-    written = SafetensorsFolder(folder)
-    return {
-        "round trip": check_round_trip(written, original, original_config, config, dtype, progress),
-        "written = in memory": check_written_equals_model(written, model),
-        "tokenizer": check_tokenizer(folder, tokenizer),
-    }
 
 
 def verify_streamed(folder, original, original_config, config, tokenizer, dtype, progress=False):
@@ -34,15 +24,6 @@ def verify_streamed(folder, original, original_config, config, tokenizer, dtype,
         "names and shapes": check_written_matches_model(written, config),
         "tokenizer": check_tokenizer(folder, tokenizer),
     }
-
-
-def meta_model(config, dtype):
-    """Our model for `config` with no memory behind its weights (the meta device), in `dtype`."""
-    from modeling_navil import NaViLForConditionalGeneration
-
-    with torch.device("meta"):
-        model = NaViLForConditionalGeneration(config)
-    return model.to(dtype).eval()
 
 
 def check_written_matches_model(written, config):
@@ -127,19 +108,6 @@ def _as(tensor, dtype):
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def check_written_equals_model(written, model):
-    state = model.state_dict()
-    tied = {k for k in getattr(model, "_tied_weights_keys", {}) or {}} if model.config.tie_word_embeddings else set()
-    missing = sorted(set(state) - set(written.keys()) - tied)
-    unexpected = sorted(set(written.keys()) - set(state))
-    if missing or unexpected:
-        raise VerificationError(f"written weights: missing {missing[:10]}, unexpected {unexpected[:10]}")
-    for key in written.keys():
-        if not same_tensor(written[key], state[key].detach()):
-            raise VerificationError(f"written weights: {key} differs from the converted tensor")
-    return f"{len(written)} written tensors equal the converted ones bit for bit"
-
-
 def probe_image(size=(40, 56)):
     """A small deterministic RGB test image (a colour gradient with a square)."""
     from PIL import Image
@@ -156,18 +124,6 @@ def probe_inputs(processor):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROBE_QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return processor(text=[prompt], images=[[probe_image()]], return_tensors="pt")
-
-
-def in_memory_logits(folder, model, dtype, attn_implementation):
-    """Probe inputs built by the folder's own processor, and the in-memory model's logits on them."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
-    inputs = dict(probe_inputs(processor))
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    model.config._attn_implementation = attn_implementation
-    with torch.no_grad():
-        return inputs, model(**inputs).logits
 
 
 def check_reloaded_logits(folder, inputs, expected, dtype, attn_implementation, offload=False):

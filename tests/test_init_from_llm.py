@@ -175,3 +175,21 @@ def test_back_conversion_of_built_models(tmp_path, capsys):
     capsys.readouterr()
     assert navil(["convert", "--to-original", str(out), str(tmp_path / "llama-original"), "-q"]) == 2
     assert "built by navil init-from-llm from a llama LLM" in capsys.readouterr().err
+
+
+def test_a_tied_internlm2_without_its_output_tensor(tmp_path, capsys):
+    # A tied InternLM2 folder leaves `output.weight` out: the reference (Llama names) and ours take the
+    # embedding; the InternLM2 names are mapped without an LM head.
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "internlm2"
+    write_internlm2_llm(source)
+    tensors = load_file(source / "model.safetensors")
+    del tensors["output.weight"]
+    save_file(tensors, str(source / "model.safetensors"))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    assert navil(["init-from-llm", str(source), str(tmp_path / "out"), "--vision-preset", "tiny", "-q"]) == 0
+    assert "verified text parity: max-abs" in capsys.readouterr().out
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["text_config"]["tie_word_embeddings"] is True
