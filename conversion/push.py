@@ -60,6 +60,7 @@ from .folders import (
     TOKENIZER_VOCAB_FILES,
     pickle_refusal,
     pickled_files,
+    read_safetensors_header,
 )
 from .hub import AUTO_MAP, CODE_MODULES
 
@@ -282,20 +283,18 @@ def expected_weight_shapes(config):
 
 def safetensors_shapes(folder, shards):
     """{name: shape} from the safetensors headers (no tensor data is read) and problems found on the way."""
-    from safetensors import safe_open
-
     shapes, problems = {}, []
     for shard, indexed in sorted(shards.items()):
         try:
-            with safe_open(str(Path(folder) / shard), framework="pt") as f:
-                names = list(f.keys())
-                for name in names:
-                    if name in shapes:
-                        problems.append(f"tensor {name} is stored in more than one safetensors file")
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except Exception as e:  # noqa: BLE001 -- a truncated or corrupt header
+            header = read_safetensors_header(Path(folder) / shard)
+        except ConversionError as e:  # a truncated or corrupt header
             problems.append(f"cannot read the safetensors header of {shard}: {first_line(e)}")
             continue
+        names = list(header)
+        for name in names:
+            if name in shapes:
+                problems.append(f"tensor {name} is stored in more than one safetensors file")
+            shapes[name] = tuple(header[name]["shape"])
         if indexed is not None:
             listed_elsewhere = sorted(set(indexed) - set(names))
             if listed_elsewhere:

@@ -2,6 +2,7 @@
 top-level modules there) and the location of the parity fixtures."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +26,14 @@ def token_ids():
 def checkpoint(name) -> Path:
     """The original-layout checkpoint folder of fixture `name` (`qwen3` or `internlm2`)."""
     return fixtures_dir() / FIXTURES[name] / "checkpoint"
+
+
+def copy_checkpoint(name, dest) -> Path:
+    """A writable copy of fixture `name`'s checkpoint at `dest`."""
+    shutil.copytree(checkpoint(name), dest)
+    for path in Path(dest).iterdir():
+        path.chmod(0o644)
+    return Path(dest)
 
 
 def fixtures_dir() -> Path:

@@ -3,7 +3,6 @@ config mapping, errors, atomic writing and end-to-end `navil convert` of both fi
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,18 +41,10 @@ from navil_hf.conversion.surgery import (
     unfold_chained_projection,
 )
 
-from conftest import FIXTURES, REPO_ROOT, checkpoint, token_ids
+from conftest import FIXTURES, REPO_ROOT, checkpoint, copy_checkpoint, token_ids
 from tiny import full_size_original_config
 
 TOKEN_IDS = token_ids()
-
-
-def copy_checkpoint(name, dest):
-    """A writable copy of a fixture checkpoint."""
-    shutil.copytree(checkpoint(name), dest)
-    for path in Path(dest).iterdir():
-        path.chmod(0o644)
-    return Path(dest)
 
 
 def rewrite(folder, config=None, tensors=None):

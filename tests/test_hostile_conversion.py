@@ -18,19 +18,9 @@ from navil_hf.cli import main as navil
 from navil_hf.conversion.folders import clean_stale_temporaries, publish
 from navil_hf.conversion.hub import only_our_code
 
+from conftest import checkpoint, copy_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("NAVIL_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-
-
-def checkpoint(name="qwen3"):
-    return FIXTURES / f"original-{name}-tiny" / "checkpoint"
-
-
-def copy_checkpoint(dest, name="qwen3"):
-    shutil.copytree(checkpoint(name), dest)
-    for path in Path(dest).iterdir():
-        path.chmod(0o644)
-    return Path(dest)
 
 
 def edit_json(path, edit):
@@ -62,7 +52,7 @@ class EvilTokenizer(PreTrainedTokenizerFast):
 @pytest.mark.parametrize("reference", ["evil_tok.EvilTokenizer", "someone/evil--evil_tok.EvilTokenizer"])
 def test_tokenizer_auto_map_never_runs_and_is_dropped(tmp_path, capsys, reference):
     marker = tmp_path / "PWNED"
-    source = copy_checkpoint(tmp_path / "ckpt")
+    source = copy_checkpoint("qwen3", tmp_path / "ckpt")
     (source / "evil_tok.py").write_text(EVIL_MODULE.format(marker=str(marker)))
     edit_json(source / "tokenizer_config.json", lambda c: c.update(auto_map={"AutoTokenizer": [reference, reference]}))
     out = tmp_path / "out"
@@ -105,7 +95,7 @@ def test_only_our_code_keeps_our_references_and_drops_the_rest(tmp_path):
 
 def test_force_never_touches_the_source(tmp_path, capsys):
     parent = tmp_path / "P"
-    source = copy_checkpoint(parent / "ckpt")
+    source = copy_checkpoint("qwen3", parent / "ckpt")
     (parent / "notes.txt").write_text("mine")
     before = sorted(p.name for p in source.iterdir())
     assert "is the source" in usage_error(capsys, "convert", "--force", source, source)
@@ -118,14 +108,14 @@ def test_force_refuses_a_folder_that_is_not_ours(tmp_path, capsys):
     mine = tmp_path / "documents"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    err = usage_error(capsys, "convert", "--force", checkpoint(), mine)
+    err = usage_error(capsys, "convert", "--force", checkpoint("qwen3"), mine)
     assert "not a folder this command writes" in err and "will not delete it" in err
     assert (mine / "thesis.tex").read_text() == "years of work"
     # An empty folder and a NaViL folder are replaced.
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert navil(["convert", "--force", "--no-verify", "-q", str(checkpoint()), str(empty)]) == 0
-    assert navil(["convert", "--force", "--no-verify", "-q", str(checkpoint()), str(empty)]) == 0
+    assert navil(["convert", "--force", "--no-verify", "-q", str(checkpoint("qwen3")), str(empty)]) == 0
+    assert navil(["convert", "--force", "--no-verify", "-q", str(checkpoint("qwen3")), str(empty)]) == 0
     assert (empty / "model.safetensors").is_file()
 
 
@@ -133,14 +123,14 @@ def test_unwritable_parent_and_full_disk_are_one_line(tmp_path, capsys, monkeypa
     # (Tests run as root here, where chmod cannot make a folder unwritable: the check is what is tested.)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
-    assert "cannot write in" in usage_error(capsys, "convert", checkpoint(), tmp_path / "out")
+    assert "cannot write in" in usage_error(capsys, "convert", checkpoint("qwen3"), tmp_path / "out")
     monkeypatch.setattr(os, "access", real_access)
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
     monkeypatch.setattr("navil_hf.conversion.hub.Path.write_text", full)
-    err = usage_error(capsys, "convert", "-q", checkpoint(), tmp_path / "out")
+    err = usage_error(capsys, "convert", "-q", checkpoint("qwen3"), tmp_path / "out")
     assert "No space left on device" in err and "README.md" in err
     assert [p.name for p in tmp_path.iterdir()] == []
 
@@ -169,7 +159,17 @@ def _old_folder(out):
 
 def test_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "navil_hf", "convert", "--force", "--no-verify", "-q", str(checkpoint()), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "navil_hf",
+        "convert",
+        "--force",
+        "--no-verify",
+        "-q",
+        str(checkpoint("qwen3")),
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     seen = set()
     for delay in (0.5, 1.5, 2.5, 3.0, 3.5, 4.0, 5.0):
@@ -193,7 +193,17 @@ def test_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path):
 def test_two_concurrent_force_runs_both_finish_with_a_complete_folder(tmp_path):
     out = tmp_path / "out"
     _old_folder(out)
-    command = [sys.executable, "-m", "navil_hf", "convert", "--force", "--no-verify", "-q", str(checkpoint()), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "navil_hf",
+        "convert",
+        "--force",
+        "--no-verify",
+        "-q",
+        str(checkpoint("qwen3")),
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [(p.wait(), p.stderr.read().decode()) for p in runs]
@@ -248,7 +258,7 @@ def test_a_folder_killed_between_two_renames_is_restored_by_the_next_run(tmp_pat
 def test_shard_index_entries_must_name_files_inside_the_checkpoint(tmp_path, capsys):
     outside = tmp_path / "outside"
     outside.mkdir()
-    source = copy_checkpoint(tmp_path / "ckpt")
+    source = copy_checkpoint("qwen3", tmp_path / "ckpt")
     tensors = load_file(source / "model.safetensors")
     save_file(tensors, str(outside / "x.safetensors"), metadata={"format": "pt"})
     (source / "model.safetensors").unlink()
@@ -307,7 +317,7 @@ def _one_line_cases():
 @pytest.mark.parametrize("case", list(_one_line_cases()))
 def test_broken_checkpoints_end_in_one_line(tmp_path, capsys, case):
     damage, fragment = _one_line_cases()[case]
-    source = copy_checkpoint(tmp_path / "ckpt")
+    source = copy_checkpoint("qwen3", tmp_path / "ckpt")
     damage(source)
     err = usage_error(capsys, "convert", "-q", source, tmp_path / "out")
     assert fragment in err, err
@@ -316,7 +326,7 @@ def test_broken_checkpoints_end_in_one_line(tmp_path, capsys, case):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_named(tmp_path, capsys, bad):
-    source = copy_checkpoint(tmp_path / "ckpt")
+    source = copy_checkpoint("qwen3", tmp_path / "ckpt")
     tensors = load_file(source / "model.safetensors")
     key = sorted(tensors)[3]
     tensors[key].view(-1)[0] = bad
@@ -326,13 +336,13 @@ def test_non_finite_weights_are_named(tmp_path, capsys, bad):
 
 
 def test_chat_on_an_unconverted_checkpoint_says_convert_it(capsys):
-    err = usage_error(capsys, "chat", "--model", checkpoint(), "hi")
+    err = usage_error(capsys, "chat", "--model", checkpoint("qwen3"), "hi")
     assert "original NaViL checkpoint" in err and "navil convert" in err
 
 
 def test_a_converted_folder_whose_token_ids_exceed_the_vocabulary_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
-    assert navil(["convert", "--no-verify", "-q", str(checkpoint()), str(out)]) == 0
+    assert navil(["convert", "--no-verify", "-q", str(checkpoint("qwen3")), str(out)]) == 0
     vocab = json.loads((out / "config.json").read_text())["text_config"]["vocab_size"]
     edit_json(out / "config.json", lambda c: c.update(image_token_id=vocab + 5))
     err = usage_error(capsys, "chat", "--model", out, "hi")
@@ -344,11 +354,11 @@ def test_internal_errors_are_one_line_with_exit_1_and_debug_shows_the_traceback(
         raise KeyError("something internal")
 
     monkeypatch.setattr("navil_hf.conversion.convert._convert", boom)
-    assert navil(["convert", str(checkpoint()), str(tmp_path / "out")]) == 1
+    assert navil(["convert", str(checkpoint("qwen3")), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "internal error" in err and "--debug" in err, err
     with pytest.raises(KeyError):
-        navil(["--debug", "convert", str(checkpoint()), str(tmp_path / "out")])
+        navil(["--debug", "convert", str(checkpoint("qwen3")), str(tmp_path / "out")])
 
 
 def test_init_from_llm_option_mistakes_fail_before_loading(tmp_path, capsys, monkeypatch):

@@ -4,7 +4,6 @@ tokenizes by the rules, loads through AutoProcessor/AutoModel, chats, and conver
 original's tokenizer files."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from navil_hf.cli import main as navil
 from navil_hf.conversion import convert_checkpoint, convert_to_original
 from tokenization_navil import ids_by_the_rules, load_sentencepiece
 
-from conftest import checkpoint
+from conftest import copy_checkpoint
 
 VOCAB = 396  # the internlm2 fixture model's embedding rows
 
@@ -28,7 +27,7 @@ def sentencepiece_checkpoint(tmp_path_factory):
     380 pieces, then NaViL's 12 tokens (ids 380..391, inside the model's 396 rows)."""
     root = tmp_path_factory.mktemp("spm")
     source = root / "NaViL-2B-like"
-    shutil.copytree(checkpoint("internlm2"), source)
+    copy_checkpoint("internlm2", source)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (source / name).unlink(missing_ok=True)
     model = train_model(root / "spm.model", vocab_size=380, seed=3)
