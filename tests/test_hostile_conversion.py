@@ -157,8 +157,8 @@ def _old_folder(out):
     (out / "old.txt").write_text("previous")
 
 
-def test_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path):
-    out = tmp_path / "out"
+def _force_convert_command(out):
+    """`navil convert --force` of the qwen3 fixture into `out`, as a command line and its environment."""
     command = [
         sys.executable,
         "-m",
@@ -170,7 +170,12 @@ def test_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path):
         str(checkpoint("qwen3")),
         str(out),
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return command, dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path):
+    out = tmp_path / "out"
+    command, env = _force_convert_command(out)
     seen = set()
     for delay in (0.5, 1.5, 2.5, 3.0, 3.5, 4.0, 5.0):
         shutil.rmtree(out, ignore_errors=True)
@@ -193,18 +198,7 @@ def test_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path):
 def test_two_concurrent_force_runs_both_finish_with_a_complete_folder(tmp_path):
     out = tmp_path / "out"
     _old_folder(out)
-    command = [
-        sys.executable,
-        "-m",
-        "navil_hf",
-        "convert",
-        "--force",
-        "--no-verify",
-        "-q",
-        str(checkpoint("qwen3")),
-        str(out),
-    ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    command, env = _force_convert_command(out)
     runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [(p.wait(), p.stderr.read().decode()) for p in runs]
     assert all(code == 0 for code, _ in results), results
