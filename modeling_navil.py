@@ -24,6 +24,7 @@ Attention backends are functions selected by `attn_implementation` (`eager`, `sd
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -270,6 +271,60 @@ def text_attention_function(requested: str | None) -> Callable:
     if implementation == "eager":
         return eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+def _causal_sdpa_kernel(q, k, v, scale, dropout=0.0):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, dropout_p=dropout)
+
+
+def _causal_eager_kernel(q, k, v, scale, dropout=0.0):
+    weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+    future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+    weights = F.softmax(weights.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), v)
+
+
+def text_packed_attention(requested: str | None, query, key, value, segments: PackedSegments, scaling, dropout=0.0):
+    """Causal attention inside every segment of packed rows (several samples in one row: training's
+    padding-free batches). q: [B, H, L, D], k/v: [B, KV, L, D]; returns [B, L, H, D].
+
+    The segments tile the flattened B * L tokens. flash-attn's (or torch's) varlen kernel runs on CUDA
+    for the flash backends; everywhere else sdpa (or, for `eager`, an explicit softmax) runs per segment,
+    equal-length segments batched: no mask over the whole row is ever built."""
+    batch, heads, length, dim = query.shape
+    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # [T, H or KV, D]
+    implementation = requested or "sdpa"
+    if _is_flash(implementation) and q.is_cuda:
+        cu, m = segments.cu_seqlens, segments.max_seqlen
+        if flash_attn_varlen_func is not None:
+            out = flash_attn_varlen_func(q, k, v, cu, cu, m, m, dropout_p=dropout, softmax_scale=scaling, causal=True)
+            return out.unflatten(0, (batch, length))
+        if torch_varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+            out = torch_varlen_attn(q, k, v, cu, cu, m, m, scale=scaling, window_size=(-1, 0), enable_gqa=True)
+            return out.unflatten(0, (batch, length))
+    if k.shape[1] != heads:  # GQA: the per-segment kernels take as many k/v heads as q heads
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    kernel = _causal_eager_kernel if implementation == "eager" else _causal_sdpa_kernel
+    out = _grouped_attention(q, k, v, segments, scaling, functools.partial(kernel, dropout=dropout))
+    return out.unflatten(0, (batch, length))
+
+
+@torch.compiler.disable
+def _all_true(attention_mask) -> bool:
+    return torch.is_tensor(attention_mask) and attention_mask.ndim == 2 and bool(attention_mask.all())
+
+
+@torch.compiler.disable  # host-side, once per forward
+def packed_segments(position_ids: torch.Tensor, batch: int, length: int) -> PackedSegments | None:
+    """The samples packed in rows, from `position_ids` [B or 1, L]: a sample starts wherever the position
+    does not follow the previous one (and at every row's start). None when every row is one sample."""
+    positions = position_ids.expand(batch, length)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    starts = starts.reshape(-1).nonzero().squeeze(-1).cpu().numpy()
+    if len(starts) == batch:
+        return None
+    return PackedSegments.from_lengths(np.diff(np.append(starts, batch * length)), position_ids.device)
 
 
 class _AttentionConfigView:
@@ -607,9 +662,13 @@ class ModalityRouting:
     order, where `[:n_text]` and `[n_text:]` are plain views for the two experts.
     """
 
-    def __init__(self, visual_mask: torch.Tensor | None, num_tokens: int | None = None):
+    def __init__(self, visual_mask: torch.Tensor | None, num_tokens: int | None = None, both: bool = False):
         """`visual_mask` [B, L] (True: visual expert); None means every one of `num_tokens` is text,
-        known without looking (a decode step: no host sync, nothing for torch.compile to break on)."""
+        known without looking (a decode step: no host sync, nothing for torch.compile to break on).
+        `both` (training): both experts run in every forward, an expert without tokens on zero rows, so
+        every parameter takes part in every step (its gradient is zero, not missing: what FSDP / DDP and
+        optimizer-state checkpoints need)."""
+        self.both = both
         if visual_mask is None:
             self.num_tokens, self.num_visual, self.order, self.inverse = num_tokens, 0, None, None
         else:
@@ -620,6 +679,11 @@ class ModalityRouting:
     @property
     def mixed(self) -> bool:
         return self.order is not None
+
+    @property
+    def split(self) -> bool:
+        """Each expert runs on its own rows (`[:num_text]`, `[num_text:]`), possibly none."""
+        return self.mixed or self.both
 
     @property
     def all_visual(self) -> bool:
@@ -636,7 +700,7 @@ class ModalityRouting:
 
     def apply(self, x: torch.Tensor, text_fn: Callable, visual_fn: Callable) -> torch.Tensor:
         """Runs each expert on its own rows of a sorted [T, ...] tensor."""
-        if not self.mixed:
+        if not self.split:
             return visual_fn(x) if self.all_visual else text_fn(x)
         return torch.cat([text_fn(x[: self.num_text]), visual_fn(x[self.num_text :])], dim=0)
 
@@ -657,6 +721,11 @@ class ModalityRouting:
         """Runs each expert on its rows of a sorted [T, ...] tensor; the experts return tuples of [rows, ...]
         tensors, merged straight into natural order [B, L, ...] (one scatter each, no concatenation)."""
         if not self.mixed:
+            if self.both:  # one kind of token: concatenation is the natural order
+                return [
+                    torch.cat(pair).unflatten(0, shape)
+                    for pair in zip(text_fn(x[: self.num_text]), visual_fn(x[self.num_text :]))
+                ]
             return [t.unflatten(0, shape) for t in (visual_fn(x) if self.all_visual else text_fn(x))]
         n = self.num_text
         merged = []
@@ -751,16 +820,17 @@ class NaViLTextAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
 
-        out, weights = text_attention_function(self.config._attn_implementation)(
-            self,
-            q,
-            k,
-            v,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )  # [B, L, H, D]
+        dropout = self.config.attention_dropout if self.training else 0.0
+        segments = kwargs.pop("packed_segments", None)
+        if segments is not None:  # samples packed in rows: attention stays inside each
+            out, weights = (
+                text_packed_attention(self.config._attn_implementation, q, k, v, segments, self.scaling, dropout),
+                None,
+            )
+        else:
+            out, weights = text_attention_function(self.config._attn_implementation)(
+                self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )  # [B, L, H, D]
         out = routing.to_sorted(out.reshape(*shape, -1))
         return routing.apply(out, self.o_proj, self._visual_output), weights
 
@@ -895,6 +965,7 @@ class NaViLTextModel(NaViLPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
+        explicit_positions = position_ids is not None
         if position_ids is None:
             if torch.is_tensor(attention_mask) and attention_mask.ndim == 2:
                 # Left padding: positions count real tokens only, so a padded row equals its unpadded run.
@@ -902,19 +973,30 @@ class NaViLTextModel(NaViLPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
 
+        # Several samples packed in a row (positions restart, nothing padded, no past): attention stays
+        # inside each sample, whatever the cache and the backend (`text_packed_attention`).
+        segments = None
+        if past == 0 and explicit_positions and (attention_mask is None or _all_true(attention_mask)):
+            segments = packed_segments(position_ids, batch, length)
         implementation = text_attention_implementation(self.config._attn_implementation)
-        if output_attentions and implementation != "eager":
+        if output_attentions and (implementation != "eager" or segments is not None):
             logger.warning_once(
-                f"output_attentions needs eager attention; {implementation!r} returns no attention weights"
+                f"output_attentions needs eager attention on unpacked rows; {implementation!r} returns no attention weights"
             )
-        mask = create_causal_mask(
-            _AttentionConfigView(self.config, implementation), inputs_embeds, attention_mask, cache, position_ids
-        )
+        mask = None
+        if segments is None:
+            mask = create_causal_mask(
+                _AttentionConfigView(self.config, implementation), inputs_embeds, attention_mask, cache, position_ids
+            )
+        else:
+            kwargs["packed_segments"] = segments
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         if position_embeddings[0].shape[0] != batch:
             position_embeddings = tuple(t.expand(batch, -1, -1) for t in position_embeddings)
 
-        routing = ModalityRouting(visual_mask, num_tokens=batch * length)
+        routing = ModalityRouting(
+            visual_mask, num_tokens=batch * length, both=self.training and torch.is_grad_enabled()
+        )
         hidden = routing.to_sorted(inputs_embeds)
         all_hidden = [inputs_embeds] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
@@ -1073,6 +1155,19 @@ class NaViLModel(NaViLPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    def _idle_vision(self, like: torch.Tensor) -> torch.Tensor:
+        """Zero, computed through the vision encoder and connector from one blank image of the smallest
+        grid: a training batch without images still gives every vision parameter a (zero) gradient, so
+        FSDP / DDP reduce the same parameters on every rank and optimizer states exist for all of them."""
+        merge = self.config.vision_config.spatial_merge_size
+        patch = self.vision_model.config.patch_size
+        pixels = like.new_zeros(
+            (merge * merge, self.vision_model.config.num_channels, patch, patch), dtype=self.vision_model.dtype
+        )
+        grid = torch.tensor([[1, merge, merge]], device=like.device)
+        features = self.connector(self.vision_model(pixels, grid, return_dict=True).last_hidden_state)
+        return features.sum().to(like.dtype) * 0.0
+
     def _token_embedding(self, token_id: int, like: torch.Tensor) -> torch.Tensor:
         """What `get_input_embeddings()` gives for one token, as compared against `inputs_embeds`."""
         return self.get_input_embeddings()(torch.tensor([token_id], device=like.device))[0].to(like.dtype)
@@ -1138,6 +1233,8 @@ class NaViLModel(NaViLPreTrainedModel):
             features = image_outputs.pooler_output
             features = torch.cat(features) if len(features) > 1 else features[0]
             inputs_embeds = inputs_embeds.masked_scatter(slots.unsqueeze(-1), features.to(inputs_embeds.dtype))
+        elif self.training and torch.is_grad_enabled():
+            inputs_embeds = inputs_embeds + self._idle_vision(inputs_embeds)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             visual_mask=mm_token_type_ids,

@@ -1,0 +1,1 @@
+"""Training NaViL-style models."""

@@ -1,0 +1,582 @@
+"""A synthetic visual question-answering task: colored shapes on plain backgrounds.
+
+It proves that training teaches a small NaViL to *see*: every answer depends on the image, the answers are
+balanced given the question, so a model that reads only the text scores no better than the blind baseline
+(`blind_accuracy`, about 1/3 overall), and a model that looks can reach 100%.
+
+    python -m navil_hf.training.shapes OUT_DIR [--train N] [--test N] [--seed S] [--force]
+
+writes
+
+* `OUT_DIR/images/{train,test}_NNNNN.png`: one to three non-overlapping shapes (circle, square, triangle) in
+  one of six colors (`PALETTE`, each drawn with a little jitter), on a light or dark, low-saturation
+  background (solid, gradient or noise; never close to a shape color). Each side of an image is a multiple
+  of 16 between 48 and 96 pixels, so the model sees them at their native resolution;
+* `OUT_DIR/train.jsonl` and `OUT_DIR/test.jsonl`: one record per image, in the transformers chat format
+  (`messages`, with the image path relative to the jsonl file's folder) plus `answer`, `kind`, `question`
+  and what was drawn (`shapes`: shape, color, rgb, center [x, y], size, bbox [x0, y0, x1, y1] inclusive);
+* `OUT_DIR/meta.json`: the generation parameters and the summary that `make_shapes_dataset` returns.
+
+Question kinds (`KINDS`) and their closed answer sets (`ANSWERS`):
+
+* `color`: "What color is the shape?" (one shape) or "What color is the circle?" (the only circle);
+* `shape`: "What shape is the red object?" (the only red shape);
+* `count`: "How many shapes are there?" -> "1", "2" or "3";
+* `position`: "Is the red shape on the left or the right?" / "... at the top or the bottom?", asked only
+  when the whole shape lies in one half of the image.
+
+Each question ends with `ANSWER_HINT`. Each split has the kinds in equal numbers and, within a kind, the
+answers in equal numbers (each off by at most one): the answer is chosen first and the image built to fit
+it. The train and test splits come from different seed streams of the same seed, and no test image is
+byte-identical to a train image. Generation is deterministic: the same arguments give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FORMAT_VERSION = 1
+KINDS = ("color", "shape", "count", "position")
+SHAPES = ("circle", "square", "triangle")
+# Clearly distinct, saturated colors; shapes are drawn with up to COLOR_JITTER per channel around them.
+PALETTE = {
+    "red": (215, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (35, 75, 215),
+    "yellow": (235, 205, 25),
+    "purple": (140, 50, 180),
+    "orange": (240, 125, 20),
+}
+COLOR_JITTER = 12
+MAX_SHAPES = 3
+ANSWERS = {
+    "color": tuple(PALETTE),
+    "shape": SHAPES,
+    "count": tuple(str(n) for n in range(1, MAX_SHAPES + 1)),
+    "position": ("left", "right", "top", "bottom"),
+}
+ANSWER_HINT = "Answer the question using a single word or number."
+# Backgrounds: a light or dark gray with a small tint; every background color is at least this far
+# (Euclidean RGB) from every palette color.
+MIN_BACKGROUND_DISTANCE = 80.0
+BACKGROUNDS = ("solid", "gradient", "noise")
+NOISE_SIGMA = 6.0
+SIDE_MULTIPLE = 16
+DEFAULT_IMAGE_SIZE = (48, 96)
+GAP = 2  # pixels between the bounding boxes of two shapes, and between a position target and the midline
+MIN_SHAPE_SIZE = 10
+SPLIT_STREAMS = {"train": 0, "test": 1}
+_NUMBER_WORDS = {"one": "1", "two": "2", "three": "3"}
+_OWN_IMAGE = re.compile(r"(train|test)_\d+\.png")
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def _image_sides(image_size, side_multiple):
+    """The allowed side lengths: `image_size` is an int (square, fixed) or (min, max) of each side."""
+    lo, hi = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if not (isinstance(lo, int) and isinstance(hi, int)) or lo > hi:
+        raise ValueError(f"image_size must be an int or (min, max) with min <= max, got {image_size!r}")
+    if lo < 32:
+        raise ValueError(f"image sides must be at least 32 pixels to hold {MAX_SHAPES} shapes, got {lo}")
+    if side_multiple < 1:
+        raise ValueError(f"side_multiple must be positive, got {side_multiple}")
+    sides = [s for s in range(lo, hi + 1) if s % side_multiple == 0] or list(range(lo, hi + 1))
+    return sides
+
+
+def _background_color(rng, light):
+    while True:
+        gray = rng.integers(175, 246) if light else rng.integers(10, 71)
+        rgb = np.clip(gray + rng.integers(-14, 15, size=3), 0, 255)
+        if min(np.linalg.norm(rgb - np.array(c)) for c in PALETTE.values()) >= MIN_BACKGROUND_DISTANCE:
+            return rgb.astype(np.float64)
+
+
+def _background(rng, width, height):
+    style = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    light = bool(rng.integers(2))
+    base = _background_color(rng, light)
+    pixels = np.broadcast_to(base, (height, width, 3)).astype(np.float64)
+    if style == "gradient":
+        other = _background_color(rng, light)  # same lightness class, so every mixture stays far from the palette
+        angle = rng.uniform(0, 2 * np.pi)
+        ys, xs = np.mgrid[0:height, 0:width]
+        t = xs * np.cos(angle) + ys * np.sin(angle)
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-9)
+        pixels = base * (1 - t[..., None]) + other * t[..., None]
+    elif style == "noise":
+        pixels = pixels + rng.normal(0, NOISE_SIGMA, size=(height, width, 3))
+    return style, np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def _place(rng, boxes, width, height, size, x_range=None, y_range=None):
+    """The top-left corner of a `size` box that keeps GAP from `boxes`, inside the ranges (inclusive
+    bounds of the box), or None after some tries."""
+    x_lo, x_hi = x_range or (0, width - 1)
+    y_lo, y_hi = y_range or (0, height - 1)
+    if x_hi - x_lo + 1 < size or y_hi - y_lo + 1 < size:
+        return None
+    for _ in range(50):
+        x0 = int(rng.integers(x_lo, x_hi - size + 2))
+        y0 = int(rng.integers(y_lo, y_hi - size + 2))
+        x1, y1 = x0 + size - 1, y0 + size - 1
+        if all(x1 + GAP < a0 or a1 + GAP < x0 or y1 + GAP < b0 or b1 + GAP < y0 for a0, b0, a1, b1 in boxes):
+            return x0, y0
+    return None
+
+
+def _layout(rng, width, height, specs, target_region=None):
+    """Boxes for `specs` (the first one inside `target_region`, an (x_range, y_range) pair, when given).
+    Returns a list of (x0, y0, size), or None when they did not fit (the caller draws again)."""
+    short = min(width, height)
+    lo = max(MIN_SHAPE_SIZE, round(0.2 * short))
+    hi = max(lo, round(0.45 * short) - 3 * (len(specs) - 1))
+    boxes, placed = [], []
+    for i, _ in enumerate(specs):
+        size = int(rng.integers(lo, hi + 1))
+        ranges = target_region if (i == 0 and target_region) else (None, None)
+        corner = None
+        while corner is None and size >= MIN_SHAPE_SIZE:
+            corner = _place(rng, boxes, width, height, size, *ranges)
+            if corner is None:
+                size -= 2
+        if corner is None:
+            return None
+        x0, y0 = corner
+        boxes.append((x0, y0, x0 + size - 1, y0 + size - 1))
+        placed.append((x0, y0, size))
+    return placed
+
+
+def _draw(pixels, shapes):
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    for s in shapes:
+        x0, y0, x1, y1 = s["bbox"]
+        fill = tuple(s["rgb"])
+        if s["shape"] == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif s["shape"] == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:  # triangle, apex up or down; the bbox center is inside it either way
+            mid = (x0 + x1) / 2
+            if s.get("apex", "up") == "up":
+                draw.polygon([(mid, y0), (x1, y1), (x0, y1)], fill=fill)
+            else:
+                draw.polygon([(x0, y0), (x1, y0), (mid, y1)], fill=fill)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+# -------------------------------------------------------------------------------------------- questions
+
+
+def _pick(rng, options, exclude=()):
+    options = [o for o in options if o not in exclude]
+    return options[int(rng.integers(len(options)))]
+
+
+def _scene(rng, kind, answer, width, height):
+    """(question, specs, target_region) for a question of `kind` whose answer is `answer`: what to draw,
+    the first spec being the one asked about."""
+    n = int(answer) if kind == "count" else int(rng.integers(1, MAX_SHAPES + 1))
+    colors, shapes = tuple(PALETTE), SHAPES
+    if kind == "count":
+        specs = [(_pick(rng, shapes), _pick(rng, colors)) for _ in range(n)]
+        return "How many shapes are there?", specs, None
+    if kind == "color":
+        color, shape = answer, _pick(rng, shapes)
+        others = [(_pick(rng, shapes, exclude=(shape,)), _pick(rng, colors)) for _ in range(n - 1)]
+        question = "What color is the shape?" if n == 1 else f"What color is the {shape}?"
+        return question, [(shape, color), *others], None
+    if kind == "shape":
+        color, shape = _pick(rng, colors), answer
+        others = [(_pick(rng, shapes), _pick(rng, colors, exclude=(color,))) for _ in range(n - 1)]
+        return f"What shape is the {color} object?", [(shape, color), *others], None
+    if kind == "position":
+        color, shape = _pick(rng, colors), _pick(rng, shapes)
+        by_color = bool(rng.integers(2))
+        if n == 1:
+            ref, others = (f"{color} shape" if by_color else "shape"), []
+        elif by_color:
+            ref = f"{color} shape"
+            others = [(_pick(rng, shapes), _pick(rng, colors, exclude=(color,))) for _ in range(n - 1)]
+        else:
+            ref = shape
+            others = [(_pick(rng, shapes, exclude=(shape,)), _pick(rng, colors)) for _ in range(n - 1)]
+        horizontal = answer in ("left", "right")
+        # the whole target box in one half, GAP pixels clear of the midline
+        half_w, half_h = width // 2, height // 2
+        x_range = {"left": (0, half_w - 1 - GAP), "right": (width - half_w + GAP, width - 1)}.get(answer)
+        y_range = {"top": (0, half_h - 1 - GAP), "bottom": (height - half_h + GAP, height - 1)}.get(answer)
+        question = (
+            f"Is the {ref} on the left or the right?" if horizontal else f"Is the {ref} at the top or the bottom?"
+        )
+        return question, [(shape, color), *others], (x_range, y_range)
+    raise ValueError(f"unknown question kind {kind!r} (expected one of {', '.join(KINDS)})")
+
+
+def _sample(rng, kind, answer, sides):
+    width, height = int(sides[rng.integers(len(sides))]), int(sides[rng.integers(len(sides))])
+    question, specs, region = _scene(rng, kind, answer, width, height)
+    placed = None
+    while placed is None:
+        placed = _layout(rng, width, height, specs, region)
+    shapes = []
+    for (shape, color), (x0, y0, size) in zip(specs, placed):
+        rgb = np.clip(np.array(PALETTE[color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3), 0, 255)
+        item = {
+            "shape": shape,
+            "color": color,
+            "rgb": [int(v) for v in rgb],
+            "center": [x0 + size // 2, y0 + size // 2],
+            "size": size,
+            "bbox": [x0, y0, x0 + size - 1, y0 + size - 1],
+        }
+        if shape == "triangle":
+            item["apex"] = "up" if rng.integers(2) else "down"
+        shapes.append(item)
+    style, pixels = _background(rng, width, height)
+    return question, shapes, style, [width, height], _draw(pixels, shapes)
+
+
+def _record(image_path, kind, question, answer, shapes, style, size):
+    prompt = f"{question} {ANSWER_HINT}"
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "path": image_path}, {"type": "text", "text": prompt}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "answer": answer,
+        "kind": kind,
+        "question": question,
+        "image_size": size,
+        "background": style,
+        "shapes": shapes,
+    }
+
+
+def _generate_split(out_dir, split, count, seed, sides, kinds, avoid):
+    """Write `count` images of `split` and return their records; `avoid` holds the sha256 digests of images
+    already written (another split's), which are redrawn rather than repeated."""
+    rng = np.random.default_rng([seed, SPLIT_STREAMS[split]])
+    # kinds in equal numbers and, within a kind, its answers in equal numbers (each off by at most one)
+    per_kind = [count // len(kinds) + (i < count % len(kinds)) for i in range(len(kinds))]
+    order = []
+    for kind, n in zip(kinds, per_kind):
+        answers = list(ANSWERS[kind])
+        rng.shuffle(answers)  # which answers get the extra record when n does not divide evenly
+        order += [(kind, answers[j % len(answers)]) for j in range(n)]
+    rng.shuffle(order)
+    records, digests = [], set()
+    for i, (kind, answer) in enumerate(order):
+        while True:
+            question, shapes, style, size, png = _sample(rng, kind, answer, sides)
+            digest = hashlib.sha256(png).hexdigest()
+            if digest not in avoid and digest not in digests:
+                break
+        digests.add(digest)
+        name = f"images/{split}_{i:05d}.png"
+        (out_dir / name).write_bytes(png)
+        records.append(_record(name, kind, question, answer, shapes, style, size))
+    return records, digests
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a jsonl file (image paths in them are relative to its folder)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+def _prepare(out_dir, force):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out_dir} is not empty (use force=True / --force to overwrite)")
+        # only what a previous run wrote; anything else in the folder stays
+        images = out_dir / "images"
+        if images.is_dir():
+            for path in images.iterdir():
+                if path.is_file() and _OWN_IMAGE.fullmatch(path.name):
+                    path.unlink()
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+
+
+def make_shapes_dataset(
+    out_dir,
+    *,
+    train: int = 2000,
+    test: int = 200,
+    seed: int = 0,
+    image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    side_multiple: int = SIDE_MULTIPLE,
+    kinds: tuple[str, ...] = KINDS,
+    force: bool = False,
+) -> dict:
+    """Write the dataset into `out_dir` (see the module docstring) and return its summary.
+
+    `image_size` is an int (every image that square) or (min, max) of each side; sides are the multiples of
+    `side_multiple` in that range (any length in it when there is none). `kinds` are the question kinds, in
+    equal numbers per split. Raises FileExistsError when `out_dir` is a file or a non-empty folder (unless
+    `force`: then the files of a previous run are replaced and anything else is kept) and ValueError for bad
+    arguments.
+
+    The summary: `records` and `counts` (per kind) of each split, `answers` (the closed answer set per
+    kind), `chance` (per kind and overall: the majority-class rate on the test split, at least
+    1/len(answer set)) and `blind` (per kind and overall: a text-only model's accuracy on the test split,
+    the majority answer per question text as learned from the train split; the bar to beat to show the
+    model looks at the image), and `params`.
+    """
+    for name, value in (("train", train), ("test", test)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown question kinds {unknown or list(kinds)} (expected some of {', '.join(KINDS)})")
+    sides = _image_sides(image_size, side_multiple)
+    out_dir = Path(out_dir)
+    _prepare(out_dir, force)
+    started = time.perf_counter()
+    train_records, train_digests = _generate_split(out_dir, "train", train, seed, sides, tuple(kinds), set())
+    test_records, _ = _generate_split(out_dir, "test", test, seed, sides, tuple(kinds), train_digests)
+    _write_jsonl(out_dir / "train.jsonl", train_records)
+    _write_jsonl(out_dir / "test.jsonl", test_records)
+    params = {
+        "generator": __name__,
+        "format_version": FORMAT_VERSION,
+        "train": train,
+        "test": test,
+        "seed": seed,
+        "image_size": list(image_size) if not isinstance(image_size, int) else image_size,
+        "image_sides": sides,
+        "side_multiple": side_multiple,
+        "kinds": list(kinds),
+        "max_shapes": MAX_SHAPES,
+        "palette": {name: list(rgb) for name, rgb in PALETTE.items()},
+        "color_jitter": COLOR_JITTER,
+        "backgrounds": list(BACKGROUNDS),
+        "answer_hint": ANSWER_HINT,
+    }
+    summary = summarize(train_records, test_records, kinds)
+    summary["params"] = params
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    meta = {"params": params, "summary": {k: v for k, v in summary.items() if k not in ("params", "seconds")}}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def summarize(train_records, test_records, kinds=KINDS) -> dict:
+    """Counts per kind, answer sets, and the chance and blind baselines on the test split."""
+    by_kind = defaultdict(list)
+    for record in test_records:
+        by_kind[record["kind"]].append(record)
+    return {
+        "records": {"train": len(train_records), "test": len(test_records)},
+        "counts": {
+            split: {k: sum(r["kind"] == k for r in records) for k in kinds}
+            for split, records in (("train", train_records), ("test", test_records))
+        },
+        "answers": {k: list(ANSWERS[k]) for k in kinds},
+        "chance": {
+            "overall": chance_accuracy(test_records),
+            "per_kind": {k: chance_accuracy(by_kind[k]) for k in kinds},
+        },
+        "blind": {
+            "overall": blind_accuracy(test_records, train_records),
+            "per_kind": {k: blind_accuracy(by_kind[k], train_records) for k in kinds},
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def chance_accuracy(records) -> float:
+    """The majority-class baseline: per kind, the rate of its most common answer (at least 1 over the size
+    of its closed answer set), averaged over the records (0.0 for none)."""
+    by_kind = defaultdict(Counter)
+    for record in records:
+        by_kind[record["kind"]][record["answer"]] += 1
+    if not by_kind:
+        return 0.0
+    total = sum(sum(c.values()) for c in by_kind.values())
+    correct = 0.0
+    for kind, answers in by_kind.items():
+        n = sum(answers.values())
+        floor = 1 / len(ANSWERS[kind]) if kind in ANSWERS else 0.0
+        correct += n * max(answers.most_common(1)[0][1] / n, floor)
+    return correct / total
+
+
+def blind_accuracy(records, train_records=None) -> float:
+    """The accuracy of a text-only model that answers each question text with its most common answer in
+    `train_records` (in `records` themselves when None: an optimistic bound), the kind's most common
+    answer for a question text it never saw. 0.0 for no records."""
+    if not records:
+        return 0.0
+    reference = records if train_records is None else train_records
+    per_question, per_kind = defaultdict(Counter), defaultdict(Counter)
+    for record in reference:
+        per_question[_question_of(record)][record["answer"]] += 1
+        per_kind[record["kind"]][record["answer"]] += 1
+    correct = 0
+    for record in records:
+        votes = per_question.get(_question_of(record)) or per_kind.get(record["kind"])
+        # ties go to the answer first in sorted order, so the number is deterministic
+        guess = min(votes.items(), key=lambda item: (-item[1], item[0]))[0] if votes else None
+        correct += guess == record["answer"]
+    return correct / len(records)
+
+
+def _question_of(record):
+    if "question" in record:
+        return record["question"]
+    for message in record["messages"]:
+        if message["role"] == "user":
+            return " ".join(c["text"] for c in message["content"] if c.get("type") == "text")
+    return ""
+
+
+def normalize_answer(text) -> str:
+    """Lower case, punctuation and surrounding whitespace removed, inner whitespace collapsed."""
+    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
+
+
+def is_correct(prediction, answer) -> bool:
+    """Exact match after `normalize_answer`, or the answer as the first word of a longer prediction
+    ("Red.", "red circle"); a number word counts as its digit ("two" for "2")."""
+    words = normalize_answer(prediction).split()
+    answer = normalize_answer(answer)
+    if not words:
+        return answer == ""
+    first = _NUMBER_WORDS.get(words[0], words[0])
+    return " ".join(words) == answer or first == answer
+
+
+def score(predictions, records) -> dict:
+    """Exact-match accuracy of `predictions` (strings, one per record, in order; or a dict from record
+    index to string, a missing one counting as wrong) overall and per kind:
+    {"accuracy", "correct", "total", "per_kind": {kind: {"accuracy", "correct", "total"}}}."""
+    records = list(records)
+    if isinstance(predictions, dict):
+        predictions = [predictions.get(i) for i in range(len(records))]
+    else:
+        predictions = list(predictions)
+        if len(predictions) != len(records):
+            raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
+    correct, total = Counter(), Counter()
+    for prediction, record in zip(predictions, records):
+        kind = record["kind"]
+        total[kind] += 1
+        correct[kind] += prediction is not None and is_correct(prediction, record["answer"])
+    n, c = sum(total.values()), sum(correct.values())
+    return {
+        "accuracy": c / n if n else 0.0,
+        "correct": c,
+        "total": n,
+        "per_kind": {k: {"accuracy": correct[k] / total[k], "correct": correct[k], "total": total[k]} for k in total},
+    }
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser():
+    parser = _Parser(
+        prog="python -m navil_hf.training.shapes",
+        description="Write the synthetic shapes VQA dataset (images/, train.jsonl, test.jsonl, meta.json) "
+        "and print its summary.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (must be empty or new)")
+    parser.add_argument("--train", type=_count, default=2000, metavar="N", help="train records (default 2000)")
+    parser.add_argument("--test", type=_count, default=200, metavar="N", help="test records (default 200)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=list(DEFAULT_IMAGE_SIZE),
+        metavar=("MIN", "MAX"),
+        help=f"range of each image side in pixels, multiples of {SIDE_MULTIPLE} (default 48 96)",
+    )
+    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def format_summary(summary, out_dir) -> str:
+    records = summary["records"]
+    lines = [f"wrote {records['train']} train + {records['test']} test records to {out_dir}"]
+    lines.append(f"{'kind':<10}{'train':>7}{'test':>6}{'chance':>8}{'blind':>7}  answers")
+    for kind, answers in summary["answers"].items():
+        lines.append(
+            f"{kind:<10}{summary['counts']['train'][kind]:>7}{summary['counts']['test'][kind]:>6}"
+            f"{summary['chance']['per_kind'][kind]:>8.3f}{summary['blind']['per_kind'][kind]:>7.3f}  "
+            + ", ".join(answers)
+        )
+    lines.append(
+        f"{'overall':<10}{records['train']:>7}{records['test']:>6}"
+        f"{summary['chance']['overall']:>8.3f}{summary['blind']['overall']:>7.3f}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = make_shapes_dataset(
+            args.out_dir,
+            train=args.train,
+            test=args.test,
+            seed=args.seed,
+            image_size=tuple(args.image_size),
+            force=args.force,
+        )
+    except (FileExistsError, ValueError, OSError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary, args.out_dir))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

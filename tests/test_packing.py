@@ -1,0 +1,121 @@
+"""Padding-free packing: a packed row gives the loss and gradients of the padded batch of the same
+samples (fp32, 1e-6 relative), on every text backend, with or without a cache; attention never crosses
+a sample boundary; every parameter gets a gradient in every step (batches without images included)."""
+
+import pytest
+import torch
+from tiny import IMG_CONTEXT, multimodal_inputs, tiny_model
+
+from modeling_navil import packed_segments
+from navil_hf.training.collate import IGNORE_INDEX, PackedCollator, PaddedCollator
+
+PAD = 0
+
+
+def _sample(grids=None, text=(20, 21, 22, 23), seed=0, answer=(40, 41, 42)):
+    """A sample: optional image with `grids` scales, then text; the last tokens are the labelled answer."""
+    if grids:
+        inputs = multimodal_inputs(grids, text_before=(3, 4), text_after=text, seed=seed)
+        ids = inputs["input_ids"][0].tolist()
+        sample = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
+        sample["num_scales"] = torch.tensor([len(grids)])
+    else:
+        ids, sample = [3, 4, *text], {}
+    ids = ids + list(answer)
+    labels = [IGNORE_INDEX] * (len(ids) - len(answer)) + list(answer)
+    mm = [int(t in (IMG_CONTEXT, 5)) for t in ids]
+    return {**sample, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "mm_token_type_ids": torch.tensor(mm)}
+
+
+def _samples():
+    return [
+        _sample([(4, 4), (8, 8)], seed=1),
+        _sample(text=(25, 26), answer=(43, 44, 45, 46, 47)),  # text only
+        _sample([(4, 8)], text=(27, 28, 29, 30, 31, 32), seed=2, answer=(48,)),
+        _sample([(8, 4)], seed=3, answer=(49, 50)),
+    ]
+
+
+def _loss_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_packed_equals_padded(attn, use_cache):
+    model = tiny_model(attn=attn).train()
+    samples = _samples()
+    packed_loss, packed_grads = _loss_and_grads(model, PackedCollator()(samples), use_cache=use_cache)
+    padded_loss, padded_grads = _loss_and_grads(model, PaddedCollator(PAD)(samples), use_cache=use_cache)
+    assert _relative(packed_loss, padded_loss) <= 1e-6
+    assert packed_grads.keys() == padded_grads.keys()
+    worst = max(_relative(packed_grads[n], padded_grads[n]) for n in padded_grads if padded_grads[n].norm() > 0)
+    assert worst <= 1e-6, worst
+
+
+def test_packed_equals_one_at_a_time():
+    """Each sample's logits in the packed row equal its logits run alone (attention stays inside it)."""
+    model = tiny_model(attn="sdpa")
+    samples = _samples()
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in PackedCollator()(samples).items() if k != "labels"}).logits[0]
+        start = 0
+        for sample in samples:
+            alone = PackedCollator()([sample])
+            alone.pop("labels")
+            logits = model(**alone).logits[0]
+            n = len(sample["input_ids"])
+            torch.testing.assert_close(packed[start : start + n], logits, rtol=1e-5, atol=1e-5)
+            start += n
+
+
+def test_packing_changes_the_result_when_positions_do_not_restart():
+    """The boundaries matter: the same row with running positions (one long sample) differs."""
+    model = tiny_model(attn="sdpa")
+    batch = PackedCollator()(_samples())
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+        running = model(**batch).logits
+    assert (packed - running).abs().max() > 1e-3
+
+
+def test_packed_segments():
+    assert packed_segments(torch.arange(6)[None], 1, 6) is None
+    segments = packed_segments(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]]), 1, 8)
+    assert segments.cu_seqlens.tolist() == [0, 3, 5, 8]
+    assert segments.max_seqlen == 3
+    two_rows = packed_segments(torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]]), 2, 4)
+    assert two_rows.cu_seqlens.tolist() == [0, 2, 4, 8]
+
+
+@pytest.mark.parametrize("with_images", [True, False])
+def test_every_parameter_gets_a_gradient(with_images):
+    """Batches without images (or without visual tokens) still give the vision encoder, the connector and
+    the visual experts a gradient (zero), as FSDP/DDP and optimizer-state checkpoints need."""
+    model = tiny_model(attn="sdpa").train()
+    samples = _samples() if with_images else [_samples()[1]]
+    _, grads = _loss_and_grads(model, PackedCollator()(samples))
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in grads]
+    assert not missing
+    if not with_images:
+        assert all(grads[n].abs().max() == 0 for n in grads if n.startswith("model.vision_model."))
+        assert any(grads[n].abs().max() > 0 for n in grads if n.startswith("model.language_model."))
+
+
+def test_text_only_loss_unchanged_by_idle_vision():
+    """The idle vision pass adds exactly zero: train-mode loss of a text-only batch equals eval mode."""
+    model = tiny_model(attn="sdpa")
+    batch = PackedCollator()([_samples()[1]])
+    with torch.no_grad():
+        eval_loss = model(**batch).loss
+        train_loss = model.train()(**batch).loss
+    assert train_loss.item() == eval_loss.item()
