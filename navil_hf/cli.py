@@ -6,6 +6,7 @@
     navil chat [--model PATH_OR_REPO] [--image FILE ...] [--max-new-tokens N] [--device DEV] "question"
     navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--dtype ...] [--chat-template ...]
     navil push OUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
+    navil train CONFIG.yaml [--resume] [--force] [--set KEY=VALUE ...]
 
 Mistakes in the input (a bad path, an existing output, a folder that is not an original checkpoint or
 not ready to publish) end with one line on stderr and exit code 2; a failed verification or upload
@@ -211,6 +212,27 @@ def build_parser():
     _add_push_options(push, commit_message=True)
     push.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     push.set_defaults(handler=run_push)
+
+    train = commands.add_parser(
+        "train",
+        help="train a NaViL on conversations (YAML config; transformers Trainer; packed, padding-free)",
+        description="Fine-tune or pre-train a NaViL Hub folder on JSONL conversations (chat or LLaVA format) as the "
+        "YAML config says (navil_hf.training.train documents every key). Writes OUTPUT_DIR/checkpoints (resumable) "
+        "and OUTPUT_DIR/model, a Hub folder. Runs on several processes under torchrun / accelerate launch (DDP, "
+        "FSDP2).",
+    )
+    train.add_argument("config", metavar="CONFIG", help="the training config (YAML)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
+    train.add_argument("--force", action="store_true", help="start over, deleting OUTPUT_DIR's earlier checkpoints")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (dotted key, YAML value), e.g. --set training.max_steps=10",
+    )
+    train.set_defaults(handler=run_train)
     return parser
 
 
@@ -434,6 +456,18 @@ def run_convert_to_original(args):
 
 # ---------------------------------------------------------------------------------------------------
 # chat
+
+
+def run_train(args):
+    from .training.train import load_config, train
+
+    if args.resume and args.force:
+        raise UsageError("--resume continues a run and --force starts over: pass one of them")
+    result = train(load_config(args.config, args.overrides), resume=args.resume, force=args.force)
+    losses = {k: v for k, v in result.metrics.items() if k.endswith("loss")}
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    print(f"trained model: {result.model_dir}" + (f" ({summary})" if summary else ""))
+    return EXIT_OK
 
 
 def check_model_reference(model):

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from ..conversion.errors import ConversionError
 from .collate import IGNORE_INDEX
 
 logger = logging.get_logger("navil_hf.training")
@@ -49,8 +50,8 @@ ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
-    """A record that cannot be read: the message names the file and line."""
+class DataError(ConversionError):
+    """A record that cannot be read: the message names the file and line (`navil train`: one line, exit 2)."""
 
 
 class SkipSample(Exception):

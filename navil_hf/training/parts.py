@@ -20,16 +20,15 @@ PARTS = ("vision", "connector", "special_tokens", "embeddings", "visual_experts"
 
 # NaViL's stages (paper, §3.3): pre-training trains the vision encoder, the connector and the visual
 # experts (initialised from the LLM) with the LLM's text weights frozen; supervised fine-tuning trains
-# everything. `connector` is the projector-alignment warm-up of LLaVA-style recipes.
+# everything. Preset names never collide with part names (a part always means itself).
 PRESETS = {
     "full": PARTS,
     "stage1": ("vision", "connector", "special_tokens", "visual_experts"),
     "stage2": PARTS,
-    "connector": ("connector",),
-    "vision": ("vision", "connector"),
-    "visual_experts": ("connector", "special_tokens", "visual_experts"),
-    "text": ("text", "embeddings", "lm_head"),
+    "encoder": ("vision", "connector"),
+    "llm": ("text", "embeddings", "lm_head"),
 }
+assert not set(PRESETS) & set(PARTS)
 
 _PEFT_PREFIX = re.compile(r"^(base_model\.model\.)+")
 _VISUAL_EXPERT = re.compile(r"\.layers\.\d+\.(self_attn\.[qkvo]_proj_ve|self_attn\.[qk]_norm_ve|mlp_ve)\b")

@@ -60,7 +60,7 @@ TRAINING_DEFAULTS = dict(
     report_to="none",
     remove_unused_columns=False,
     dataloader_num_workers=0,
-    gradient_checkpointing_kwargs={"use_reentrant": False},
+    ddp_find_unused_parameters=False,  # every parameter takes part in every step (see the module docstring)
 )
 
 
@@ -303,11 +303,25 @@ def apply_lora(model, lora: dict, full_parts):
     return model, peft_config
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def training_arguments(config: TrainConfig, resume: bool):
     from transformers import TrainingArguments
 
-    kwargs = {**TRAINING_DEFAULTS, "seed": config.seed, **config.training}
+    import torch
+
+    kwargs = {**TRAINING_DEFAULTS, "seed": config.seed, "dataloader_pin_memory": torch.cuda.is_available()}
+    kwargs.update(config.training)
     kwargs["output_dir"] = str(Path(config.output_dir) / CHECKPOINTS_DIR)
+    if "use_cpu" not in config.training and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        # Several processes without an accelerator: accelerate makes them one data-parallel group (gloo) only
+        # when told they are CPU processes; else each would train alone and all of them write the output.
+        kwargs["use_cpu"] = True
     if config.data.eval and "eval_strategy" not in config.training:
         kwargs["eval_strategy"] = "no"  # evaluated once at the end (below) unless asked for
     try:

@@ -1,0 +1,212 @@
+"""The synthetic shapes VQA task (`navil_hf.training.shapes`): deterministic generation, records that agree
+with the drawn pixels, disjoint splits, the baselines and the scorer, and the command line."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from navil_hf.training import shapes
+from navil_hf.training.shapes import (
+    ANSWERS,
+    KINDS,
+    PALETTE,
+    blind_accuracy,
+    chance_accuracy,
+    make_shapes_dataset,
+    read_jsonl,
+    score,
+)
+
+from conftest import REPO_ROOT
+
+SMALL = {"train": 24, "test": 12, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "data"
+    summary = make_shapes_dataset(out, **SMALL)
+    return out, summary
+
+
+def files(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def nearest_color(rgb):
+    return min(PALETTE, key=lambda name: np.linalg.norm(np.asarray(rgb, float) - PALETTE[name]))
+
+
+def in_box(x, y, box):
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def test_same_seed_same_bytes_other_seed_other_images(dataset, tmp_path):
+    out, _ = dataset
+    again = tmp_path / "again"
+    make_shapes_dataset(again, **SMALL)
+    first, second = files(out), files(again)
+    assert first.keys() == second.keys()
+    assert all(first[name] == second[name] for name in first if name != "meta.json")
+    other = tmp_path / "other"
+    make_shapes_dataset(other, **{**SMALL, "seed": 4})
+    assert files(other)["train.jsonl"] != first["train.jsonl"]
+
+
+def test_records_are_chat_messages_with_relative_paths(dataset):
+    out, summary = dataset
+    for split in ("train", "test"):
+        records = read_jsonl(out / f"{split}.jsonl")
+        assert len(records) == SMALL[split] == summary["records"][split]
+        for record in records:
+            user, assistant = record["messages"]
+            assert user["role"] == "user" and assistant["role"] == "assistant"
+            image, text = user["content"]
+            assert image["type"] == "image" and text["type"] == "text"
+            assert not Path(image["path"]).is_absolute() and image["path"].startswith(f"images/{split}_")
+            assert text["text"].startswith(record["question"])
+            assert assistant["content"] == [{"type": "text", "text": record["answer"]}]
+            assert record["kind"] in KINDS and record["answer"] in ANSWERS[record["kind"]]
+            with Image.open(out / image["path"]) as im:
+                assert im.mode == "RGB" and list(im.size) == record["image_size"]
+                assert all(48 <= side <= 96 and side % 16 == 0 for side in im.size)
+    assert summary["answers"] == {k: list(v) for k, v in ANSWERS.items()}
+
+
+def test_answers_agree_with_the_pixels(dataset):
+    out, _ = dataset
+    for record in read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl"):
+        pixels = np.asarray(Image.open(out / record["messages"][0]["content"][0]["path"]).convert("RGB"))
+        height, width = pixels.shape[:2]
+        drawn = record["shapes"]
+        assert 1 <= len(drawn) <= 3
+        for s in drawn:  # each shape has its color at its center
+            x, y = s["center"]
+            assert list(pixels[y, x]) == s["rgb"] and nearest_color(s["rgb"]) == s["color"]
+        for a, b in ((a, b) for i, a in enumerate(drawn) for b in drawn[i + 1 :]):  # no overlaps
+            ax0, ay0, ax1, ay1 = a["bbox"]
+            bx0, by0, bx1, by1 = b["bbox"]
+            assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0
+        for x, y in ((0, 0), (width - 1, 0), (0, height - 1), (width - 1, height - 1)):  # background
+            if not any(in_box(x, y, s["bbox"]) for s in drawn):
+                distance = min(np.linalg.norm(pixels[y, x].astype(float) - c) for c in PALETTE.values())
+                assert distance > 50
+        question, answer, target = record["question"], record["answer"], drawn[0]
+        kind = record["kind"]
+        if kind == "count":
+            assert answer == str(len(drawn))
+        elif kind == "color":
+            assert answer == target["color"]
+            if len(drawn) == 1:
+                assert question == "What color is the shape?"
+            else:
+                assert question == f"What color is the {target['shape']}?"
+                assert [s["shape"] for s in drawn].count(target["shape"]) == 1
+        elif kind == "shape":
+            assert question == f"What shape is the {target['color']} object?" and answer == target["shape"]
+            assert [s["color"] for s in drawn].count(target["color"]) == 1
+        else:
+            x0, y0, x1, y1 = target["bbox"]
+            half = {"left": x1 < width // 2, "right": x0 >= width - width // 2}
+            half |= {"top": y1 < height // 2, "bottom": y0 >= height - height // 2}
+            assert half[answer]
+            axis = "on the left or the right" if answer in ("left", "right") else "at the top or the bottom"
+            ref = question.removeprefix("Is the ").removesuffix(f" {axis}?")
+            if ref == "shape":
+                assert len(drawn) == 1
+            elif ref == f"{target['color']} shape":
+                assert [s["color"] for s in drawn].count(target["color"]) == 1
+            else:
+                assert ref == target["shape"] and [s["shape"] for s in drawn].count(ref) == 1
+
+
+def test_splits_are_balanced_and_disjoint(dataset):
+    out, summary = dataset
+    digests = {}
+    for split in ("train", "test"):
+        records = read_jsonl(out / f"{split}.jsonl")
+        assert summary["counts"][split] == {k: SMALL[split] // 4 for k in KINDS}
+        digests[split] = {
+            hashlib.sha256((out / r["messages"][0]["content"][0]["path"]).read_bytes()).digest() for r in records
+        }
+        assert len(digests[split]) == len(records)
+    assert not digests["train"] & digests["test"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["params"]["seed"] == SMALL["seed"] and meta["summary"]["counts"] == summary["counts"]
+
+
+def test_an_image_seen_before_is_drawn_again(tmp_path):
+    sides = [48, 64]
+    for name in ("a", "b"):
+        (tmp_path / name / "images").mkdir(parents=True)
+    first, seen = shapes._generate_split(tmp_path / "a", "train", 4, 0, sides, KINDS, set())
+    second, _ = shapes._generate_split(tmp_path / "b", "train", 4, 0, sides, KINDS, seen)
+    assert [(r["kind"], r["answer"]) for r in first] == [(r["kind"], r["answer"]) for r in second]
+    for r in first:
+        path = r["messages"][0]["content"][0]["path"]
+        assert (tmp_path / "a" / path).read_bytes() != (tmp_path / "b" / path).read_bytes()
+
+
+def record(kind, answer, question="q"):
+    return {"kind": kind, "answer": answer, "question": question}
+
+
+def test_chance_and_blind_baselines():
+    records = [record("count", "1"), record("count", "1"), record("count", "2"), record("count", "3")]
+    records += [record("color", "red"), record("color", "blue")]
+    # count: majority 2/4; color: majority 1/2 (above the floor 1/6)
+    assert chance_accuracy(records) == pytest.approx((2 + 1) / 6)
+    # the floor: one position record is at least 1/4 ... and at most 1 by majority
+    assert chance_accuracy([record("position", "left")]) == 1.0
+    assert chance_accuracy([]) == 0.0
+    train = [record("position", "left", "L?"), record("position", "left", "L?"), record("position", "top", "T?")]
+    test = [record("position", "left", "L?"), record("position", "right", "L?"), record("position", "top", "new?")]
+    # "L?" -> left (1 of 2 right), an unseen question -> the kind's majority, left (wrong)
+    assert blind_accuracy(test, train) == pytest.approx(1 / 3)
+
+
+def test_score():
+    records = [record("color", "red"), record("shape", "circle"), record("count", "2"), record("position", "left")]
+    result = score([" Red.", "circle shape", "two", "right"], records)
+    assert result["accuracy"] == 0.75 and result["correct"] == 3 and result["total"] == 4
+    assert result["per_kind"]["position"] == {"accuracy": 0.0, "correct": 0, "total": 1}
+    assert result["per_kind"]["color"]["accuracy"] == 1.0
+    assert score(["The color is red", "", "2!", "LEFT"], records)["correct"] == 2
+    assert score({0: "red"}, records)["correct"] == 1  # missing predictions are wrong
+    with pytest.raises(ValueError, match="3 predictions for 4 records"):
+        score(["red"] * 3, records)
+
+
+def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert shapes.main([str(out), "--train", "4", "--test", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not empty" in err and "--force" in err
+    assert shapes.main([str(out), "--train", "8", "--test", "4", "--force"]) == 0
+    assert shapes.main([str(out), "--train", "4", "--test", "4", "--force"]) == 0
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == [f"test_{i:05d}.png" for i in range(4)] + [f"train_{i:05d}.png" for i in range(4)]
+    assert (out / "keep.txt").read_text() == "mine"
+    assert "overall" in capsys.readouterr().out
+    assert shapes.main([str(tmp_path / "x"), "--image-size", "16", "16"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        shapes.main([str(tmp_path / "y"), "--train", "-1"])
+    assert exit_info.value.code == 2
+
+
+def test_module_entry_point(tmp_path):
+    out = tmp_path / "data"
+    args = [sys.executable, "-m", "navil_hf.training.shapes", str(out), "--train", "4", "--test", "4", "--json"]
+    done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["records"] == {"train": 4, "test": 4}
+    again = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and not again.stdout
