@@ -27,9 +27,10 @@ The config file (YAML; relative paths are relative to it)::
       save_steps: 500
 
 Several processes (`torchrun --nproc-per-node N -m navil_hf train CONFIG` or `accelerate launch`) train
-data-parallel (DDP); `training: {fsdp: "full_shard auto_wrap", fsdp_config: {fsdp_version: 2}}` shards
-with FSDP2 (the decoder layers and vision blocks are the wrapped units). Every parameter takes part in
-every step, also without images in the batch (`ModalityRouting(both=True)`, `NaViLModel._idle_vision`).
+data-parallel (DDP; gloo on CPU); `training: {fsdp: true, fsdp_config: {version: 2}}` shards with FSDP2
+on GPUs (the decoder layers and vision blocks are the wrapped units; accelerate runs CPU processes as DDP
+whatever `fsdp` says). Every parameter takes part in every step, also without images in the batch
+(`ModalityRouting(both=True)`, `NaViLModel._idle_vision`), so DDP needs no unused-parameter search.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from transformers.utils import logging
+
 from ..conversion.errors import ConversionError
+
+logger = logging.get_logger("navil_hf.training")
 
 TRAIN_KEYS = {
     "model", "output_dir", "data", "train", "lora", "packing", "special_token_table", "attn_implementation",
@@ -311,9 +316,8 @@ def _has_accelerator() -> bool:
 
 
 def training_arguments(config: TrainConfig, resume: bool):
-    from transformers import TrainingArguments
-
     import torch
+    from transformers import TrainingArguments
 
     kwargs = {**TRAINING_DEFAULTS, "seed": config.seed, "dataloader_pin_memory": torch.cuda.is_available()}
     kwargs.update(config.training)
@@ -322,6 +326,11 @@ def training_arguments(config: TrainConfig, resume: bool):
         # Several processes without an accelerator: accelerate makes them one data-parallel group (gloo) only
         # when told they are CPU processes; else each would train alone and all of them write the output.
         kwargs["use_cpu"] = True
+    if config.training.get("fsdp") and not _has_accelerator():
+        logger.warning(
+            "training.fsdp is set but there is no GPU: accelerate trains CPU processes data-parallel (DDP), "
+            "every process holding the whole model; FSDP sharding applies on GPUs"
+        )
     if config.data.eval and "eval_strategy" not in config.training:
         kwargs["eval_strategy"] = "no"  # evaluated once at the end (below) unless asked for
     try:
