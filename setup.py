@@ -19,7 +19,7 @@ setup(
     # The Hub files (`*_navil.py` at the root): the remote code every converted folder carries
     # (conversion/hub.py CODE_MODULES, which a test keeps equal to this).
     py_modules=sorted(path.stem for path in HERE.glob("*_navil.py")),
-    packages=["navil_hf", "navil_hf.conversion", "navil_hf.training"],
+    packages=["navil_hf", "navil_hf.conversion", "navil_hf.training", "navil_hf.research"],
     package_dir={"navil_hf.conversion": "conversion"},
     install_requires=[
         # The tested range (compat_navil.py is the one place that knows what differs inside it); CI runs the

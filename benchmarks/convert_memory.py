@@ -109,19 +109,23 @@ def build_llm(folder, layers, shard_bytes, quick=False, seed=0):
 
 
 def measured(command):
-    """(seconds, peak RSS in bytes, output) of `command` run as a child process; raises if it fails.
+    """(seconds, peak RSS, peak anonymous RSS (bytes), output) of `command` run as a child process; raises
+    if it fails.
 
     The peak is the kernel's high-water mark of the child's resident set (`VmHWM` in /proc, read every
     0.1 s; it only grows, so the last reading before the exit is the peak up to 0.1 s before it):
-    `ru_maxrss` would count the parent's memory copied at fork."""
+    `ru_maxrss` would count the parent's memory copied at fork. It includes resident file pages (memory
+    maps), which the kernel can reclaim; the largest `RssAnon` seen in the same readings is the memory
+    the process really holds."""
     start = time.perf_counter()
     log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-    peak = 0
+    peak = anonymous = 0
     while process.poll() is None:
         try:
             status = Path(f"/proc/{process.pid}/status").read_text()
             peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) * 1024)
+            anonymous = max(anonymous, int(status.split("RssAnon:")[1].split()[0]) * 1024)
         except (OSError, IndexError, ValueError):
             pass
         time.sleep(0.1)
@@ -130,7 +134,17 @@ def measured(command):
     output = log.read()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{output}")
-    return seconds, peak, output
+    return seconds, peak, anonymous, output
+
+
+def _size(text):
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GB or 500MB") from None
+    return text
 
 
 def main(argv=None):
@@ -142,7 +156,12 @@ def main(argv=None):
         help="convert: an original NaViL-9B-like checkpoint; init: init-from-llm on a Qwen3-8B-like LLM",
     )
     parser.add_argument("--layers", type=int, default=18, help="decoder layers (NaViL-9B and Qwen3-8B have 36)")
-    parser.add_argument("--shard-size", default="4GB", help="shard size of the synthetic checkpoint and the output")
+    parser.add_argument(
+        "--shard-size",
+        default="4GB",
+        type=_size,
+        help="shard size of the synthetic checkpoint and the output, e.g. 4GB",
+    )
     parser.add_argument("--dtype", default="auto", help="output dtype (auto keeps bf16)")
     parser.add_argument("--workdir", default=None, help="where to build (default: a folder beside the repo)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
@@ -182,20 +201,28 @@ def main(argv=None):
             what = f"navil init-from-llm --vision-preset {preset} --dtype {args.dtype} (verified)"
             title = f"navil init-from-llm, {layers} decoder layers at Qwen3-8B widths"
         print(f"built {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s at {source}")
-        copy_s, copy_rss, _ = measured(
+        copy_s, copy_rss, copy_anon, _ = measured(
             [sys.executable, "-c", f"import shutil; shutil.copytree({str(source)!r}, {str(copy)!r})"]
         )
         shutil.rmtree(copy)
         command = [sys.executable, "-m", "navil_hf", *command, "-q", "--max-shard-size", args.shard_size]
-        seconds, rss, output = measured(command)
+        seconds, rss, anon, output = measured(command)
         written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         print(output)
         print_table(
             f"{title} ({machine()})",
-            ["step", "source GB", "shard GB", "written GB", "peak RSS GB", "seconds"],
+            ["step", "source GB", "shard GB", "written GB", "peak RSS GB", "peak anonymous GB", "seconds"],
             [
-                ["plain copy (shutil.copytree)", total / 1e9, shard / 1e9, total / 1e9, copy_rss / 1e9, copy_s],
-                [what, total / 1e9, shard / 1e9, written / 1e9, rss / 1e9, seconds],
+                [
+                    "plain copy (shutil.copytree)",
+                    total / 1e9,
+                    shard / 1e9,
+                    total / 1e9,
+                    copy_rss / 1e9,
+                    copy_anon / 1e9,
+                    copy_s,
+                ],
+                [what, total / 1e9, shard / 1e9, written / 1e9, rss / 1e9, anon / 1e9, seconds],
             ],
         )
         print(f"\ntarget: peak RSS <= shard + 2 GB + one layer; ratio time / copy {seconds / copy_s:.1f}")

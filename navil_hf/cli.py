@@ -7,6 +7,7 @@
     navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--dtype ...] [--chat-template ...]
     navil push OUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
     navil train CONFIG.yaml [--resume] [--force] [--set KEY=VALUE ...]
+    navil params FOLDER_OR_CONFIG_JSON [--image WxH ...] [--text-tokens N] [--training] [--json]
 
 Mistakes in the input (a bad path, an existing output, a folder that is not an original checkpoint or
 not ready to publish) end with one line on stderr and exit code 2; a failed verification or upload
@@ -233,6 +234,17 @@ def build_parser():
         help="override a config value (dotted key, YAML value), e.g. --set training.max_steps=10",
     )
     train.set_defaults(handler=run_train)
+
+    from .research.accounting import add_arguments as add_params_arguments
+
+    params = commands.add_parser(
+        "params",
+        help="parameters and FLOPs of a NaViL config, per component and token type",
+        description="Count parameters (total, trainable, active per text / visual token) and, given images or text, "
+        "the FLOPs of a forward or training step. Reads config.json only (no weights, no code).",
+    )
+    add_params_arguments(params)
+    params.set_defaults(handler=run_params)
     return parser
 
 
@@ -468,6 +480,12 @@ def run_train(args):
     summary = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
     print(f"trained model: {result.model_dir}" + (f" ({summary})" if summary else ""))
     return EXIT_OK
+
+
+def run_params(args):
+    from .research.accounting import run
+
+    return run(args)
 
 
 def check_model_reference(model):

@@ -73,7 +73,7 @@ def set_trainable(model, parts) -> dict[str, int]:
     part. A tied embedding / LM head trains when either part does."""
     parts = set(resolve_parts(parts))
     counts = dict.fromkeys(PARTS, 0)
-    tied = model.config.get_text_config().tie_word_embeddings if hasattr(model, "config") else False
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))  # what the model ties by
     if tied and parts & {"embeddings", "lm_head"}:
         parts |= {"embeddings", "lm_head"}
     for name, param in model.named_parameters():

@@ -1,0 +1,1 @@
+"""Research tools: parameter and FLOP accounting, scaling studies."""
