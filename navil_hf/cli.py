@@ -8,6 +8,8 @@
     navil push OUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
     navil train CONFIG.yaml [--resume] [--force] [--set KEY=VALUE ...]
     navil params FOLDER_OR_CONFIG_JSON [--image WxH ...] [--text-tokens N] [--training] [--json]
+    navil scaling fit RUNS.csv [--plot OUT.png] [--bootstrap N] [--holdout FRACTION] [--json]
+    navil scaling joint RUNS.csv [--plot OUT.png] [--bootstrap N] [--json]
 
 Mistakes in the input (a bad path, an existing output, a folder that is not an original checkpoint or
 not ready to publish) end with one line on stderr and exit code 2; a failed verification or upload
@@ -245,6 +247,10 @@ def build_parser():
     )
     add_params_arguments(params)
     params.set_defaults(handler=run_params)
+
+    from .research.scaling import add_arguments as add_scaling_arguments
+
+    add_scaling_arguments(commands)
     return parser
 
 
@@ -641,6 +647,7 @@ class _RepetitionGuard:
 def main(argv=None):
     """Entry point of the `navil` console script; returns the exit code."""
     from .conversion.errors import ConversionError, VerificationError
+    from .research.scaling import RunsError
 
     try:
         args = build_parser().parse_args(argv)
@@ -649,7 +656,7 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         return args.handler(args)
-    except (UsageError, ConversionError) as e:
+    except (UsageError, ConversionError, RunsError) as e:
         print(f"navil {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except VerificationError as e:
