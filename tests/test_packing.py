@@ -4,10 +4,11 @@ a sample boundary; every parameter gets a gradient in every step (batches withou
 
 import pytest
 import torch
-from tiny import IMG_CONTEXT, multimodal_inputs, tiny_model
 
 from modeling_navil import packed_segments
 from navil_hf.training.collate import IGNORE_INDEX, PackedCollator, PaddedCollator
+
+from tiny import IMG_CONTEXT, multimodal_inputs, tiny_model
 
 PAD = 0
 
@@ -24,7 +25,12 @@ def _sample(grids=None, text=(20, 21, 22, 23), seed=0, answer=(40, 41, 42)):
     ids = ids + list(answer)
     labels = [IGNORE_INDEX] * (len(ids) - len(answer)) + list(answer)
     mm = [int(t in (IMG_CONTEXT, 5)) for t in ids]
-    return {**sample, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "mm_token_type_ids": torch.tensor(mm)}
+    return {
+        **sample,
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "mm_token_type_ids": torch.tensor(mm),
+    }
 
 
 def _samples():
