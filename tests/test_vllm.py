@@ -147,7 +147,7 @@ def test_vllm_serve_openai_chat(workdir):
     port = free_port()
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "navil_hf.vllm", "serve", folder, "--host", "127.0.0.1", "--port",
+        [sys.executable, "-m", "navil_hf.vllm.serve", folder, "--host", "127.0.0.1", "--port",
          str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
          "--allowed-local-media-path", str(root)],
         env=engine_env(), stdout=log, stderr=subprocess.STDOUT,
