@@ -1,6 +1,7 @@
 """The benchmark scripts' --quick smoke runs: they run, and their equality checks hold (a routed
-model must equal the dense one it is timed against, the processor's pixel_values must equal the
-straightforward pipeline's, the vision encoder builds no patches^2 tensor). No timing asserts."""
+model must equal the dense one it is timed against, in training its gradients too; a packed batch's
+loss must equal the padded batch's; the processor's pixel_values must equal the straightforward
+pipeline's, the vision encoder builds no patches^2 tensor). No timing asserts."""
 
 import importlib
 import os
@@ -17,7 +18,7 @@ def _script(name):
     return importlib.import_module(name)
 
 
-@pytest.mark.parametrize("name", ["layer", "text_model", "decode", "preprocess", "vision"])
+@pytest.mark.parametrize("name", ["layer", "text_model", "decode", "preprocess", "vision", "train_step"])
 def test_quick_run(name, capsys):
     import torch
 
@@ -54,3 +55,19 @@ def test_gpu_script_without_cuda_says_so():
         pytest.skip("CUDA present: gpu.py would run the real measurements")
     with pytest.raises(SystemExit, match="no CUDA device"):
         _script("gpu").main([])
+
+
+def test_learn_shapes_quick_run(tmp_path, capsys):
+    """The learning proof's recipe end to end for a few steps (the shapes task, `navil train`, held-out
+    scoring through `batch_chat`) on a converted fixture; the trained folder is written."""
+    from navil_hf.conversion import convert_checkpoint
+
+    from conftest import fixtures_dir
+
+    hub = tmp_path / "hub"
+    convert_checkpoint(fixtures_dir() / "original-qwen3-tiny" / "checkpoint", hub, progress=False)
+    summary = _script("learn_shapes").main(["--quick", "--model", str(hub), "--workdir", str(tmp_path / "work")])
+    assert [a["step"] for a in summary["accuracy"]] == [0, 3]
+    assert len(summary["curve"]) == 3 and (tmp_path / "work" / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "work" / "learning_curve.png").stat().st_size > 0
+    assert "held-out accuracy" in capsys.readouterr().out
