@@ -71,6 +71,10 @@ VISION_PRESETS = {
                   fullatt_block_indexes=[5, 11, 17, 23]),  # ViT-L sized
     "navil-2b": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                      fullatt_block_indexes=[7, 15, 23, 31]),  # ~0.6B, the size NaViL-2B pairs with its LLM
+    # Early fusion (Apple's "Scaling Laws for Native Multimodal Models"): no encoder layers, the 16-px patches'
+    # linear embedding (width 768 = 3 x 16 x 16, the raw patch size) -> 2x2 merge -> connector -> the LLM.
+    "none": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=0, num_attention_heads=12,
+                 fullatt_block_indexes=[]),
 }  # fmt: skip
 VISION_DEFAULTS = dict(patch_size=16, spatial_merge_size=2, qkv_bias=True, qk_normalization=False,
                        norm_type="rms_norm", layer_norm_eps=1e-6, hidden_act="gelu", window_size=8)  # fmt: skip

@@ -193,3 +193,26 @@ def test_a_tied_internlm2_without_its_output_tensor(tmp_path, capsys):
     assert "verified text parity: max-abs" in capsys.readouterr().out
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["text_config"]["tie_word_embeddings"] is True
+
+
+def test_early_fusion_preset_sees_trains_and_chats(tmp_path):
+    """`--vision-preset none`: patch embedding -> 2x2 merge -> connector -> LLM, no encoder layer; it keeps
+    text parity, chats about an image, and a training step reaches the patch embedding through the LLM."""
+    import numpy as np
+
+    source_dir, out = tmp_path / "llm", tmp_path / "early"
+    source = build_source(source_dir, "qwen3")
+    assert navil(["init-from-llm", str(source_dir), str(out), "--vision-preset", "none", "-q"]) == 0
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert model.config.vision_config.num_hidden_layers == 0 and len(model.model.vision_model.layers) == 0
+    assert text_logits_gap(source, model, processor) <= TEXT_PARITY_TOLERANCE
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    assert isinstance(
+        model.chat(processor, "What is this?", images=[image], generation_config=dict(max_new_tokens=3)), str
+    )
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
+    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    model.train()(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert model.model.vision_model.patch_embed.weight.grad.abs().sum() > 0
