@@ -23,7 +23,7 @@ from pathlib import Path
 
 import _common
 
-RECIPE = dict(train=3000, test=200, steps=200, batch=16, lr=3e-4, parts="stage1", eval_every=100, warmup=20)
+RECIPE = dict(train=3000, test=200, steps=100, batch=16, lr=5e-4, parts="stage1", eval_every=50, warmup=10)
 
 
 def parse_args(argv=None):
