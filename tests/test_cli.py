@@ -1,7 +1,9 @@
 """The `navil` command line: argument errors (one line on stderr, exit code 2, no traceback) and
 `navil chat` on a converted fixture."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -228,6 +230,14 @@ def test_ctrl_c_while_streaming_exits_130_without_an_abort(converted, tmp_path):
     import signal
     import time
 
+    # The tiny model's greedy answer ends on its own after ~1 s; with an end token it never generates
+    # (`<img_uncond>`), the answer runs to the context limit, so Ctrl-C always lands mid-stream.
+    model = tmp_path / "endless"
+    shutil.copytree(converted, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    generation["eos_token_id"] = 16
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    converted = model
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     argv = [sys.executable, "-m", "navil_hf", "chat", "--model", str(converted), "--no-repetition-guard",
             "--max-new-tokens", "100000", "Tell me everything."]  # fmt: skip
