@@ -1,6 +1,7 @@
 """The `navil` command line: argument errors (one line on stderr, exit code 2, no traceback) and
 `navil chat` on a converted fixture."""
 
+import functools
 import json
 import os
 import shutil
@@ -241,7 +242,11 @@ def test_ctrl_c_while_streaming_exits_130_without_an_abort(converted, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     argv = [sys.executable, "-m", "navil_hf", "chat", "--model", str(converted), "--no-repetition-guard",
             "--max-new-tokens", "100000", "Tell me everything."]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored: restore the default.
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, preexec_fn=restore
+    )
     first = proc.stdout.read(1)  # the answer has started
     assert first, proc.stderr.read().decode()
     time.sleep(0.5)
