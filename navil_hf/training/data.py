@@ -260,9 +260,7 @@ class SampleEncoder:
             image_inputs = dict(self.processor.image_processor(images, return_tensors="pt", **self.images_kwargs))
             layout = (image_inputs["image_grid_thw"], image_inputs["num_scales"])
         full = self._render(messages)
-        encoded = self.processor.from_image_layout(full, *layout, return_tensors="pt") if images else None
-        if encoded is None:
-            encoded = self.processor.from_image_layout(full, return_tensors="pt")
+        encoded = self.processor.from_image_layout(full, *layout, return_tensors="pt")
         input_ids = encoded["input_ids"][0]
         if self.max_length is not None and len(input_ids) > self.max_length:
             raise SkipSample(f"{len(input_ids)} tokens, more than max_length {self.max_length}")

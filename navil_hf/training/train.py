@@ -315,7 +315,7 @@ def _has_accelerator() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
-def training_arguments(config: TrainConfig, resume: bool):
+def training_arguments(config: TrainConfig):
     import torch
     from transformers import TrainingArguments
 
@@ -371,7 +371,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, cal
     from .parts import set_trainable
 
     check_navil_folder(config.model)
-    args = training_arguments(config, resume)
+    args = training_arguments(config)
     if args.process_index == 0:
         prepare_output(config, resume, force)
     set_seed(config.seed)
