@@ -138,20 +138,62 @@ class PackedSegments:
         return len(self.groups) == 1 and self.groups[0].shape[0] == 1 and self.groups[0].shape[1] == total
 
 
+class _GatherGroups(torch.autograd.Function):
+    """`x.index_select(0, index)` for every group's flat index (disjoint; together every row of x). Backward:
+    each group's gradient written into ONE buffer. (index_select's own backward allocates a zero tensor of
+    x's full size per group and scatters into it, and autograd sums those: O(groups x tokens).)"""
+
+    @staticmethod
+    def forward(ctx, x, *indices):
+        ctx.save_for_backward(*indices)
+        ctx.shape = x.shape
+        return tuple(x.index_select(0, index) for index in indices)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = grads[0].new_zeros(ctx.shape)
+        for index, g in zip(ctx.saved_tensors, grads):
+            grad.index_copy_(0, index, g)
+        return (grad, *(None for _ in grads))
+
+
+class _ScatterGroups(torch.autograd.Function):
+    """The inverse: every group's rows `index_copy_`'d into one new [total, ...] tensor; backward: one gather
+    per group. (A chain of autograd `index_copy_` clones and zero-fills the full gradient once per group.)"""
+
+    @staticmethod
+    def forward(ctx, total, *pieces_and_indices):
+        half = len(pieces_and_indices) // 2
+        pieces, indices = pieces_and_indices[:half], pieces_and_indices[half:]
+        ctx.save_for_backward(*indices)
+        out = pieces[0].new_empty((total, *pieces[0].shape[1:]))
+        for index, piece in zip(indices, pieces):
+            out.index_copy_(0, index, piece)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        indices = ctx.saved_tensors
+        return (None, *(grad.index_select(0, index) for index in indices), *(None for _ in indices))
+
+
 def _grouped_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: PackedSegments, scale: float, kernel
 ) -> torch.Tensor:
-    """Runs `kernel(q, k, v, scale)` on [n, H, len, D] batches of equal-length segments."""
+    """Runs `kernel(q, k, v, scale)` on [n, H, len, D] batches of equal-length segments. The gathers into
+    the groups and the scatter back are single autograd nodes, so the backward is linear in the tokens
+    whatever the number of groups (a packed batch has about one group per sample)."""
     total = query.shape[0]
     if segments.is_single(total):  # one segment: no gather at all
         out = kernel(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), scale)
         return out.squeeze(0).transpose(0, 1)
-    out = torch.empty_like(query)
-    for index in segments.groups:
-        flat = index.reshape(-1)
-        q, k, v = (t.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2) for t in (query, key, value))
-        out.index_copy_(0, flat, kernel(q, k, v, scale).transpose(1, 2).flatten(0, 1))
-    return out
+    flats = [index.reshape(-1) for index in segments.groups]
+    gathered = [_GatherGroups.apply(t, *flats) for t in (query, key, value)]
+    outs = []
+    for index, q, k, v in zip(segments.groups, *gathered):
+        q, k, v = (t.unflatten(0, index.shape).transpose(1, 2) for t in (q, k, v))
+        outs.append(kernel(q, k, v, scale).transpose(1, 2).flatten(0, 1))
+    return _ScatterGroups.apply(total, *outs, *flats)
 
 
 def _eager_weights(q, k, scale):  # [n, H, len, D] -> [n, H, len, len]
@@ -180,13 +222,16 @@ def vision_sdpa_attention(query, key, value, segments: PackedSegments, scale: fl
 def vision_eager_attention_with_weights(query, key, value, segments: PackedSegments, scale: float):
     """`vision_eager_attention` that also returns the attention weights: one [H, len, len] map per
     segment (image scale or window), in `cu_seqlens` order. Only for `output_attentions`."""
-    out = torch.empty_like(query)
+    out = None
     maps = []
     for index in segments.groups:
         flat = index.reshape(-1)
         q, k, v = (t.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2) for t in (query, key, value))
         weights = _eager_weights(q, k, scale)
-        out.index_copy_(0, flat, torch.matmul(weights, v).transpose(1, 2).flatten(0, 1))
+        piece = torch.matmul(weights, v).transpose(1, 2).flatten(0, 1)
+        if out is None:  # the kernel's dtype: under autocast it is not the input's
+            out = piece.new_empty(query.shape)
+        out.index_copy_(0, flat, piece)
         maps += zip(index[:, 0].tolist(), weights.unbind(0))
     return out, tuple(w for _, w in sorted(maps, key=lambda item: item[0]))
 
@@ -1307,6 +1352,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        shift_labels: torch.LongTensor | None = None,
         num_prompt_tokens: int | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -1318,6 +1364,9 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         num_scales: scales per image (`image_grid_thw` has one row per scale); groups the image outputs.
         mm_token_type_ids: 1 where a token is routed to the visual experts; derived from `input_ids`
             (`<IMG_CONTEXT>`, `<img>`) when omitted.
+        shift_labels: the next-token targets of the logits returned (`logits_to_keep`'s positions), used
+            as they are instead of shifting `labels` (transformers' convention; training computes logits
+            only where a label follows).
         num_prompt_tokens: tokens at positions below this take the special-token table embedding;
             `generate` sets it to the prompt length so generated special tokens use the plain
             embedding, as the original does (`config.special_token_table == "prompt"`). `None`: every
@@ -1349,9 +1398,13 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                shift_labels=shift_labels,
+                **kwargs,
             )
         output = NaViLCausalLMOutputWithPast(
             loss=loss,

@@ -66,6 +66,40 @@ def test_packed_equals_padded(attn, use_cache):
     assert worst <= 1e-6, worst
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_labelled_logits_give_the_same_loss_and_gradients(packed):
+    """`labelled_logits=True` (what `navil train` collates) runs the LM head on the labelled positions only:
+    the loss and every gradient equal those of the full logits (fp32, 1e-6 relative)."""
+    model = tiny_model().train()
+    samples = _samples()
+    make = (lambda kept: PackedCollator(labelled_logits=kept)) if packed else (lambda kept: PaddedCollator(PAD, kept))
+    kept_batch = make(True)(samples)
+    labelled = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)
+    assert int((kept_batch["shift_labels"] != IGNORE_INDEX).sum()) == labelled
+    kept_loss, kept_grads = _loss_and_grads(model, kept_batch)
+    full_loss, full_grads = _loss_and_grads(model, make(False)(samples))
+    assert model(**kept_batch).logits.shape[1] == kept_batch["logits_to_keep"].numel() < kept_batch["labels"].shape[1]
+    assert _relative(kept_loss, full_loss) <= 1e-6
+    assert kept_grads.keys() == full_grads.keys()
+    worst = max(_relative(kept_grads[n], full_grads[n]) for n in full_grads if full_grads[n].norm() > 0)
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_training_under_bf16_autocast(attn):
+    """`training.bf16` on CPU: Trainer runs the forward under torch.autocast(bfloat16); the packed vision and
+    text attention take the kernels' bf16 outputs (it used to fail: fp32 buffer, bf16 pieces), and the loss
+    is the fp32 loss to bf16 precision."""
+    model = tiny_model(attn=attn).train()
+    batch = PackedCollator(labelled_logits=True)(_samples())
+    full = model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - full.item()) <= 0.05 * full.item()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_packed_equals_one_at_a_time():
     """Each sample's logits in the packed row equal its logits run alone (attention stays inside it)."""
     model = tiny_model(attn="sdpa")

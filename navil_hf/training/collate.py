@@ -12,6 +12,11 @@ their patches concatenated, one `image_grid_thw` row per scale, `num_scales` gro
 images, in the order of their `<IMG_CONTEXT>` slots. The first label of every sample is ignored (-100),
 so no token learns to predict the next sample; the loss is the mean over the batch's labelled tokens,
 exactly as in the padded batch of the same samples.
+
+`labelled_logits=True` (what `navil train` uses) adds `logits_to_keep`, the positions whose next token is
+labelled in some row, and `shift_labels`, those next tokens: the model runs its LM head (and the loss) on
+those positions only, the same loss and gradients without a [tokens, vocab] logits tensor for the prompt
+(with answers a few tokens long and a 49k-152k vocabulary, most of the head's time and memory).
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ def _labels(sample) -> torch.Tensor:
     return labels
 
 
+def keep_labelled_logits(batch: dict) -> dict:
+    """Adds `logits_to_keep` (positions t where some row's label t + 1 is not ignored) and `shift_labels`
+    (labels[:, t + 1] there) to a collated batch: `model(**batch).loss` is then the loss of the whole batch,
+    computed from the kept positions' logits only (`transformers.loss_utils.ForCausalLMLoss` reads
+    `shift_labels` as given; the Trainer counts the loss's tokens from them too)."""
+    labels = batch["labels"]
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    batch["logits_to_keep"] = positions
+    batch["shift_labels"] = labels[:, positions + 1].contiguous()
+    return batch
+
+
 def _images(samples) -> dict:
     with_images = [s for s in samples if s.get("pixel_values") is not None]
     if not with_images:
@@ -59,6 +76,9 @@ def _images(samples) -> dict:
 class PackedCollator:
     """Packs a batch of samples into one row, padding-free (see the module docstring)."""
 
+    def __init__(self, labelled_logits: bool = False):
+        self.labelled_logits = labelled_logits
+
     def __call__(self, samples: list[dict]) -> dict:
         _check(samples)
         batch = {
@@ -68,17 +88,18 @@ class PackedCollator:
             "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None],
         }
         batch.update(_images(samples))
-        return batch
+        return keep_labelled_logits(batch) if self.labelled_logits else batch
 
 
 class PaddedCollator:
     """The padded batch of the same samples: one row each, right-padded with `pad_token_id` to the longest
     (the labels with -100, the attention mask with 0). What packing is measured and tested against."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, labelled_logits: bool = False):
         if pad_token_id is None:
             raise ValueError("PaddedCollator needs a pad_token_id")
         self.pad_token_id = int(pad_token_id)
+        self.labelled_logits = labelled_logits
 
     def __call__(self, samples: list[dict]) -> dict:
         _check(samples)
@@ -97,4 +118,4 @@ class PaddedCollator:
             batch["mm_token_type_ids"][row, :n] = _as_long(sample["mm_token_type_ids"])
             batch["attention_mask"][row, :n] = 1
         batch.update(_images(samples))
-        return batch
+        return keep_labelled_logits(batch) if self.labelled_logits else batch

@@ -387,7 +387,10 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, cal
         raise ConfigError("nothing to train: the chosen parts have no parameters")
     train_set, eval_set = datasets_for(config, processor)
     pad = processor.tokenizer.pad_token_id
-    collator = PackedCollator() if config.packing else PaddedCollator(pad if pad is not None else 0)
+    if config.packing:
+        collator = PackedCollator(labelled_logits=True)
+    else:
+        collator = PaddedCollator(pad if pad is not None else 0, labelled_logits=True)
     trainer = Trainer(
         model=model,
         args=args,
