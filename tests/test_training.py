@@ -241,6 +241,23 @@ def test_stage1_trains_only_the_vision_side(workdir):
     assert result.trainable["text"] == 0 and result.trainable["visual_experts"] > 0
 
 
+def test_learning_rates_per_part(workdir):
+    """`learning_rates` gives parts their own rate: a part at 0 does not move while the others (at
+    training.learning_rate) do, and the optimizer's groups carry the rates, split by part."""
+    seen = {}
+
+    class Groups(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.setdefault("rates", sorted({g["initial_lr"] for g in optimizer.param_groups}))
+
+    raw = _config(workdir, "rates", train="full", learning_rates={"connector": 5e-3, "visual_experts": 5e-3, "vision": 0.0})
+    result = train(parse_config(raw), force=True, callbacks=[Groups()])
+    before, after = _weights(workdir / "hub"), _weights(result.model_dir)
+    changed = {parameter_part(k) for k in before if not torch.equal(before[k], after[k])}
+    assert "vision" not in changed and {"connector", "visual_experts", "text"} <= changed
+    assert seen["rates"] == [0.0, raw["training"]["learning_rate"], 5e-3]
+
+
 def test_lora_is_merged_into_the_hub_folder(workdir):
     lora = {"r": 4, "alpha": 8, "parts": ["text"]}
     result = train(parse_config(_config(workdir, "lora", train=["connector"], lora=lora)), force=True)
@@ -258,6 +275,9 @@ def test_lora_is_merged_into_the_hub_folder(workdir):
         (lambda c: c["data"].update(format="csv"), "data.format must be one of"),
         (lambda c: c.update(train="vision_tower"), "unknown part or preset 'vision_tower'"),
         (lambda c: c.update(lora={"rank": 4}), "unknown lora key rank"),
+        (lambda c: c.update(learning_rates={"vision": "fast"}), "learning_rates.vision must be a number"),
+        (lambda c: c.update(learning_rates={"stage1": 1e-3, "vision": 2e-3}), "two rates"),
+        (lambda c: c.update(learning_rates={"vit": 1e-3}), "unknown part or preset 'vit'"),
         (lambda c: c["training"].update(learning_rat=1), "training: "),
         (lambda c: c["data"].update(streaming=True) or c["training"].pop("max_steps"), "needs training.max_steps"),
     ],

@@ -13,6 +13,8 @@ The config file (YAML; relative paths are relative to it)::
       streaming: false               # true: read the files as a stream (needs training.max_steps)
       images: {max_pixels: 1048576}  # image processor settings (as for the processor)
     train: stage1                    # parts or presets (navil_hf.training.parts): vision, connector, ...
+    learning_rates: {vision: 1.0e-3, connector: 1.0e-3}   # optional: per part or preset; others get
+                                     # training.learning_rate (a fresh encoder wants more than a pretrained LLM)
     lora: {r: 16, alpha: 32, dropout: 0.05, parts: [text, visual_experts]}   # optional, PEFT
     packing: true                    # padding-free rows (false: padded batches)
     special_token_table: everywhere  # SPEC §10; the original checkpoints' "prompt" is kept on request
@@ -41,6 +43,7 @@ import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from transformers import Trainer
 from transformers.utils import logging
 
 from ..conversion.errors import ConversionError
@@ -48,7 +51,7 @@ from ..conversion.errors import ConversionError
 logger = logging.get_logger("navil_hf.training")
 
 TRAIN_KEYS = {
-    "model", "output_dir", "data", "train", "lora", "packing", "special_token_table", "attn_implementation",
+    "model", "output_dir", "data", "train", "learning_rates", "lora", "packing", "special_token_table", "attn_implementation",
     "dtype", "seed", "training",
 }  # fmt: skip
 DATA_KEYS = {"train", "eval", "format", "train_on", "max_length", "streaming", "images"}
@@ -90,6 +93,7 @@ class TrainConfig:
     output_dir: str
     data: DataConfig
     train: tuple = ("full",)
+    learning_rates: dict = field(default_factory=dict)  # part -> learning rate (presets resolved)
     lora: dict | None = None
     packing: bool = True
     special_token_table: str = "everywhere"
@@ -162,6 +166,7 @@ def parse_config(raw, base_dir=".") -> TrainConfig:
         train=tuple([raw["train"]] if isinstance(raw.get("train", "full"), str) else raw["train"])
         if "train" in raw
         else ("full",),
+        learning_rates=_learning_rates(raw.get("learning_rates")),
         lora=raw.get("lora"),
         packing=bool(raw.get("packing", True)),
         special_token_table=raw.get("special_token_table", "everywhere"),
@@ -191,6 +196,29 @@ def parse_config(raw, base_dir=".") -> TrainConfig:
     if data_config.streaming and "max_steps" not in config.training:
         raise ConfigError("data.streaming needs training.max_steps (a stream has no length)")
     return config
+
+
+def _learning_rates(raw) -> dict:
+    """`learning_rates: {part or preset: lr}` -> {part: lr}; a part named twice (directly or through a preset)
+    with different rates is a mistake."""
+    from .parts import resolve_parts
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("learning_rates must be a mapping of parts or presets to learning rates")
+    rates = {}
+    for name, rate in raw.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
+            raise ConfigError(f"learning_rates.{name} must be a number >= 0, got {rate!r}")
+        try:
+            parts = resolve_parts(name)
+        except ValueError as e:
+            raise ConfigError(f"learning_rates: {e}") from None
+        for part in parts:
+            if rates.setdefault(part, float(rate)) != float(rate):
+                raise ConfigError(f"learning_rates gives the part {part!r} two rates ({rates[part]} and {rate})")
+    return rates
 
 
 def load_config(path, overrides=()) -> TrainConfig:
@@ -365,7 +393,7 @@ def prepare_output(config: TrainConfig, resume: bool, force: bool):
 def train(config: TrainConfig, *, resume: bool = False, force: bool = False, callbacks=()) -> TrainResult:
     """Train as `config` says and write the trained Hub folder to `output_dir/model`."""
     import yaml
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from .collate import PackedCollator, PaddedCollator
     from .parts import set_trainable
@@ -391,8 +419,9 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, cal
         collator = PackedCollator(labelled_logits=True)
     else:
         collator = PaddedCollator(pad if pad is not None else 0, labelled_logits=True)
-    trainer = Trainer(
+    trainer = NaViLTrainer(
         model=model,
+        learning_rates=config.learning_rates,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
@@ -407,6 +436,43 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, cal
         metrics.update(trainer.evaluate())
     model_dir = save_trained(trainer, config, processor)
     return TrainResult(model_dir, metrics, trainable)
+
+
+def part_param_groups(param_groups, named_parameters, learning_rates: dict) -> list[dict]:
+    """Splits an optimizer's param groups by part (`parts.parameter_part`), each part at its rate in
+    `learning_rates` (the others keep their group's rate)."""
+    from .parts import parameter_part
+
+    names = {id(p): name for name, p in named_parameters}
+    groups = []
+    for group in param_groups:
+        by_rate = {}
+        for param in group["params"]:
+            rate = learning_rates.get(parameter_part(names.get(id(param), "")), group["lr"])
+            by_rate.setdefault(rate, []).append(param)
+        groups += [{**group, "params": params, "lr": rate} for rate, params in by_rate.items()]
+    return groups
+
+
+class NaViLTrainer(Trainer):
+    """transformers' Trainer; `learning_rates` sets a learning rate per part: the optimizer's param groups
+    are split by part, and the schedule scales each group from its own rate."""
+
+    def __init__(self, *args, learning_rates=None, **kwargs):
+        self.part_learning_rates = dict(learning_rates or {})
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if fresh and self.part_learning_rates:
+            model = (args[0] if args else kwargs.get("model")) or self.model
+            optimizer.param_groups = part_param_groups(
+                optimizer.param_groups, model.named_parameters(), self.part_learning_rates
+            )
+            for group in optimizer.param_groups:
+                logger.info("learning rate %g for %d tensors", group["lr"], len(group["params"]))
+        return optimizer
 
 
 def save_trained(trainer, config: TrainConfig, processor) -> Path:
