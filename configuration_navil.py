@@ -8,7 +8,7 @@ Three configs, one per piece:
   attention over packed image scales).
 * `NaViLTextConfig` -- one text architecture for every LLM family we load (Qwen3 with per-head q/k
   RMSNorm, InternLM2 without, and plain Llama-style decoders): GQA, RoPE, SwiGLU, RMSNorm, plus a
-  visual expert of every projection.
+  visual expert of every projection (or none: `visual_experts=False`).
 * `NaViLConfig` -- the two above, the connector, the special-token ids and the image settings.
 """
 
@@ -118,12 +118,17 @@ class NaViLTextConfig(PretrainedConfig):
     Covers Qwen3 (`qk_norm=True`), InternLM2 and Llama/Qwen2-style decoders (`qk_norm=False`).
 
     Args:
+        visual_experts: every decoder layer has visual experts (`*_ve` q/k/v/o projections, q/k norms and
+            FFN) that `<IMG_CONTEXT>` / `<img>` tokens are routed to (SPEC §3; NaViL, and every original
+            checkpoint). False: no `*_ve` weights at all, every token (visual or text) goes through the
+            text weights -- plain early fusion into the LLM, without modality experts. Absent from a
+            config.json: True.
         qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3), one set per expert.
         attention_bias: bias on the q/k/v projections (Qwen2: True).
         attention_out_bias: bias on the output projection (Llama's `attention_bias` sets both).
         chain_visual_output: visual tokens' output projection is `o_proj_ve(o_proj(x))`, InternLM2's
             original layout (SPEC §8.2); o_proj_ve is then hidden->hidden. False: `o_proj_ve(x)` alone
-            (Qwen3, or InternLM2 with the chain folded into one projection).
+            (Qwen3, or InternLM2 with the chain folded into one projection). Needs `visual_experts`.
         rope_parameters: `{"rope_type": "default", "rope_theta": ...}` or any rope type transformers
             knows (`llama3`, `yarn`, ...).
     """
@@ -149,6 +154,7 @@ class NaViLTextConfig(PretrainedConfig):
         attention_bias=False,
         attention_out_bias=False,
         chain_visual_output=False,
+        visual_experts=True,
         mlp_bias=False,
         attention_dropout=0.0,
         initializer_range=0.02,
@@ -178,6 +184,7 @@ class NaViLTextConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
         self.chain_visual_output = chain_visual_output
+        self.visual_experts = bool(visual_experts)
         self.mlp_bias = mlp_bias
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
@@ -185,6 +192,11 @@ class NaViLTextConfig(PretrainedConfig):
         # Every layer attends over the whole sequence; the cache and mask helpers read these.
         self.layer_types = ["full_attention"] * num_hidden_layers
         self.sliding_window = None
+        if chain_visual_output and not self.visual_experts:
+            raise ValueError(
+                "chain_visual_output=True chains the visual expert's output projection (o_proj_ve(o_proj(x))), "
+                "but visual_experts=False: there is no o_proj_ve; set chain_visual_output=False"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({num_attention_heads}) must be a multiple of "

@@ -14,7 +14,9 @@ Notable features of the architecture, all reproduced here:
   for visual tokens (`<IMG_CONTEXT>` and `<img>`), routed by token type, no gate. Tokens are
   sorted by modality once per forward; the residual stream stays in that order and is permuted
   only around the (shared, causal) attention, so each expert runs on its own tokens with two
-  gathers per layer. A text-only step (decode) runs the plain dense path.
+  gathers per layer. A text-only step (decode) runs the plain dense path. With
+  `text_config.visual_experts=False` there are no `*_ve` weights: every token takes the text weights
+  (early fusion without experts), no sort, no host sync.
 * The 12 special tokens take their *prompt* embeddings from a separate table; generated tokens use
   the plain embedding (SPEC §8.3).
 
@@ -180,20 +182,29 @@ class _ScatterGroups(torch.autograd.Function):
 def _grouped_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: PackedSegments, scale: float, kernel
 ) -> torch.Tensor:
-    """Runs `kernel(q, k, v, scale)` on [n, H, len, D] batches of equal-length segments. The gathers into
-    the groups and the scatter back are single autograd nodes, so the backward is linear in the tokens
-    whatever the number of groups (a packed batch has about one group per sample)."""
+    """Runs `kernel(q, k, v, scale)` on [n, H, len, D] batches of equal-length segments. With gradients (and
+    not under torch.compile, which traces the plain ops without graph breaks) the gathers into the groups and
+    the scatter back are single autograd nodes, so the backward is linear in the tokens whatever the number
+    of groups (a packed batch has about one group per sample)."""
     total = query.shape[0]
     if segments.is_single(total):  # one segment: no gather at all
         out = kernel(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), scale)
         return out.squeeze(0).transpose(0, 1)
     flats = [index.reshape(-1) for index in segments.groups]
-    gathered = [_GatherGroups.apply(t, *flats) for t in (query, key, value)]
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        gathered = [_GatherGroups.apply(t, *flats) for t in (query, key, value)]
+    else:
+        gathered = [[t.index_select(0, flat) for flat in flats] for t in (query, key, value)]
     outs = []
     for index, q, k, v in zip(segments.groups, *gathered):
         q, k, v = (t.unflatten(0, index.shape).transpose(1, 2) for t in (q, k, v))
         outs.append(kernel(q, k, v, scale).transpose(1, 2).flatten(0, 1))
-    return _ScatterGroups.apply(total, *outs, *flats)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _ScatterGroups.apply(total, *outs, *flats)
+    out = outs[0].new_empty((total, *outs[0].shape[1:]))  # the kernel's dtype (autocast may change it)
+    for flat, piece in zip(flats, outs):
+        out.index_copy_(0, flat, piece)
+    return out
 
 
 def _eager_weights(q, k, scale):  # [n, H, len, D] -> [n, H, len, len]
@@ -796,7 +807,8 @@ class NaViLMLP(nn.Module):
 
 
 class NaViLTextAttention(nn.Module):
-    """GQA attention with a visual expert of every projection (and of the per-head q/k norms)."""
+    """GQA attention with a visual expert of every projection (and of the per-head q/k norms); without
+    experts (`config.visual_experts=False`) only the text projections exist and take every token."""
 
     def __init__(self, config: NaViLTextConfig, layer_idx: int):
         super().__init__()
@@ -814,16 +826,19 @@ class NaViLTextAttention(nn.Module):
         self.k_proj = nn.Linear(h, kv_dim, bias=bias)
         self.v_proj = nn.Linear(h, kv_dim, bias=bias)
         self.o_proj = nn.Linear(q_dim, h, bias=out_bias)
-        self.q_proj_ve = nn.Linear(h, q_dim, bias=bias)
-        self.k_proj_ve = nn.Linear(h, kv_dim, bias=bias)
-        self.v_proj_ve = nn.Linear(h, kv_dim, bias=bias)
-        # InternLM2's chained visual output o_proj_ve(o_proj(x)) maps hidden -> hidden (SPEC §8.2).
-        self.o_proj_ve = nn.Linear(h if config.chain_visual_output else q_dim, h, bias=out_bias)
+        self.visual_experts = config.visual_experts
+        if self.visual_experts:
+            self.q_proj_ve = nn.Linear(h, q_dim, bias=bias)
+            self.k_proj_ve = nn.Linear(h, kv_dim, bias=bias)
+            self.v_proj_ve = nn.Linear(h, kv_dim, bias=bias)
+            # InternLM2's chained visual output o_proj_ve(o_proj(x)) maps hidden -> hidden (SPEC §8.2).
+            self.o_proj_ve = nn.Linear(h if config.chain_visual_output else q_dim, h, bias=out_bias)
         if config.qk_norm:
             self.q_norm = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.q_norm_ve = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm_ve = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            if self.visual_experts:
+                self.q_norm_ve = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+                self.k_norm_ve = NaViLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def _text_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         norms = (self.q_norm, self.k_norm) if self.config.qk_norm else None
@@ -854,7 +869,12 @@ class NaViLTextAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        qkv = routing.apply_to_natural(hidden_sorted, self._text_qkv, self._visual_qkv, shape)
+        # Without experts the text model routes every token to text; should a caller's routing still mark
+        # visual rows, they take the text weights too (the visual path does not exist).
+        visual_qkv, visual_output = (
+            (self._visual_qkv, self._visual_output) if self.visual_experts else (self._text_qkv, self.o_proj)
+        )
+        qkv = routing.apply_to_natural(hidden_sorted, self._text_qkv, visual_qkv, shape)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in qkv)  # [B, H, L, D]
 
         cos, sin = position_embeddings  # [B, L, D]
@@ -877,7 +897,7 @@ class NaViLTextAttention(nn.Module):
                 self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )  # [B, L, H, D]
         out = routing.to_sorted(out.reshape(*shape, -1))
-        return routing.apply(out, self.o_proj, self._visual_output), weights
+        return routing.apply(out, self.o_proj, visual_output), weights
 
 
 class NaViLDecoderLayer(GradientCheckpointingLayer):
@@ -885,7 +905,7 @@ class NaViLDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = NaViLTextAttention(config, layer_idx)
         self.mlp = NaViLMLP(config)
-        self.mlp_ve = NaViLMLP(config)
+        self.mlp_ve = NaViLMLP(config) if config.visual_experts else None
         self.input_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -896,7 +916,8 @@ class NaViLDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_sorted), shape, routing, position_embeddings, attention_mask, cache, **kwargs
         )
         hidden = residual + hidden
-        return routing.apply_add(hidden, self.post_attention_layernorm(hidden), self.mlp, self.mlp_ve), weights
+        mlp_ve = self.mlp if self.mlp_ve is None else self.mlp_ve  # no experts: every token takes the text FFN
+        return routing.apply_add(hidden, self.post_attention_layernorm(hidden), self.mlp, mlp_ve), weights
 
 
 class NaViLRotaryEmbedding(nn.Module):
@@ -956,7 +977,8 @@ class NaViLTokenEmbedding(nn.Embedding):
 
 
 class NaViLTextModel(NaViLPreTrainedModel):
-    """Decoder stack with modality experts. Takes input embeddings and a visual-token mask."""
+    """Decoder stack with modality experts. Takes input embeddings and a visual-token mask (ignored when
+    `config.visual_experts` is False: every token is then computed with the text weights)."""
 
     config_class = NaViLTextConfig
     config: NaViLTextConfig
@@ -991,7 +1013,8 @@ class NaViLTextModel(NaViLPreTrainedModel):
         cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
-        """`visual_mask` [B, L]: True where a token is routed to the visual experts (none when omitted)."""
+        """`visual_mask` [B, L]: True where a token is routed to the visual experts (none when omitted;
+        ignored without experts)."""
         cache = pop_cache(kwargs, cache, past_key_values)
         output_hidden_states, output_attentions, return_dict = _output_flags(
             self.config, output_hidden_states, output_attentions, return_dict
@@ -1039,9 +1062,12 @@ class NaViLTextModel(NaViLPreTrainedModel):
         if position_embeddings[0].shape[0] != batch:
             position_embeddings = tuple(t.expand(batch, -1, -1) for t in position_embeddings)
 
-        routing = ModalityRouting(
-            visual_mask, num_tokens=batch * length, both=self.training and torch.is_grad_enabled()
-        )
+        if self.config.visual_experts:
+            routing = ModalityRouting(
+                visual_mask, num_tokens=batch * length, both=self.training and torch.is_grad_enabled()
+            )
+        else:  # no experts: every token is text, known without looking (no sort, no host sync)
+            routing = ModalityRouting(None, num_tokens=batch * length, both=False)
         hidden = routing.to_sorted(inputs_embeds)
         all_hidden = [inputs_embeds] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
@@ -1259,7 +1285,7 @@ class NaViLModel(NaViLPreTrainedModel):
         if inputs_embeds is None:
             plain = None if self.config.special_token_table == "everywhere" else generated
             inputs_embeds = self.language_model.embed_tokens(input_ids, plain=plain)
-        if mm_token_type_ids is None and generated is not True:
+        if mm_token_type_ids is None and generated is not True and self.config.text_config.visual_experts:
             # Prompt tokens route by type (SPEC §3); generated tokens are text, as in `generate`.
             visual = (self.config.image_token_id, self.config.image_start_token_id)
             mm_token_type_ids = self._token_mask(visual, input_ids, inputs_embeds)

@@ -107,7 +107,8 @@ def convert_to_original(
 
     Returns a `BackConversionResult`. Raises `ConversionError` on bad input (not a converted folder, an
     existing output, a folded folder without `approximate`, a config the original cannot express) and
-    `VerificationError` when a check fails; in both cases `original_dir` is left as it was.
+    `VerificationError` when a check fails; in both cases `original_dir` is left as it was. A model without
+    visual experts (`text_config.visual_experts=False`) has no original layout: refused.
     """
     with transformers_progress_bars(progress):
         return _convert_to_original(converted_dir, original_dir, force, verify, progress, approximate, max_shard_size)
@@ -153,6 +154,13 @@ def folded_refusal(converted_dir):
     )
 
 
+def no_experts_refusal(converted_dir):
+    return ConversionError(
+        f"{converted_dir} has no visual experts (text_config.visual_experts is false); the original OpenGVLab "
+        "layout gives every decoder layer visual experts (*_ve weights), so it has no layout for this model"
+    )
+
+
 def _convert_to_original(converted_dir, original_dir, force, verify, progress, approximate, max_shard_size):
     start = time.perf_counter()
     converted_dir = Path(converted_dir)
@@ -165,6 +173,8 @@ def _convert_to_original(converted_dir, original_dir, force, verify, progress, a
             f"{converted_dir} was built by navil init-from-llm from a {origin['family']} LLM; the original "
             "OpenGVLab code has only the Qwen3 and InternLM2 variants, so it has no layout for this model"
         )
+    if not getattr(text_config, "visual_experts", True):
+        raise no_experts_refusal(converted_dir)
     original_config = to_original_config(config)  # ConversionError if the original cannot express it
     arch = original_config["llm_config"]["architectures"][0]
     folded = folds_visual_output(arch, text_config)

@@ -8,7 +8,9 @@ starting checkpoint:
 2. copy its text weights; initialise every visual expert (q/k/v/o projections, q/k norms, FFN) as a
    copy of its text twin, so a visual token is first processed exactly like a text token (InternLM2:
    NaViL-2B chains the visual output projection after the text one, `o_proj_ve(o_proj(x))`, so there
-   `o_proj_ve` starts as the identity);
+   `o_proj_ve` starts as the identity). `visual_experts=False` (`--no-visual-experts`) builds no visual
+   expert at all (`text_config.visual_experts=False`): every token goes through the text weights, so with
+   `--vision-preset none` it is plain early fusion into the LLM;
 3. add NaViL's 12 special tokens to the tokenizer; new embedding (and untied LM-head) rows are the
    mean of the trained rows, the special-token table starts equal to the plain embedding of its tokens;
 4. build a fresh vision encoder and connector sized by a named preset (`VISION_PRESETS`);
@@ -125,6 +127,7 @@ class InitResult:
     checks: dict = field(default_factory=dict)
     seconds: float = 0.0
     notices: list = field(default_factory=list)  # foreign code left out of the folder
+    visual_experts: bool = True  # False: no *_ve weights, every token through the text weights
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,11 +437,11 @@ _TEXT_PARTS = re.compile(r"self_attn\.(?:[qkvo]_proj|[qk]_norm)\.(?:weight|bias)
                          r"(?:input|post_attention)_layernorm\.weight")  # fmt: skip
 
 
-def navil_text_state_dict(hf_state_dict, tie_word_embeddings):
+def navil_text_state_dict(hf_state_dict, tie_word_embeddings, visual_experts=True):
     """Hugging Face decoder tensors -> our text model's decoder layers and final norm, with every visual
     expert a copy of its text twin: `{q,k,v,o}_proj` -> `{q,k,v,o}_proj_ve`, `{q,k}_norm` -> `{q,k}_norm_ve`,
-    `mlp` -> `mlp_ve`. A lazy view: each tensor is read from `hf_state_dict` when looked up (the
-    embedding and LM head are resized by `build_navil`)."""
+    `mlp` -> `mlp_ve` (none with `visual_experts=False`). A lazy view: each tensor is read from
+    `hf_state_dict` when looked up (the embedding and LM head are resized by `build_navil`)."""
     out = LazyWeights()
     for key in hf_state_dict.keys():
         if _DERIVED.fullmatch(key) or key in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -451,6 +454,8 @@ def navil_text_state_dict(hf_state_dict, tie_word_embeddings):
                 raise ConversionError(f"unexpected decoder tensor {key}")
             base = f"model.language_model.layers.{layer}."
             out.add(base + part, read)
+            if not visual_experts:
+                continue
             if part.startswith("mlp."):
                 out.add(base + "mlp_ve." + part[len("mlp.") :], read)
             elif part.startswith("self_attn."):
@@ -542,8 +547,10 @@ def build_navil(
     min_dynamic_patch=256,
     max_dynamic_patch=24576,
     held_dtype=None,
+    visual_experts=True,
 ):
-    """(weights, config, processor, added tokens) of a NaViL built from `source`: `weights` a lazy
+    """(weights, config, processor, added tokens) of a NaViL built from `source` (with or without visual
+    experts, `visual_experts`): `weights` a lazy
     mapping in our key layout, float32 (the decoder read from the source when looked up; the resized
     embedding and LM head and the fresh vision encoder, connector and special table held). Tensors are
     float32, except the held embedding and LM head: `held_dtype` (the dtype that will be written, so
@@ -564,7 +571,8 @@ def build_navil(
     hf_state = source.state_dict
     if source.family == "internlm2":
         hf_state = internlm2_to_llama(hf_state, source.config)
-    text_state = navil_text_state_dict(hf_state, text_kwargs["tie_word_embeddings"])
+    text_kwargs["visual_experts"] = visual_experts
+    text_state = navil_text_state_dict(hf_state, text_kwargs["tie_word_embeddings"], visual_experts)
     source_embed = hf_state["model.embed_tokens.weight"]
     source_vocab = source_embed.shape[0]
     trained_rows = min(trained_rows, source_vocab)
@@ -582,7 +590,7 @@ def build_navil(
         head = _resize_rows(hf_state["lm_head.weight"], vocab_size, new_ids, trained_rows).to(held)
         text_state.add("lm_head.weight", functools.partial(_identity, head))
 
-    if source.family == "internlm2":
+    if source.family == "internlm2" and visual_experts:
         # NaViL-2B's InternLM2 layout: visual tokens get o_proj_ve(o_proj(x)) (SPEC §8.2). With o_proj_ve
         # the identity the visual path starts equal to the text path, and the folder converts back to
         # the original layout (`navil convert --to-original`).
@@ -690,19 +698,21 @@ def init_from_llm(
     trust_remote_code=False,
     attn_implementation="sdpa",
     max_shard_size="5GB",
+    visual_experts=True,
 ):
     """Build a NaViL from the LLM at `src` (folder or .gguf) and write it to `out_dir` (see the module
-    docstring). `dtype="auto"` keeps the LLM's dtype (float32 for a GGUF file, which is dequantized)."""
+    docstring). `dtype="auto"` keeps the LLM's dtype (float32 for a GGUF file, which is dequantized).
+    `visual_experts=False`: no visual experts (every token through the text weights)."""
     with transformers_progress_bars(progress):
         return _init_from_llm(
             src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,
-            max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size,
+            max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size, visual_experts,
         )  # fmt: skip
 
 
 def _init_from_llm(
     src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,
-    max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size,
+    max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size, visual_experts,
 ):  # fmt: skip
     start = time.perf_counter()
     out_dir = check_output_dir(out_dir, force, sources=(src,))
@@ -718,6 +728,7 @@ def _init_from_llm(
     weights, config, processor, added = build_navil(
         source, vision_preset, seed=seed, chat_template=chat_template,
         min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch, held_dtype=target,
+        visual_experts=visual_experts,
     )  # fmt: skip
     tokenizer = processor.tokenizer
     # Our model for the checks, with no memory behind its weights: each module's weights are looked
@@ -760,7 +771,7 @@ def _init_from_llm(
     return InitResult(
         out_dir=out_dir, config=config, family=family, vision_preset=vision_preset, dtype=target,
         parameters=parameters, added_tokens=added, text_max_abs_diff=worst, verified=verify, checks=checks,
-        seconds=time.perf_counter() - start, notices=notices,
+        seconds=time.perf_counter() - start, notices=notices, visual_experts=visual_experts,
     )  # fmt: skip
 
 
@@ -788,14 +799,34 @@ def init_model_card(config, *, source, vision_preset, license, dtype, parameters
         else ""
     )
     vision = config.vision_config
+    if getattr(text, "visual_experts", True):
+        intro = (
+            "A NaViL-architecture model (OpenGVLab, NeurIPS 2025: a native-resolution vision encoder feeding an LLM "
+            "whose every layer has separate attention projections and FFN for visual tokens)"
+        )
+        chained = " (the chained visual output projection of NaViL-2B's InternLM2 layout as the identity)"
+        experts = (
+            f"text weights copied from `{source}`; every visual expert (q/k/v/o projections, q/k norms, FFN) "
+            f"initialised as a copy of its text twin{chained if text.chain_visual_output else ''}"
+        )
+    else:
+        intro = (
+            "A NaViL-architecture model without visual experts (OpenGVLab, NeurIPS 2025: a native-resolution vision "
+            "encoder feeding an LLM; this one has no separate weights for visual tokens, image and text tokens alike "
+            "go through the LLM's own weights)"
+        )
+        experts = (
+            f"text weights copied from `{source}`; no visual experts (`text_config.visual_experts: false`): nothing "
+            "is copied into `*_ve` weights, there are none"
+        )
     body = f"""# NaViL initialised from {source}
 
-A NaViL-architecture model (OpenGVLab, NeurIPS 2025: a native-resolution vision encoder feeding an LLM whose every layer has separate attention projections and FFN for visual tokens) built with `navil init-from-llm` from the pretrained LLM `{source}`.
+{intro} built with `navil init-from-llm` from the pretrained LLM `{source}`.
 
 **It is a starting point for training, not a trained multimodal model: the vision encoder and connector are randomly initialised** (vision preset `{vision_preset}`), so the model cannot see images yet. Text-only, it answers exactly as `{source}` does.
 
 How it was made:
-- text weights copied from `{source}`; every visual expert (q/k/v/o projections, q/k norms, FFN) initialised as a copy of its text twin{" (the chained visual output projection of NaViL-2B's InternLM2 layout as the identity)" if text.chain_visual_output else ""};
+- {experts};
 - NaViL's 12 special tokens added to the tokenizer; new embedding rows are the mean of the trained rows;
 - the LLM's own chat template, extended so `{{"type": "image"}}` items become `<image>` placeholders;
 - vision encoder: preset `{vision_preset}`, {vision.num_hidden_layers} layers, width {vision.hidden_size};

@@ -308,6 +308,8 @@ def check_representable(config):
         )
     if text.mlp_bias:
         problems.append("text_config.mlp_bias is true (the original FFNs have no bias)")
+    if not getattr(text, "visual_experts", True):
+        problems.append("text_config.visual_experts is false (every original decoder layer has visual experts)")
     if arch == QWEN3 and getattr(text, "chain_visual_output", False):
         problems.append("text_config.chain_visual_output is true with qk_norm (only InternLM2 chains o_proj_ve)")
     if arch == INTERNLM2 and text.head_dim * text.num_attention_heads != text.hidden_size:

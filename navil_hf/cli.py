@@ -4,7 +4,8 @@
                   [--push-to-hub REPO_ID [--private] [--revision BRANCH]]
     navil convert --to-original OUT_DIR ORIGINAL_DIR [--force] [--approximate]
     navil chat [--model PATH_OR_REPO] [--image FILE ...] [--max-new-tokens N] [--device DEV] "question"
-    navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--dtype ...] [--chat-template ...]
+    navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--no-visual-experts] [--dtype ...]
+                        [--chat-template ...]
     navil push OUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
     navil train CONFIG.yaml [--resume] [--force] [--set KEY=VALUE ...]
     navil params FOLDER_OR_CONFIG_JSON [--image WxH ...] [--text-tokens N] [--training] [--json]
@@ -167,12 +168,21 @@ def build_parser():
         description="Build a Hub-ready NaViL folder from a pretrained LLM: text weights copied, every visual expert "
         "a copy of its text twin, NaViL's special tokens added, a fresh vision encoder and connector sized by "
         "--vision-preset, the LLM's chat template extended for images. Before writing, NaViL's logits on "
-        "text-only prompts are checked against the LLM's (transformers, float32, max-abs <= 1e-4).",
+        "text-only prompts are checked against the LLM's (transformers, float32, max-abs <= 1e-4). "
+        "--no-visual-experts builds no visual experts (every token through the text weights; with "
+        "--vision-preset none: early fusion without experts).",
     )
     init.add_argument("llm", metavar="LLM_DIR_OR_GGUF", nargs="?", help="a Hugging Face LLM folder or a .gguf file")
     init.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="the folder to create")
     init.add_argument("--vision-preset", default=None, help="vision encoder size (see --list-presets; default base)")
     init.add_argument("--list-presets", action="store_true", help="print the vision presets and exit")
+    init.add_argument(
+        "--visual-experts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give every decoder layer visual experts, copies of the text weights (default); "
+        "--no-visual-experts: none, every token goes through the text weights",
+    )
     init.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -420,10 +430,15 @@ def run_init_from_llm(args):
         max_dynamic_patch=args.max_dynamic_patch,
         trust_remote_code=args.trust_remote_code,
         max_shard_size=args.max_shard_size,
+        visual_experts=args.visual_experts,
     )
     counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in result.parameters.items())
     dtype = str(result.dtype).replace("torch.", "")
-    print(f"wrote {result.out_dir} (vision preset {result.vision_preset}; {counts}; {dtype}) in {result.seconds:.1f} s")
+    experts = "" if result.visual_experts else "; no visual experts"
+    print(
+        f"wrote {result.out_dir} (vision preset {result.vision_preset}{experts}; {counts}; {dtype}) "
+        f"in {result.seconds:.1f} s"
+    )
     print(f"  added tokens: {' '.join(result.added_tokens) or 'none (the tokenizer had them)'}")
     print_checks(result)
     return EXIT_OK

@@ -2,7 +2,9 @@
 `named_parameters` (both LLM families, tied and untied, every bias and norm option; full-size configs on the
 meta device); trainable counts follow `requires_grad` and the freeze presets; the FLOPs equal what
 `torch.utils.flop_counter.FlopCounterMode` counts on real tiny forwards and training steps, per component;
-the conventions (causal keys, LM head positions, 3x training, 2ND) hold; `navil params` prints them."""
+the conventions (causal keys, LM head positions, 3x training, 2ND) hold; `navil params` prints them. Models
+without visual experts (`visual_experts=False`) are counted the same ways: no `visual_experts` parameters or
+FLOPs, visual tokens computed with the text weights."""
 
 import json
 
@@ -40,8 +42,14 @@ FAMILIES = {
     "qwen3-tied": dict(tie_word_embeddings=True),
     "internlm2-tied": dict(qk_norm=False, chain_visual_output=True, tie_word_embeddings=True),
 }
+# Without visual experts: every token takes the text weights (Qwen3-like; Llama-like, tied).
+NO_EXPERTS = {
+    "qwen3-no-experts": dict(visual_experts=False),
+    "llama-no-experts-tied": dict(qk_norm=False, visual_experts=False, tie_word_embeddings=True),
+}
 VARIANTS = {
     **FAMILIES,
+    **NO_EXPERTS,
     "biases": dict(attention_bias=True, attention_out_bias=True, mlp_bias=True),
     "vision-layer-norm": dict(norm_type="layer_norm", qk_normalization=True),
     "vision-all-full": dict(fullatt=None),
@@ -137,10 +145,34 @@ def test_tied_head_counted_once_and_active_parameters(family):
     assert count.non_embedding_params() == count.total_params - t["special_tokens"] - (0 if tied else matrix)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "internlm2-tied"])
+@pytest.mark.parametrize("variant", NO_EXPERTS)
+def test_without_visual_experts_visual_tokens_use_the_text_weights(variant):
+    options = NO_EXPERTS[variant]
+    model = tiny_model(**options)
+    with_experts = count_parameters(tiny_config(**dict(options, visual_experts=True)))
+    count = count_parameters(model)
+    t = count.total
+    assert not count.visual_experts and count.to_dict()["visual_experts"] is False
+    assert t["visual_experts"] == count.trainable["visual_experts"] == 0
+    assert count.total_params == with_experts.total_params - with_experts.total["visual_experts"]
+    assert t == {**with_experts.total, "visual_experts": 0}
+    assert count.active["visual"]["visual_experts"] == 0
+    assert count.active_params("visual") == t["vision"] + t["connector"] + t["text"]
+    assert count.active_params("text") == t["embeddings"] + t["text"] + t["lm_head"]
+    assert "no visual experts" in summary(model)
+    # The same matmuls as the experts model (its experts are the text weights' shapes), booked as text.
+    inputs = multimodal_inputs(GRIDS)
+    ours = analytic(model.config, inputs, causal="full").flops
+    theirs = analytic(tiny_config(**dict(options, visual_experts=True)), inputs, causal="full").flops
+    assert ours["visual_experts"] == {"text": 0, "visual": 0}
+    assert ours["text"] == {"text": theirs["text"]["text"], "visual": theirs["visual_experts"]["visual"]}
+    assert all(ours[c] == theirs[c] for c in FLOP_COMPONENTS if c not in ("text", "visual_experts"))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "internlm2-tied", "qwen3-no-experts"])
 @pytest.mark.parametrize("preset", ["stage1", "llm", ["connector", "lm_head"]])
 def test_trainable_follows_requires_grad_and_presets(family, preset):
-    model = tiny_model(**FAMILIES[family])
+    model = tiny_model(**VARIANTS[family])
     expected = set_trainable(model, preset)
     assert count_parameters(model).trainable == expected
     assert count_parameters(model.config, trainable=preset).trainable == expected
@@ -151,7 +183,9 @@ def test_trainable_follows_requires_grad_and_presets(family, preset):
 # FLOPs against torch's counter
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "internlm2", "internlm2-tied", "vision-all-full"])
+@pytest.mark.parametrize(
+    "variant", ["qwen3", "internlm2", "internlm2-tied", "vision-all-full", "qwen3-no-experts", "llama-no-experts-tied"]
+)
 def test_forward_flops_equal_flop_counter(variant):
     model = tiny_model(attn="eager", **VARIANTS[variant])
     inputs = multimodal_inputs(GRIDS)
@@ -171,9 +205,9 @@ def test_sdpa_counts_the_same_matmuls():
     assert analytic(model.config, inputs, attention=False).total == matmuls
 
 
-@pytest.mark.parametrize("family", ["qwen3", "internlm2-tied"])
+@pytest.mark.parametrize("family", ["qwen3", "internlm2-tied", "qwen3-no-experts"])
 def test_training_step_is_three_forwards(family):
-    model = tiny_model(attn="eager", **FAMILIES[family]).train()
+    model = tiny_model(attn="eager", **VARIANTS[family]).train()
     inputs = multimodal_inputs(GRIDS)
     total, _, _ = counted(model, inputs, backward=True)
     train = analytic(model.config, inputs, causal="full", training=True)

@@ -29,7 +29,7 @@ from navil_hf.conversion.original import (
 )
 
 from conftest import FIXTURES, checkpoint, token_ids
-from tiny import tiny_config
+from tiny import tiny_config, tiny_model, write_hub_folder
 
 TOKEN_IDS = token_ids()
 
@@ -327,6 +327,20 @@ def test_errors(tmp_path, capsys, round_trip):
     shutil.copy(round_trip["ours"] / "config.json", no_weights)
     assert_usage_error(capsys, ["convert", "--to-original", str(no_weights), out], "has no model.safetensors")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_without_visual_experts_is_refused(tmp_path, capsys):
+    """The original layout gives every decoder layer visual experts: a folder without them (and its config)
+    is refused with one line, nothing written."""
+    folder = write_hub_folder(tiny_model(visual_experts=False), tmp_path / "no-experts")
+    out = tmp_path / "out"
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert_usage_error(
+        capsys, ["convert", "--to-original", str(folder), str(out)], "has no visual experts", "no layout for this model"
+    )
+    assert not out.exists()
+    with pytest.raises(ConversionError, match="visual_experts is false"):
+        to_original_config(tiny_config(visual_experts=False))
 
 
 def test_force_replaces_and_failed_verification_writes_nothing(tmp_path, monkeypatch, round_trip):

@@ -216,3 +216,48 @@ def test_early_fusion_preset_sees_trains_and_chats(tmp_path):
     inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
     model.train()(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert model.model.vision_model.patch_embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ("qwen3", "internlm2"))
+def test_early_fusion_without_visual_experts(tmp_path, family, capsys):
+    """`--vision-preset none --no-visual-experts`: early fusion with no expert at all. Nothing is written for
+    `*_ve`, the folder loads through AutoModel, text parity with the LLM holds, it chats about an image, and
+    on a prompt with an image it computes what the experts build (experts = copies of the text weights)
+    computes; it has no original layout, so --to-original refuses it."""
+    import numpy as np
+    from safetensors import safe_open
+
+    source_dir, out = tmp_path / "llm", tmp_path / "early"
+    source = build_source(source_dir, family)
+    capsys.readouterr()
+    argv = ["init-from-llm", str(source_dir), str(out), "--vision-preset", "none", "-q"]
+    assert navil([*argv, "--no-visual-experts"]) == 0
+    assert "no visual experts" in capsys.readouterr().out
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    text = model.config.text_config
+    assert text.visual_experts is False and text.chain_visual_output is False
+    assert json.loads((out / "config.json").read_text())["text_config"]["visual_experts"] is False
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert not [k for k in weights.keys() if "_ve." in k]
+    assert not [name for name, _ in model.named_parameters() if "_ve." in name]
+    assert text_logits_gap(source, model, processor) <= TEXT_PARITY_TOLERANCE
+    assert "no visual experts" in (out / "README.md").read_text()
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    assert isinstance(
+        model.chat(processor, "What is this?", images=[image], generation_config=dict(max_new_tokens=3)), str
+    )
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
+    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    assert navil(["init-from-llm", str(source_dir), str(tmp_path / "experts"), *argv[3:]]) == 0  # same seed, experts
+    experts = AutoModel.from_pretrained(tmp_path / "experts", trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, experts(**inputs).logits, rtol=0, atol=1e-5)
+
+    capsys.readouterr()
+    assert navil(["convert", "--to-original", str(out), str(tmp_path / "original"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "has no visual experts" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "original").exists()

@@ -250,7 +250,9 @@ def test_learning_rates_per_part(workdir):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             seen.setdefault("rates", sorted({g["initial_lr"] for g in optimizer.param_groups}))
 
-    raw = _config(workdir, "rates", train="full", learning_rates={"connector": 5e-3, "visual_experts": 5e-3, "vision": 0.0})
+    raw = _config(
+        workdir, "rates", train="full", learning_rates={"connector": 5e-3, "visual_experts": 5e-3, "vision": 0.0}
+    )
     result = train(parse_config(raw), force=True, callbacks=[Groups()])
     before, after = _weights(workdir / "hub"), _weights(result.model_dir)
     changed = {parameter_part(k) for k in before if not torch.equal(before[k], after[k])}

@@ -9,6 +9,8 @@ a subprocess (tests/vllm_worker.py), the transformers reference in this process 
   generated; it must take the plain embedding, SPEC §8.3) -- with chunked prefill forced
   (`max_num_batched_tokens` smaller than a prompt, so image blocks are split across steps and prefill chunks
   share steps with decodes), then the same batch again, served from the prefix cache;
+* a model without visual experts (`visual_experts: false`: every token through the text layers) serves the
+  same batch with the transformers model's greedy tokens and logprobs;
 * `vllm serve FOLDER` answers OpenAI chat completions with `image_url` content (a data URL and a local file),
   streaming too, with what the transformers model answers.
 """
@@ -112,6 +114,21 @@ def test_vllm_greedy_equals_transformers(workdir, family):
     first, cached = out["results"]
     assert_same(first, want)
     assert_same(cached, want)
+
+
+def test_vllm_without_visual_experts_equals_transformers(workdir):
+    root, images = workdir
+    folder = build_folder("qwen3", str(root / "qwen3-no-experts"), visual_experts=False)
+    requests = requests_for(images)
+    want = reference(folder, requests, MAX_TOKENS)
+    spec = {
+        "model": folder,
+        "requests": requests,
+        "max_tokens": MAX_TOKENS,
+        "engine": {"max_num_batched_tokens": 32, "max_num_seqs": 8},
+    }
+    (first,) = run_worker(spec, root, "qwen3-no-experts")["results"]
+    assert_same(first, want)
 
 
 # ------------------------------------------------------------------------------------------ serving

@@ -5,7 +5,8 @@ have 16). The tokenizer is the fixtures' byte-level BPE one (it carries NaViL's 
 ChatML tokens); the folder is written by `write_hub_folder`, as `navil convert` writes real checkpoints.
 
 `build_folder(family, out_dir)`: family `qwen3` (per-head q/k RMSNorm, `o_proj_ve(x)`) or `internlm2`
-(no q/k norm, chained `o_proj_ve(o_proj(x))`, SPEC §8.2). The `<box>` row of the LM head is raised so that
+(no q/k norm, chained `o_proj_ve(o_proj(x))`, SPEC §8.2); `visual_experts=False` builds either without visual
+experts (every token through the text weights). The `<box>` row of the LM head is raised so that
 greedy decoding emits `<box>` within a few tokens of most prompts: the generated `<box>` must then take the
 plain embedding (SPEC §8.3), which the tests check against the transformers model.
 """
@@ -28,14 +29,15 @@ TOKENIZER_DIR = {
 BOX_BIAS = 2.0
 
 
-def tiny_navil_config(family, vocab, special_token_table="prompt"):
+def tiny_navil_config(family, vocab, special_token_table="prompt", visual_experts=True):
     from configuration_navil import SPECIAL_TOKENS, NaViLConfig
 
     qwen3 = family == "qwen3"
     text_config = dict(
         vocab_size=len(vocab), hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=64, rope_theta=1e6 if qwen3 else 1e4, max_position_embeddings=2048,
-        qk_norm=qwen3, chain_visual_output=not qwen3, rms_norm_eps=1e-6,
+        qk_norm=qwen3, chain_visual_output=not qwen3 and visual_experts, rms_norm_eps=1e-6,
+        visual_experts=visual_experts,
     )  # fmt: skip
     vision_config = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -57,7 +59,7 @@ def tiny_navil_config(family, vocab, special_token_table="prompt"):
     )
 
 
-def build_folder(family, out_dir, seed=0, special_token_table="prompt"):
+def build_folder(family, out_dir, seed=0, special_token_table="prompt", visual_experts=True):
     """Write a converted (Hub-layout) tiny NaViL folder of `family` to `out_dir`; returns `out_dir`."""
     from transformers import AutoTokenizer
 
@@ -66,7 +68,7 @@ def build_folder(family, out_dir, seed=0, special_token_table="prompt"):
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR[family])
     vocab = tokenizer.get_vocab()
-    config = tiny_navil_config(family, vocab, special_token_table)
+    config = tiny_navil_config(family, vocab, special_token_table, visual_experts)
     torch.manual_seed(seed)
     model = NaViLForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(seed)

@@ -35,7 +35,9 @@ Parameter conventions
   `vision` and `connector` (its features come from there; not so for `<img>`, which is looked up like the
   markup tokens), `visual_experts` and the shared norms of the `text` part (the decoder layers' two
   RMSNorms and the final norm), and, for InternLM2's chained output (`chain_visual_output`, SPEC §8.2:
-  `o_proj_ve(o_proj(x))`), the text `o_proj` too. The LM head counts
+  `o_proj_ve(o_proj(x))`), the text `o_proj` too. A model without visual experts
+  (`text_config.visual_experts=False`) has an empty `visual_experts` part: its visual tokens use the
+  whole `text` part, as text tokens do (their FLOPs are `text` FLOPs too). The LM head counts
   for visual tokens only with `logits_at_visual=True` (logits exist there, but no label ever asks for
   them). `special_tokens` (12 rows read by markup tokens of both types) counts for neither.
   "Without embeddings" drops the lookup table (unless tied: it is the head).
@@ -100,6 +102,12 @@ _SHARED_NORM = re.compile(r"^model\.language_model\.(layers\.\d+\.(input_layerno
 _TEXT_OUTPUT = re.compile(r"^model\.language_model\.layers\.\d+\.self_attn\.o_proj\.")
 
 
+def has_visual_experts(config) -> bool:
+    """Whether the decoder layers of `config` (a `NaViLConfig`) carry visual experts (config.json files
+    written before the switch existed have them)."""
+    return bool(getattr(config.text_config, "visual_experts", True))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Parameters
 
@@ -143,18 +151,20 @@ def parameter_inventory(config) -> dict[str, int]:
     sizes["model.special_token_embedding.weight"] = 12 * h
     sizes["model.language_model.embed_tokens.weight"] = tc.vocab_size * h
     q_dim, kv_dim = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
+    experts = has_visual_experts(config)
+    suffixes = ("", "_ve") if experts else ("",)
     for i in range(tc.num_hidden_layers):
         layer = f"model.language_model.layers.{i}"
-        for suffix in ("", "_ve"):
+        for suffix in suffixes:
             linear(f"{layer}.self_attn.q_proj{suffix}", h, q_dim, tc.attention_bias)
             linear(f"{layer}.self_attn.k_proj{suffix}", h, kv_dim, tc.attention_bias)
             linear(f"{layer}.self_attn.v_proj{suffix}", h, kv_dim, tc.attention_bias)
             o_in = h if suffix and tc.chain_visual_output else q_dim
             linear(f"{layer}.self_attn.o_proj{suffix}", o_in, h, tc.attention_out_bias)
         if tc.qk_norm:
-            for name in ("q_norm", "k_norm", "q_norm_ve", "k_norm_ve"):
+            for name in ("q_norm", "k_norm", "q_norm_ve", "k_norm_ve")[: 2 * len(suffixes)]:
                 norm(f"{layer}.self_attn.{name}", tc.head_dim)
-        for mlp in ("mlp", "mlp_ve"):
+        for mlp in ("mlp", "mlp_ve")[: len(suffixes)]:
             linear(f"{layer}.{mlp}.gate_proj", h, tc.intermediate_size, tc.mlp_bias)
             linear(f"{layer}.{mlp}.up_proj", h, tc.intermediate_size, tc.mlp_bias)
             linear(f"{layer}.{mlp}.down_proj", tc.intermediate_size, h, tc.mlp_bias)
@@ -172,14 +182,16 @@ def tied_embeddings(config) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
 
 
-def _token_types_using(name: str, part: str, chain: bool, tied: bool, logits_at_visual: bool) -> tuple[str, ...]:
+def _token_types_using(
+    name: str, part: str, chain: bool, tied: bool, logits_at_visual: bool, experts: bool = True
+) -> tuple[str, ...]:
     """The token types whose computation uses parameter `name` (module docstring, "Parameter conventions")."""
     name = _PEFT_PREFIX.sub("", name)
     head = ("text", "visual") if logits_at_visual else ("text",)
     if part in ("vision", "connector", "visual_experts"):
         return ("visual",)
     if part == "text":
-        if _SHARED_NORM.match(name) or (chain and _TEXT_OUTPUT.match(name)):
+        if not experts or _SHARED_NORM.match(name) or (chain and _TEXT_OUTPUT.match(name)):
             return ("text", "visual")
         return ("text",)
     if part == "lm_head" or (part == "embeddings" and tied):
@@ -202,6 +214,7 @@ class ParameterCount:
     head: int
     chain_visual_output: bool
     logits_at_visual: bool = False
+    visual_experts: bool = True
 
     @property
     def total_params(self) -> int:
@@ -245,6 +258,7 @@ class ParameterCount:
             "lm_head_matrix": self.head,
             "chain_visual_output": self.chain_visual_output,
             "logits_at_visual": self.logits_at_visual,
+            "visual_experts": self.visual_experts,
         }
 
 
@@ -274,6 +288,7 @@ def count_parameters(model_or_config, *, trainable=None, logits_at_visual: bool 
     visual tokens too."""
     config = _config_of(model_or_config)
     chain = bool(config.text_config.chain_visual_output)
+    experts = has_visual_experts(config)
     if _is_model(model_or_config):
         model = model_or_config
         params = list(model.named_parameters())  # a tied head once, as the embedding
@@ -301,9 +316,9 @@ def count_parameters(model_or_config, *, trainable=None, logits_at_visual: bool 
         total[part] += n
         if grads[name]:
             trained[part] += n
-        for token_type in _token_types_using(name, part, chain, tied, logits_at_visual):
+        for token_type in _token_types_using(name, part, chain, tied, logits_at_visual, experts):
             active[token_type][part] += n
-    return ParameterCount(total, trained, active, tied, head, chain, logits_at_visual)
+    return ParameterCount(total, trained, active, tied, head, chain, logits_at_visual, experts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -529,12 +544,15 @@ def count_flops(
     d = tc.hidden_size
     flops["connector"]["visual"] = 2 * merged * (c * merge * merge * d + d * d)
 
-    # LLM: each expert's projections and FFN on its own tokens; the chained visual output runs o_proj too.
+    # LLM: each expert's projections and FFN on its own tokens; the chained visual output runs o_proj too;
+    # without experts every token runs the text weights.
     q_dim, kv_dim = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
     layers = tc.num_hidden_layers
     per_token = 2 * layers * (d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * tc.intermediate_size)
     flops["text"]["text"] = n["text"] * per_token
-    if tc.chain_visual_output:
+    if not has_visual_experts(config):
+        flops["text"]["visual"] = n["visual"] * per_token
+    elif tc.chain_visual_output:
         flops["visual_experts"]["visual"] = n["visual"] * (per_token - 2 * layers * q_dim * d + 2 * layers * d * d)
         flops["text"]["visual"] = n["visual"] * 2 * layers * q_dim * d  # o_proj, before o_proj_ve
     else:
@@ -655,7 +673,9 @@ def format_parameters(count: ParameterCount) -> str:
     notes = []
     if count.tied:
         notes.append("the LM head is tied to the embeddings: one tensor, counted under embeddings")
-    if count.chain_visual_output:
+    if not count.visual_experts:
+        notes.append("no visual experts: visual tokens use the text weights of the decoder layers")
+    elif count.chain_visual_output:
         notes.append("visual tokens' output is o_proj_ve(o_proj(x)): they use the text o_proj too")
     notes.append(
         "a visual token's active parameters include the ViT and connector it comes from"

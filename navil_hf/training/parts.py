@@ -7,7 +7,9 @@ prefixes and LoRA's own names are understood):
 * `connector` -- the 2x2-merge MLP (`model.connector`);
 * `special_tokens` -- the 12 special-token embeddings (`model.special_token_embedding`);
 * `embeddings` -- the token embedding (`model.language_model.embed_tokens`);
-* `visual_experts` -- every `*_ve` projection, q/k norm and FFN of the decoder layers;
+* `visual_experts` -- every `*_ve` projection, q/k norm and FFN of the decoder layers (empty in a model
+  without visual experts, `text_config.visual_experts=False`: naming it trains nothing, and `stage1` there
+  trains the vision encoder, the connector and the special-token table with the whole LLM frozen);
 * `text` -- the rest of the decoder (text attention and FFN, norms);
 * `lm_head` -- the output projection (the embedding itself when tied: it is one tensor).
 """
@@ -70,7 +72,8 @@ def resolve_parts(spec) -> tuple[str, ...]:
 
 def set_trainable(model, parts) -> dict[str, int]:
     """Train exactly the parameters of `parts` (every other one frozen); returns trainable counts per
-    part. A tied embedding / LM head trains when either part does."""
+    part (0 for a part the model lacks, e.g. `visual_experts` without experts). A tied embedding / LM head
+    trains when either part does."""
     parts = set(resolve_parts(parts))
     counts = dict.fromkeys(PARTS, 0)
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))  # what the model ties by

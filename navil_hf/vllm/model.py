@@ -11,6 +11,8 @@ What runs where:
   sharded like vLLM's Qwen3 / InternLM2; Qwen3-like checkpoints add per-head q/k `RMSNorm` (one pair per
   expert); InternLM2-like ones (`chain_visual_output`) give visual tokens `o_proj_ve(o_proj(x))`
   (SPEC §8.2; `o_proj_ve` is then a hidden -> hidden `RowParallelLinear` on the all-reduced output).
+  A config without visual experts (`text_config.visual_experts=False`) builds the text set only, and every
+  token takes it (no routing at all).
 
 Routing and the special-token table (SPEC §3, §8.3, §10), decided per token inside `forward` from the token
 ids (`requires_raw_input_tokens`: vLLM passes `input_ids` along with the merged `inputs_embeds`) and whether
@@ -324,8 +326,9 @@ class NaViLAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qk_norm = config.qk_norm
         self.chain = config.chain_visual_output
+        self.experts = getattr(config, "visual_experts", True)
         h, q_dim = config.hidden_size, self.total_num_heads * self.head_dim
-        for suffix in ("", "_ve"):
+        for suffix in ("", "_ve") if self.experts else ("",):
             qkv = QKVParallelLinear(
                 h,
                 self.head_dim,
@@ -342,15 +345,16 @@ class NaViLAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             q_dim, h, bias=config.attention_out_bias, quant_config=quant_config, prefix=f"{prefix}.o_proj"
         )
-        # chained (InternLM2): hidden -> hidden on o_proj's all-reduced output, split again over the ranks
-        self.o_proj_ve = RowParallelLinear(
-            h if self.chain else q_dim,
-            h,
-            bias=config.attention_out_bias,
-            input_is_parallel=not self.chain,
-            quant_config=quant_config,
-            prefix=f"{prefix}.o_proj_ve",
-        )
+        if self.experts:
+            # chained (InternLM2): hidden -> hidden on o_proj's all-reduced output, split again over the ranks
+            self.o_proj_ve = RowParallelLinear(
+                h if self.chain else q_dim,
+                h,
+                bias=config.attention_out_bias,
+                input_is_parallel=not self.chain,
+                quant_config=quant_config,
+                prefix=f"{prefix}.o_proj_ve",
+            )
         self.rotary_emb = get_rope(
             self.head_dim, max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters
         )
@@ -394,7 +398,9 @@ class NaViLDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = NaViLAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
         self.mlp = NaViLMLP(config, prefix=f"{prefix}.mlp")
-        self.mlp_ve = NaViLMLP(config, prefix=f"{prefix}.mlp_ve")
+        self.experts = getattr(config, "visual_experts", True)
+        if self.experts:
+            self.mlp_ve = NaViLMLP(config, prefix=f"{prefix}.mlp_ve")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -406,7 +412,7 @@ class NaViLDecoderLayer(nn.Module):
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, routing)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return routing.apply(hidden_states, self.mlp, self.mlp_ve), residual
+        return routing.apply(hidden_states, self.mlp, self.mlp_ve if self.experts else self.mlp), residual
 
 
 class NaViLLanguageModel(nn.Module):
@@ -494,6 +500,7 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         visual = [config.image_token_id, config.image_start_token_id]
         self.register_buffer("visual_ids", torch.tensor(visual, dtype=torch.long), persistent=False)
         self.everywhere = config.special_token_table == "everywhere"
+        self.experts = getattr(text_config, "visual_experts", True)
         self._mm_mask: torch.Tensor | None = None
 
     def get_language_model(self) -> nn.Module:
@@ -577,7 +584,7 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         if bool(table.any()):
             rows = self.special_token_embedding(match.to(torch.int64).argmax(-1)).to(inputs_embeds.dtype)
             inputs_embeds = torch.where(table.unsqueeze(-1), rows, inputs_embeds)
-        visual = torch.isin(input_ids, self.visual_ids) & prompt
+        visual = torch.isin(input_ids, self.visual_ids) & prompt if self.experts else None  # None: all text
         return self.language_model(positions[:num_tokens], inputs_embeds, Routing(visual))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
