@@ -260,6 +260,14 @@ def test_learning_rates_per_part(workdir):
     assert seen["rates"] == [0.0, raw["training"]["learning_rate"], 5e-3]
 
 
+def test_bf16_trains_on_cpu(workdir):
+    """`training.bf16` without a GPU is CPU autocast (transformers refuses it unless told use_cpu)."""
+    result = train(parse_config(_config(workdir, "bf16", training={"bf16": True, "max_steps": 2})), force=True)
+    before, after = _weights(workdir / "hub"), _weights(result.model_dir)
+    assert all(after[k].dtype == before[k].dtype for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_lora_is_merged_into_the_hub_folder(workdir):
     lora = {"r": 4, "alpha": 8, "parts": ["text"]}
     result = train(parse_config(_config(workdir, "lora", train=["connector"], lora=lora)), force=True)

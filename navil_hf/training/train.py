@@ -350,9 +350,10 @@ def training_arguments(config: TrainConfig):
     kwargs = {**TRAINING_DEFAULTS, "seed": config.seed, "dataloader_pin_memory": torch.cuda.is_available()}
     kwargs.update(config.training)
     kwargs["output_dir"] = str(Path(config.output_dir) / CHECKPOINTS_DIR)
-    if "use_cpu" not in config.training and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-        # Several processes without an accelerator: accelerate makes them one data-parallel group (gloo) only
-        # when told they are CPU processes; else each would train alone and all of them write the output.
+    if "use_cpu" not in config.training and not _has_accelerator():
+        # No accelerator: say so. Several processes then form one data-parallel group (gloo; else each would
+        # train alone and all of them write the output), and bf16 runs as CPU autocast instead of failing
+        # with "Your setup doesn't support bf16/gpu".
         kwargs["use_cpu"] = True
     if config.training.get("fsdp") and not _has_accelerator():
         logger.warning(
