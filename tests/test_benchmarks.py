@@ -59,7 +59,7 @@ def test_gpu_script_without_cuda_says_so():
 
 def test_learn_shapes_quick_run(tmp_path, capsys):
     """The learning proof's recipe end to end for a few steps (the shapes task, `navil train`, held-out
-    scoring through `batch_chat`) on a converted fixture; the trained folder is written."""
+    first-token curve, exact match through `batch_chat` of the saved folder) on a converted fixture."""
     from navil_hf.conversion import convert_checkpoint
 
     from conftest import fixtures_dir
@@ -67,7 +67,46 @@ def test_learn_shapes_quick_run(tmp_path, capsys):
     hub = tmp_path / "hub"
     convert_checkpoint(fixtures_dir() / "original-qwen3-tiny" / "checkpoint", hub, progress=False)
     summary = _script("learn_shapes").main(["--quick", "--model", str(hub), "--workdir", str(tmp_path / "work")])
-    assert [a["step"] for a in summary["accuracy"]] == [0, 3]
+    assert [a["step"] for a in summary["accuracy"]] == [1, 3]
+    assert all(0 <= a["accuracy"] <= 1 for a in summary["accuracy"]) and 0 <= summary["exact_match"]["accuracy"] <= 1
+    assert len(summary["answers"]) == 8 and summary["bf16"] is True
     assert len(summary["curve"]) == 3 and (tmp_path / "work" / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "learning_curve.png").stat().st_size > 0
-    assert "held-out accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out first-token accuracy" in out and "held-out exact match" in out
+
+
+def test_fusion_sweep_quick_run(tmp_path, capsys):
+    """The late- vs early-fusion sweep end to end for a few steps: tiny from-scratch models of both variants
+    (the fixture's tokenizer), rows with finite held-out losses in the CSV files `navil scaling fit` reads,
+    the comparison plot, and per variant a fit that runs or says why it cannot."""
+    import csv
+    import math
+
+    from navil_hf.conversion import convert_checkpoint
+    from navil_hf.research.scaling import read_runs
+
+    from conftest import fixtures_dir
+
+    hub = tmp_path / "hub"
+    convert_checkpoint(fixtures_dir() / "original-qwen3-tiny" / "checkpoint", hub, progress=False)
+    work = tmp_path / "work"
+    summary = _script("fusion_sweep").main(["--quick", "--tokenizer", str(hub), "--workdir", str(work)])
+    with open(work / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["variant"] for r in rows} == {"late", "early"} and len({r["name"] for r in rows}) == 4
+    assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
+    for run in summary["runs"]:
+        tokens = [row["D"] for row in run["rows"]]
+        assert tokens == sorted(tokens) and tokens[0] > 0 and "accuracy" in run["final"]
+    late, early = (
+        {r["size_name"]: r["params"]["N"] for r in summary["runs"] if r["variant"] == v} for v in ("late", "early")
+    )
+    assert all(late[size] > early[size] for size in late)  # the ViT blocks
+    for variant in ("late", "early"):
+        runs = read_runs(work / f"runs-{variant}.csv")
+        assert len(runs) == sum(r["variant"] == variant for r in rows)
+        fit = summary["fits"][variant]
+        assert "parameters" in fit or "needs at least" in fit["skipped"]
+    assert (work / "fusion_sweep.png").stat().st_size > 0 and (work / "results.json").is_file()
+    assert "sweep ETA" in capsys.readouterr().out
