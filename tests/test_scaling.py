@@ -273,6 +273,22 @@ def test_fit_rejects_bad_arrays():
 # ------------------------------------------------------------------------------------------ command line
 
 
+def test_runs_without_diminishing_returns_give_a_degenerate_fit_that_still_reports(tmp_path):
+    """Runs that do not improve with N (a sweep stuck on a plateau): the unconstrained fit has a collapsed
+    term or a non-positive exponent; it says so, has no compute-optimal allocation (nan), and its report,
+    dict (strict JSON) and plot still work (they used to fail on log(0) and complex powers)."""
+    rng = np.random.default_rng(0)
+    N, D = (x.ravel() for x in np.meshgrid(np.geomspace(3e5, 5e6, 3), np.geomspace(1e5, 2e6, 10)))
+    loss = 0.40 * np.exp(0.01 * rng.standard_normal(N.size)) + 0.02 * (D / 2e6) ** 2  # flat in N, rising in D
+    fit = fit_scaling_law(N, D, loss, grid="coarse", bootstrap=20, seed=0)
+    assert fit.degenerate and not fit.has_allocation
+    assert all(math.isnan(x) for x in (fit.a, fit.b, fit.G, *fit.compute_optimal(1e15)))
+    assert "degenerate fit" in fit.summary() and "N_opt =" not in fit.summary()
+    json.dumps(fit.to_dict(), allow_nan=False)
+    fit.plot(tmp_path / "fit.png")
+    assert (tmp_path / "fit.png").stat().st_size > 0
+
+
 def test_cli_fit_prints_and_plots(tmp_path, capsys):
     N, D, loss = synthetic_runs()
     path = write_csv(tmp_path / "runs.csv", ["N", "tokens", "loss"], zip(N, D, loss))

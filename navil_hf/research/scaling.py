@@ -637,22 +637,41 @@ class ScalingFit:
         return self.E + self.A / N**self.alpha + self.B / D**self.beta
 
     @property
+    def degenerate(self) -> list[str]:
+        """Why the fit is not a scaling law with diminishing returns in both N and D (empty when it is):
+        a non-positive exponent, or a term whose coefficient collapsed to 0 (the fit is unconstrained, as
+        Hoffmann et al.'s is, so runs that do not improve with N or D can give such fits)."""
+        reasons = [f"{name} = {value:.4g} <= 0" for name, value in (("alpha", self.alpha), ("beta", self.beta))
+                   if not value > 0]  # fmt: skip
+        reasons += [f"{name} = {value:.4g} (collapsed)" for name, value in (("E", self.E), ("A", self.A), ("B", self.B))
+                    if not value > 0]  # fmt: skip
+        return reasons
+
+    @property
+    def has_allocation(self) -> bool:
+        """The compute-optimal allocation exists: alpha, beta, A and B are all positive."""
+        return self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0
+
+    @property
     def a(self) -> float:
-        """The exponent of N_opt ~ C^a: beta / (alpha + beta)."""
-        return self.beta / (self.alpha + self.beta)
+        """The exponent of N_opt ~ C^a: beta / (alpha + beta) (nan without an allocation)."""
+        return self.beta / (self.alpha + self.beta) if self.has_allocation else math.nan
 
     @property
     def b(self) -> float:
-        """The exponent of D_opt ~ C^b: alpha / (alpha + beta)."""
-        return self.alpha / (self.alpha + self.beta)
+        """The exponent of D_opt ~ C^b: alpha / (alpha + beta) (nan without an allocation)."""
+        return self.alpha / (self.alpha + self.beta) if self.has_allocation else math.nan
 
     @property
     def G(self) -> float:
-        """(alpha A / (beta B))^(1 / (alpha + beta))."""
+        """(alpha A / (beta B))^(1 / (alpha + beta)) (nan without an allocation)."""
+        if not self.has_allocation:
+            return math.nan
         return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
 
     def compute_optimal(self, C):
-        """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = C."""
+        """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = C (nan when the fit has no allocation:
+        `has_allocation`)."""
         C = np.asarray(C, dtype=float)
         N = self.G * (C / 6.0) ** self.a
         return N, C / (6.0 * N)
@@ -671,7 +690,10 @@ class ScalingFit:
         out = {
             "model": "L(N, D) = E + A / N**alpha + B / D**beta",
             "parameters": self.params,
-            "log_parameters": {"e": math.log(self.E), "a": math.log(self.A), "b": math.log(self.B)},
+            "log_parameters": {
+                k: math.log(v) if v > 0 else None for k, v in (("e", self.E), ("a", self.A), ("b", self.B))
+            },
+            "degenerate": self.degenerate,
             "objective": {
                 "kind": "huber_likelihood" if self.estimate_scale else "huber",
                 "delta": self.delta,
@@ -890,8 +912,14 @@ def _format_fit(fit: ScalingFit) -> str:
     if boot:
         lines.append(f"  bootstrap: {boot['n_converged']}/{boot['n']} resampled refits converged")
     c_max = float(np.max(6.0 * fit.data["N"] * fit.data["D"])) if fit.data else None
-    lines.append(f"  N_opt = G (C/6)^a, D_opt = (C/6)^b / G, G = (alpha A/(beta B))^(1/(alpha+beta)) = {_fmt(fit.G)}")
-    if c_max:
+    if fit.degenerate:
+        lines.append(f"  degenerate fit: {'; '.join(fit.degenerate)}: the runs do not follow a law with diminishing "
+                     "returns in both N and D (no compute-optimal allocation)")  # fmt: skip
+    else:
+        lines.append(
+            f"  N_opt = G (C/6)^a, D_opt = (C/6)^b / G, G = (alpha A/(beta B))^(1/(alpha+beta)) = {_fmt(fit.G)}"
+        )
+    if c_max and fit.has_allocation:
         n_opt, d_opt = (float(v) for v in fit.compute_optimal(c_max))
         lines.append(
             f"  at the largest compute C = {c_max:.3g}: N_opt = {n_opt:.3g}, D_opt = {d_opt:.3g} "
