@@ -122,6 +122,9 @@ def parse_args(argv=None):
     parser.add_argument("--plot", default=None, help="comparison PNG (default: WORKDIR/fusion_sweep.png)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 tiny sizes, a few steps (smoke run)")
+    parser.add_argument("--refit", action="store_true", help="no training: fit, plot and tabulate WORKDIR's runs "
+                        "again (WORKDIR/runs.json, written when the training ends; without it runs.csv and the "
+                        "trained models, their accuracy measured again)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = QUICK_SIZES if args.quick else SIZES
     if args.quick:
@@ -289,25 +292,11 @@ def blind_loss(test_samples, test_records, train_records) -> dict:
 
 
 def accuracy(model, processor, records, base_dir, batch=32):
-    """Exact-match accuracy of greedy `batch_chat` answers (`shapes.score`), as learn_shapes measures it."""
-    import torch
-    from PIL import Image
+    """Exact-match accuracy of greedy `batch_chat` answers (`shapes.chat_answers`, `shapes.score`), as
+    learn_shapes measures it: overall and `acc_KIND`."""
+    from navil_hf.training.shapes import chat_answers, score
 
-    from navil_hf.training.shapes import score
-
-    was_training = model.training
-    model.eval()
-    answers = []
-    with torch.no_grad():
-        for start in range(0, len(records), batch):
-            chunk = records[start : start + batch]
-            questions = [r["messages"][0]["content"][1]["text"] for r in chunk]
-            images = [[Image.open(base_dir / r["messages"][0]["content"][0]["path"])] for r in chunk]
-            answers += model.batch_chat(
-                processor, questions, images=images, generation_config=dict(max_new_tokens=6, do_sample=False)
-            )
-    model.train(was_training)
-    result = score(answers, records)
+    result = score(chat_answers(model, processor, records, base_dir, batch), records)
     return {"accuracy": result["accuracy"], **{f"acc_{k}": v["accuracy"] for k, v in result["per_kind"].items()}}
 
 
@@ -495,6 +484,43 @@ def run_all(specs, shared, jobs, threads):
     return [results[s["name"]] for s in specs if s["name"] in results]
 
 
+def _saved_runs(workdir, specs, data, test_records, args):
+    """The runs of an earlier sweep in `workdir`: runs.json as the training wrote it, or (a sweep that stopped
+    while fitting, before runs.json existed) the rows of runs.csv with each trained model's accuracy measured
+    again (no step-0 loss or timings then)."""
+    runs_file = workdir / "runs.json"
+    if runs_file.is_file():
+        saved = json.loads(runs_file.read_text())
+        return saved["runs"], saved.get("seconds")
+    import csv
+
+    from navil_hf.training.train import load_model, load_processor
+
+    if not (workdir / "runs.csv").is_file():
+        raise SystemExit(f"--refit: {workdir} has neither runs.json nor runs.csv (run the sweep first)")
+    with open(workdir / "runs.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    numeric = {"N", "D", "step", "samples", "n_vision", "n_connector", "n_llm", "n_total"}
+    results = []
+    for spec in specs:
+        rows = [
+            {k: (int(v) if k in numeric else float(v) if k in ("loss", "loss_per_answer", "seconds") else v)
+             for k, v in row.items()}
+            for row in table if row["name"] == spec["name"]
+        ]  # fmt: skip
+        model_dir = workdir / "runs" / spec["name"] / "model"
+        if not rows or not model_dir.is_dir():
+            continue
+        final = accuracy(load_model(model_dir), load_processor(model_dir), test_records[: args.acc_records], data)
+        params = {"N": rows[0]["N"], **{k: rows[0][k] for k in ("n_vision", "n_connector", "n_llm", "n_total")}}
+        results.append({
+            **spec, "params": params, "rows": rows, "final": final, "loss_step0": float("nan"),
+            "seconds_per_step": None, "trained_model": str(model_dir), "rebuilt_from_csv": True,
+        })  # fmt: skip
+        print(f"{spec['name']}: {len(rows)} points from runs.csv, accuracy {final['accuracy']:.3f} measured again")
+    return results, None
+
+
 def fit_variant(rows, bootstrap, seed):
     """`fit_scaling_law` on one variant's rows: its dict, summary and the fit (None and the reason if it cannot run)."""
     try:
@@ -542,7 +568,8 @@ def main(argv=None):
     if args.train < args.steps * args.batch:
         print(f"note: {args.train} training records for {args.steps * args.batch} samples per run "
               f"({args.steps * args.batch / args.train:.1f} epochs)")  # fmt: skip
-    make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
+    if not (args.refit and (data / "test.jsonl").is_file()):
+        make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
     train_records, test_records = list(read_jsonl(data / "train.jsonl")), list(read_jsonl(data / "test.jsonl"))
     from navil_hf.training.train import load_processor
 
@@ -558,13 +585,20 @@ def main(argv=None):
         "seed": args.seed, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "evals": args.evals,
         "eval_records": args.eval_records, "eval_batch": args.eval_batch, "acc_records": args.acc_records,
     }  # fmt: skip
-    planned = sum(s["steps"] * SECONDS_PER_STEP.get((s["variant"], s["size_name"]), 0.5) for s in specs)
-    print(f"{len(specs)} runs ({', '.join(s['name'] for s in specs)}), {args.jobs} at a time x {args.threads} "
-          f"thread(s); planned ~{planned / args.jobs / 60:.0f} min of training; blind-baseline loss "
-          f"{baselines['blind_loss']['per_token']:.4f} nats/token", flush=True)  # fmt: skip
-    results = run_all(specs, shared, args.jobs, args.threads)
-    with contextlib.suppress(OSError):
-        (workdir / "models").rmdir()  # each run removes its initial weights when done
+    runs_file = workdir / "runs.json"
+    if args.refit:
+        results, trained_seconds = _saved_runs(workdir, specs, data, test_records, args)
+    else:
+        planned = sum(s["steps"] * SECONDS_PER_STEP.get((s["variant"], s["size_name"]), 0.5) for s in specs)
+        print(f"{len(specs)} runs ({', '.join(s['name'] for s in specs)}), {args.jobs} at a time x {args.threads} "
+              f"thread(s); planned ~{planned / args.jobs / 60:.0f} min of training; blind-baseline loss "
+              f"{baselines['blind_loss']['per_token']:.4f} nats/token", flush=True)  # fmt: skip
+        results = run_all(specs, shared, args.jobs, args.threads)
+        with contextlib.suppress(OSError):
+            (workdir / "models").rmdir()  # each run removes its initial weights when done
+        trained_seconds = round(time.perf_counter() - started, 1)
+        # The runs before anything is fitted: `--refit` starts from here.
+        runs_file.write_text(json.dumps({"runs": results, "seconds": trained_seconds}, indent=1, default=str))
 
     all_rows = [row for r in results for row in r["rows"]]
     write_csv(workdir / "runs.csv", all_rows)
@@ -590,15 +624,21 @@ def main(argv=None):
         "N": "parameters outside the token tables (vision, connector, decoder layers incl. visual experts, final norm)",
         "D": "LLM input tokens trained on (text and visual positions)",
         "loss": "held-out cross-entropy, nats per assistant token",
-        "baselines": baselines, "runs": results, "fits": fits, "seconds": round(time.perf_counter() - started, 1),
+        "baselines": baselines, "runs": results, "fits": fits,
+        "seconds": trained_seconds if args.refit else round(time.perf_counter() - started, 1),
+        "refit": args.refit,
     }  # fmt: skip
     (workdir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     plot = Path(args.plot) if args.plot else workdir / "fusion_sweep.png"
     _plot(summary, fit_objects, plot)
     _print_table(results)
     print(f"\n{len(all_rows)} points in {workdir / 'runs.csv'}; fits, curves: {workdir / 'results.json'}; "
-          f"plot: {plot}; {summary['seconds'] / 60:.1f} min")  # fmt: skip
+          f"plot: {plot}; {_minutes(summary['seconds'])}")  # fmt: skip
     return summary
+
+
+def _minutes(seconds) -> str:
+    return "time not recorded" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _print_table(results):
@@ -677,7 +717,7 @@ def _plot(summary, fits, path):
     right.legend(fontsize=7)
     settings = summary["settings"]
     fig.suptitle(f"late vs early fusion on the shapes task: batch {settings['batch']}, lr {settings['lr']:g} constant, "
-                 f"visual experts {'on' if summary['visual_experts'] else 'off'}, {summary['seconds'] / 60:.0f} min",
+                 f"visual experts {'on' if summary['visual_experts'] else 'off'}, {_minutes(summary['seconds'])}",
                  fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -65,28 +65,6 @@ def parse_args(argv=None):
     return args
 
 
-def evaluate(model, processor, records, base_dir, batch):
-    """Greedy `batch_chat` answers on `records`, scored by exact match (`shapes.score`)."""
-    import torch
-    from PIL import Image
-
-    from navil_hf.training.shapes import score
-
-    was_training = model.training
-    model.eval()
-    answers = []
-    with torch.no_grad():
-        for start in range(0, len(records), batch):
-            chunk = records[start : start + batch]
-            questions = [r["messages"][0]["content"][1]["text"] for r in chunk]
-            images = [[Image.open(base_dir / r["messages"][0]["content"][0]["path"])] for r in chunk]
-            answers += model.batch_chat(
-                processor, questions, images=images, generation_config=dict(max_new_tokens=4, do_sample=False)
-            )
-    model.train(was_training)
-    return score(answers, records), answers
-
-
 def first_token_accuracy(model, samples, records, batch):
     """Teacher-forced: does the model's most likely next token after the prompt equal the answer's first
     token? (Exact match's cheap stand-in for the curve: one packed forward per `batch` samples, no
@@ -128,7 +106,14 @@ def main(argv=None):
     from transformers import TrainerCallback
 
     from navil_hf.training.data import ConversationDataset, SampleEncoder
-    from navil_hf.training.shapes import blind_accuracy, chance_accuracy, make_shapes_dataset, read_jsonl
+    from navil_hf.training.shapes import (
+        blind_accuracy,
+        chance_accuracy,
+        chat_answers,
+        make_shapes_dataset,
+        read_jsonl,
+        score,
+    )
     from navil_hf.training.train import parse_config, train
 
     workdir = Path(args.workdir or Path(_common.ROOT).parent / "learn-shapes")
@@ -179,7 +164,8 @@ def main(argv=None):
     from navil_hf.training.train import load_model
 
     trained = load_model(result.model_dir)
-    final, answers = evaluate(trained, processor, test_records, data, args.eval_batch)
+    answers = chat_answers(trained, processor, test_records, data, args.eval_batch)
+    final = score(answers, test_records)
     elapsed = time.perf_counter() - start
     summary = {
         "model": args.model, "steps": args.steps, "batch": args.batch, "lr": args.lr,

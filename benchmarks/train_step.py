@@ -5,9 +5,8 @@ routed NaViL vs a dense model of the same widths.
    long tail up to ~2k, some with one multi-scale image; printed), collated by `PackedCollator` (one
    row, positions restart per sample, no padding) and by `PaddedCollator` (one row per sample, right-
    padded to the longest, attention mask). Same model, same samples: the losses must agree. Reported:
-   real (non-pad) tokens per second of a whole step, and packed/padded. "packed (proposed)" runs the
-   packed batch with `proposed_grouped_attention` patched in for `modeling_navil._grouped_attention`
-   (same forward ops, a backward linear in the tokens; gradients checked bit-identical).
+   real (non-pad) tokens per second of a whole step, and packed/padded. Also timed: one decoder layer's
+   `text_packed_attention` forward + backward on the packed batch's segments, alone (x layers).
 2. Routing. `NaViLForConditionalGeneration` (text only, visual experts) on rows where `--share` of the
    tokens go to the visual experts vs transformers' `Qwen3ForCausalLM` of the same widths: the dense
    model does the same FLOPs per token with one set of weights. The experts carry the dense weights,
@@ -16,7 +15,7 @@ routed NaViL vs a dense model of the same widths.
    the text expert (`mm_token_type_ids` = 0: no sort, no gathers). Then every data movement routing
    adds is timed on its own at the batch's shapes (`routing_breakdown`), with a proposed replacement.
 
-Each model (and each candidate) has its own AdamW (lr 1e-5, torch defaults). The machine is usually
+Each timed model and batch has its own AdamW (lr 1e-5, torch defaults). The machine is usually
 shared: `--threads 1 --clock cpu` times this process's CPU time, which other processes disturb least.
 
     python benchmarks/train_step.py            # hidden 256, 4 layers, vocab 8192
@@ -24,7 +23,6 @@ shared: `--threads 1 --clock cpu` times this process's CPU time, which other pro
 """
 
 import argparse
-import contextlib
 import time
 
 import numpy as np
@@ -72,41 +70,26 @@ class Stepper:
 
     clock = time.perf_counter  # `--clock cpu`: time.process_time
 
-    def __init__(self, model, batch, patches=None):
-        self.model, self.batch, self.patches = model, batch, patches or {}
+    def __init__(self, model, batch):
+        self.model, self.batch = model, batch
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         self.parts = {"forward": [], "backward": [], "optimizer": []}
 
     def step(self):
-        with patched(self.patches):
-            self.optimizer.zero_grad(set_to_none=True)
-            t0 = self.clock()
-            loss = self.model(**self.batch, use_cache=False).loss
-            t1 = self.clock()
-            loss.backward()
-            t2 = self.clock()
-            self.optimizer.step()
-            t3 = self.clock()
+        self.optimizer.zero_grad(set_to_none=True)
+        t0 = self.clock()
+        loss = self.model(**self.batch, use_cache=False).loss
+        t1 = self.clock()
+        loss.backward()
+        t2 = self.clock()
+        self.optimizer.step()
+        t3 = self.clock()
         for name, seconds in zip(self.parts, (t1 - t0, t2 - t1, t3 - t2)):
             self.parts[name].append(seconds)
         return loss.detach()
 
     def medians(self, skip: int) -> dict:
         return {name: median(v[skip:]) for name, v in self.parts.items()}
-
-
-@contextlib.contextmanager
-def patched(attributes: dict):
-    """`modeling_navil`'s functions or classes named in `attributes` replaced for the duration (the model's
-    code looks them up as module globals when it calls them): how the proposed changes are timed."""
-    saved = {name: getattr(modeling_navil, name) for name in attributes}
-    for name, value in attributes.items():
-        setattr(modeling_navil, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(modeling_navil, name, value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,85 +161,9 @@ def sft_samples(config, batch: int, quick: bool, seed: int = 0) -> list[dict]:
     return samples
 
 
-class _GatherGroups(torch.autograd.Function):
-    """`x.index_select(0, index)` for every group's flat index (disjoint, together every row of x). The
-    backward writes each group's gradient into ONE buffer: index_select's own backward allocates a
-    zero tensor of x's full size per group and scatters into it (`index_add_`), and autograd then sums
-    the groups' full-size gradients: O(groups x tokens) instead of O(tokens)."""
-
-    @staticmethod
-    def forward(ctx, x, *indices):
-        ctx.save_for_backward(*indices)
-        ctx.shape = x.shape
-        return tuple(x.index_select(0, index) for index in indices)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grad = grads[0].new_zeros(ctx.shape)
-        for index, g in zip(ctx.saved_tensors, grads):
-            grad.index_copy_(0, index, g)
-        return (grad, *(None for _ in grads))
-
-
-class _ScatterGroups(torch.autograd.Function):
-    """The inverse: `out.index_copy_(0, index, piece)` per group into one new tensor of `total` rows, whose
-    backward is one gather per group (a chain of autograd `index_copy_` clones and zero-fills the full
-    gradient once per group)."""
-
-    @staticmethod
-    def forward(ctx, total, *pieces_and_indices):
-        half = len(pieces_and_indices) // 2
-        pieces, indices = pieces_and_indices[:half], pieces_and_indices[half:]
-        ctx.save_for_backward(*indices)
-        out = pieces[0].new_empty((total, *pieces[0].shape[1:]))
-        for index, piece in zip(indices, pieces):
-            out.index_copy_(0, index, piece)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        indices = ctx.saved_tensors
-        return (None, *(grad.index_select(0, index) for index in indices), *(None for _ in indices))
-
-
-def proposed_grouped_attention(query, key, value, segments, scale, kernel):
-    """`modeling_navil._grouped_attention` with the same forward ops, and a backward linear in the tokens
-    (`_GatherGroups`, `_ScatterGroups`): the proposed change, timed as "packed (proposed)"."""
-    total = query.shape[0]
-    if segments.is_single(total):
-        out = kernel(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), scale)
-        return out.squeeze(0).transpose(0, 1)
-    flats = [index.reshape(-1) for index in segments.groups]
-    gathered = [_GatherGroups.apply(t, *flats) for t in (query, key, value)]
-    outs = []
-    for index, q, k, v in zip(segments.groups, *gathered):
-        q, k, v = (t.unflatten(0, index.shape).transpose(1, 2) for t in (q, k, v))
-        outs.append(kernel(q, k, v, scale).transpose(1, 2).flatten(0, 1))
-    return _ScatterGroups.apply(total, *outs, *flats)
-
-
-def _check_same_gradients(model, batch, patches):
-    """The proposed code gives the same loss and bit-identical gradients (same ops, same sums)."""
-    results = []
-    for attributes in ({}, patches):
-        model.zero_grad(set_to_none=True)
-        with patched(attributes):
-            loss = model(**batch, use_cache=False).loss
-            loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    model.zero_grad(set_to_none=True)
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    same = (
-        loss_a == loss_b
-        and grads_a.keys() == grads_b.keys()
-        and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
-    )
-    assert same, "the proposed change alters the loss or the gradients"
-
-
-def packed_attention_breakdown(args, position_ids: torch.Tensor, dims: dict, repeats: int) -> dict:
+def packed_attention_breakdown(args, position_ids: torch.Tensor, dims: dict, repeats: int) -> tuple[float, int]:
     """Forward + backward of one decoder layer's `text_packed_attention` on the packed batch (its segments,
-    sdpa), as it is and with `proposed_grouped_attention`: {name: ms per step (x layers)}."""
+    sdpa), alone: (median ms per step x layers, number of length groups)."""
     total = position_ids.shape[1]
     segments = modeling_navil.packed_segments(position_ids, 1, total)
     heads, kv_heads, dim = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
@@ -266,25 +173,16 @@ def packed_attention_breakdown(args, position_ids: torch.Tensor, dims: dict, rep
     )
     grad = torch.randn(1, total, heads, dim, generator=generator)
 
-    def attention(patches):
-        def run():
-            for t in (q, k, v):
-                t.grad = None
-            with patched(patches):
-                out = modeling_navil.text_packed_attention("sdpa", q, k, v, segments, dim**-0.5)
-                out.backward(grad)
-
-        return run
-
-    candidates = {"as is": attention({}), "proposed": attention({"_grouped_attention": proposed_grouped_attention})}
-    times = {name: [] for name in candidates}
-    for turn in range(repeats + 1):
-        for name, fn in candidates.items():
-            start = Stepper.clock()
-            fn()
-            if turn:
-                times[name].append(Stepper.clock() - start)
-    return {name: median(v) * 1e3 * args.layers for name, v in times.items()}, len(segments.groups)
+    times = []
+    for turn in range(repeats + 1):  # the first is a warm-up
+        for t in (q, k, v):
+            t.grad = None
+        start = Stepper.clock()
+        out = modeling_navil.text_packed_attention("sdpa", q, k, v, segments, dim**-0.5)
+        out.backward(grad)
+        if turn:
+            times.append(Stepper.clock() - start)
+    return median(times) * 1e3 * args.layers, len(segments.groups)
 
 
 def run_packing(args):
@@ -301,15 +199,7 @@ def run_packing(args):
     loss_diff = abs(losses[0] - losses[1]) / abs(losses[1])
     assert loss_diff < 1e-5, f"packed and padded losses differ: {losses}"
 
-    proposed = {"_grouped_attention": proposed_grouped_attention}
-    _check_same_gradients(model, packed, proposed)
-    steppers = {
-        "packed": Stepper(model, packed),
-        "padded": Stepper(model, padded),
-        "packed (proposed)": Stepper(model, packed, proposed),
-    }
-    if not args.proposed:
-        steppers.pop("packed (proposed)")
+    steppers = {"packed": Stepper(model, packed), "padded": Stepper(model, padded)}
     interleaved({k: s.step for k, s in steppers.items()}, repeats=args.repeats, warmup=args.warmup)
     t = {k: s.medians(args.warmup) for k, s in steppers.items()}
     total = {k: sum(v.values()) for k, v in t.items()}
@@ -345,16 +235,12 @@ def run_packing(args):
         [[f"{rate['packed']:.0f}", f"{rate['padded']:.0f}", f"{ratio:.2f}", f"{loss_diff:.1e}",
           verdict(ratio, PACKING_TARGET, higher_is_better=True)]],
     )  # fmt: skip
-    if "packed (proposed)" in steppers:
-        print(f"packed (proposed) / packed tokens/s: {rate['packed (proposed)'] / rate['packed']:.3f}")
     attention, groups = packed_attention_breakdown(
         args, packed["position_ids"], llm_dims(args.hidden), 3 if args.quick else 11
     )
     print(
         f"text_packed_attention forward + backward, {args.layers} layers, {len(samples)} segments in {groups} "
-        f"length groups: {attention['as is']:.0f} ms as is, {attention['proposed']:.0f} ms proposed "
-        f"({attention['as is'] - attention['proposed']:+.0f} ms saved, "
-        f"{(attention['as is'] - attention['proposed']) / 1e3 / total['packed']:.1%} of the packed step)"
+        f"length groups: {attention:.0f} ms ({attention / 1e3 / total['packed']:.1%} of the packed step)"
     )
     return ratio >= PACKING_TARGET
 
@@ -609,7 +495,6 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=4, help="rows of the routing batch")
     parser.add_argument("--row-length", type=int, default=1024)
     parser.add_argument("--share", type=float, default=0.4, help="visual share of the routing batch")
-    parser.add_argument("--no-proposed", dest="proposed", action="store_false", help="skip the packed (proposed) turns")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -195,10 +195,22 @@ def test_a_tied_internlm2_without_its_output_tensor(tmp_path, capsys):
     assert written["text_config"]["tie_word_embeddings"] is True
 
 
+def _chats_about_an_image(model, processor):
+    """The model answers a question about a random image; returns a processed image prompt."""
+    import numpy as np
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    assert isinstance(
+        model.chat(processor, "What is this?", images=[image], generation_config=dict(max_new_tokens=3)), str
+    )
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
+    return processor(text=[prompt], images=[[image]], return_tensors="pt")
+
+
 def test_early_fusion_preset_sees_trains_and_chats(tmp_path):
     """`--vision-preset none`: patch embedding -> 2x2 merge -> connector -> LLM, no encoder layer; it keeps
     text parity, chats about an image, and a training step reaches the patch embedding through the LLM."""
-    import numpy as np
 
     source_dir, out = tmp_path / "llm", tmp_path / "early"
     source = build_source(source_dir, "qwen3")
@@ -207,13 +219,7 @@ def test_early_fusion_preset_sees_trains_and_chats(tmp_path):
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     assert model.config.vision_config.num_hidden_layers == 0 and len(model.model.vision_model.layers) == 0
     assert text_logits_gap(source, model, processor) <= TEXT_PARITY_TOLERANCE
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    assert isinstance(
-        model.chat(processor, "What is this?", images=[image], generation_config=dict(max_new_tokens=3)), str
-    )
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
-    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    inputs = _chats_about_an_image(model, processor)
     model.train()(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert model.model.vision_model.patch_embed.weight.grad.abs().sum() > 0
 
@@ -224,7 +230,6 @@ def test_early_fusion_without_visual_experts(tmp_path, family, capsys):
     `*_ve`, the folder loads through AutoModel, text parity with the LLM holds, it chats about an image, and
     on a prompt with an image it computes what the experts build (experts = copies of the text weights)
     computes; it has no original layout, so --to-original refuses it."""
-    import numpy as np
     from safetensors import safe_open
 
     source_dir, out = tmp_path / "llm", tmp_path / "early"
@@ -244,13 +249,7 @@ def test_early_fusion_without_visual_experts(tmp_path, family, capsys):
     assert text_logits_gap(source, model, processor) <= TEXT_PARITY_TOLERANCE
     assert "no visual experts" in (out / "README.md").read_text()
 
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    assert isinstance(
-        model.chat(processor, "What is this?", images=[image], generation_config=dict(max_new_tokens=3)), str
-    )
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
-    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    inputs = _chats_about_an_image(model, processor)
     assert navil(["init-from-llm", str(source_dir), str(tmp_path / "experts"), *argv[3:]]) == 0  # same seed, experts
     experts = AutoModel.from_pretrained(tmp_path / "experts", trust_remote_code=True, dtype=torch.float32).eval()
     with torch.no_grad():
