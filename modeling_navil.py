@@ -191,7 +191,8 @@ def _grouped_attention(
         out = kernel(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), scale)
         return out.squeeze(0).transpose(0, 1)
     flats = [index.reshape(-1) for index in segments.groups]
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    one_node = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if one_node:
         gathered = [_GatherGroups.apply(t, *flats) for t in (query, key, value)]
     else:
         gathered = [[t.index_select(0, flat) for flat in flats] for t in (query, key, value)]
@@ -199,7 +200,7 @@ def _grouped_attention(
     for index, q, k, v in zip(segments.groups, *gathered):
         q, k, v = (t.unflatten(0, index.shape).transpose(1, 2) for t in (q, k, v))
         outs.append(kernel(q, k, v, scale).transpose(1, 2).flatten(0, 1))
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if one_node:
         return _ScatterGroups.apply(total, *outs, *flats)
     out = outs[0].new_empty((total, *outs[0].shape[1:]))  # the kernel's dtype (autocast may change it)
     for flat, piece in zip(flats, outs):

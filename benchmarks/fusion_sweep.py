@@ -294,10 +294,9 @@ def blind_loss(test_samples, test_records, train_records) -> dict:
 def accuracy(model, processor, records, base_dir, batch=32):
     """Exact-match accuracy of greedy `batch_chat` answers (`shapes.chat_answers`, `shapes.score`), as
     learn_shapes measures it: overall and `acc_KIND`."""
-    from navil_hf.training.shapes import chat_answers, score
+    from navil_hf.training.shapes import chat_answers, flat_score, score
 
-    result = score(chat_answers(model, processor, records, base_dir, batch), records)
-    return {"accuracy": result["accuracy"], **{f"acc_{k}": v["accuracy"] for k, v in result["per_kind"].items()}}
+    return flat_score(score(chat_answers(model, processor, records, base_dir, batch), records))
 
 
 # ----------------------------------------------------------------------------------------------- one run

@@ -110,6 +110,7 @@ def main(argv=None):
         blind_accuracy,
         chance_accuracy,
         chat_answers,
+        flat_score,
         make_shapes_dataset,
         read_jsonl,
         score,
@@ -144,7 +145,7 @@ def main(argv=None):
         def on_step_end(self, _args, state, control, model=None, **kwargs):
             if state.global_step == 1 or state.global_step % args.eval_every == 0 or state.global_step == args.steps:
                 result = first_token_accuracy(model, test_samples, test_records, args.eval_batch)
-                accuracy.append({"step": state.global_step, **_flat(result)})
+                accuracy.append({"step": state.global_step, **flat_score(result)})
                 print(f"step {state.global_step}: held-out first-token accuracy {result['accuracy']:.3f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
 
@@ -172,7 +173,7 @@ def main(argv=None):
         "learning_rates": args.learning_rates, "parts": args.parts, "bf16": args.bf16, "schedule": args.schedule,
         "train_records": args.train, "test_records": args.test, "train_seconds": round(train_seconds, 1),
         "total_seconds": round(elapsed, 1), "threads": torch.get_num_threads(), "baselines": baselines,
-        "exact_match": _flat(final), "accuracy": accuracy, "curve": curve, "trained_model": str(result.model_dir),
+        "exact_match": flat_score(final), "accuracy": accuracy, "curve": curve, "trained_model": str(result.model_dir),
         "answers": answers,
     }  # fmt: skip
     (workdir / "results.json").write_text(json.dumps(summary, indent=1))
@@ -180,13 +181,9 @@ def main(argv=None):
     _plot(summary, plot)
     print(f"held-out exact match {final['accuracy']:.3f} (chance {baselines['chance']:.3f}, blind "
           f"{baselines['blind']:.3f}) after {args.steps} steps, {elapsed / 60:.1f} min in all; per kind: "
-          + ", ".join(f"{k[4:]} {v:.2f}" for k, v in _flat(final).items() if k.startswith("acc_")))  # fmt: skip
+          + ", ".join(f"{k[4:]} {v:.2f}" for k, v in flat_score(final).items() if k.startswith("acc_")))  # fmt: skip
     print(f"trained model: {result.model_dir}; curve: {plot}; results: {workdir / 'results.json'}")
     return summary
-
-
-def _flat(result):
-    return {"accuracy": result["accuracy"], **{f"acc_{k}": v["accuracy"] for k, v in result["per_kind"].items()}}
 
 
 def _plot(summary, path):

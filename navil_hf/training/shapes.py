@@ -525,6 +525,11 @@ def score(predictions, records) -> dict:
     }
 
 
+def flat_score(result: dict) -> dict:
+    """`score`'s result as one flat mapping: `accuracy` and `acc_KIND` for every kind."""
+    return {"accuracy": result["accuracy"], **{f"acc_{k}": v["accuracy"] for k, v in result["per_kind"].items()}}
+
+
 # ------------------------------------------------------------------------------------------ command line
 
 EXIT_OK, EXIT_USAGE = 0, 2
