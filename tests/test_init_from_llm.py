@@ -17,6 +17,7 @@ from navil_hf.cli import main as navil
 from navil_hf.conversion.init_llm import TEXT_PARITY_TOLERANCE, VISION_PRESETS, vision_preset_parameters
 
 from llm_sources import make_tokenizer, write_hf_llm, write_internlm2_llm
+from tiny import assert_fp_close
 
 FAMILIES = ("llama", "qwen2", "qwen3", "internlm2")
 QUESTION = "What is the capital of France?"
@@ -77,7 +78,7 @@ def test_visual_experts_start_as_copies_of_their_text_twins(tmp_path, family):
     with torch.no_grad():
         plain = model(input_ids=ids).logits
         routed = model(input_ids=ids, mm_token_type_ids=torch.tensor([[0, 1, 1, 0, 1, 0]])).logits
-    torch.testing.assert_close(routed, plain, rtol=0, atol=1e-5)
+    assert_fp_close("routed vs plain text logits", routed, plain)
 
 
 def test_tokens_embeddings_and_chat_template(tmp_path):
@@ -253,7 +254,9 @@ def test_early_fusion_without_visual_experts(tmp_path, family, capsys):
     assert navil(["init-from-llm", str(source_dir), str(tmp_path / "experts"), *argv[3:]]) == 0  # same seed, experts
     experts = AutoModel.from_pretrained(tmp_path / "experts", trust_remote_code=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, experts(**inputs).logits, rtol=0, atol=1e-5)
+        assert_fp_close(
+            "no experts vs experts equal to the text weights", model(**inputs).logits, experts(**inputs).logits
+        )
 
     capsys.readouterr()
     assert navil(["convert", "--to-original", str(out), str(tmp_path / "original"), "-q"]) == 2

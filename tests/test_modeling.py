@@ -17,7 +17,15 @@ from modeling_navil import (
     window_block_order,
 )
 
-from tiny import IMG_CONTEXT, SPECIAL_IDS, multimodal_inputs, tiny_config, tiny_model, write_hub_folder
+from tiny import (
+    IMG_CONTEXT,
+    SPECIAL_IDS,
+    assert_fp_close,
+    multimodal_inputs,
+    tiny_config,
+    tiny_model,
+    write_hub_folder,
+)
 
 GRIDS = [(4, 4), (6, 8), (10, 6)]  # three scales; window 4 splits the larger ones into edge windows
 
@@ -78,7 +86,7 @@ def test_vision_attention_backends_match_reference(backend):
     segments = PackedSegments.from_lengths(torch.tensor(lengths).numpy(), "cpu")
     ref = _block_diagonal_reference(q, k, v, segments.cu_seqlens.tolist(), d**-0.5)
     out = VISION_ATTENTION_FUNCTIONS[backend](q, k, v, segments, d**-0.5)
-    assert _report(f"vision {backend} vs block-diagonal", out, ref) <= 1e-5
+    assert_fp_close(f"vision {backend} vs block-diagonal", out, ref)
 
 
 def test_vision_sdpa_never_builds_a_full_mask(monkeypatch):
@@ -111,7 +119,7 @@ def test_backends_agree_on_full_model(qk_norm):
         with torch.no_grad():
             logits[attn] = model(**inputs).logits
     for attn in ("sdpa", "flash_attention_2"):
-        assert _report(f"logits {attn} vs eager", logits[attn], logits["eager"]) <= 1e-5
+        assert_fp_close(f"logits {attn} vs eager", logits[attn], logits["eager"])
 
 
 def test_vision_variants_run_and_differ():
@@ -172,7 +180,7 @@ def test_routed_layer_matches_masked_reference(share, chain):
         out, _ = layer(routing.to_sorted(hidden), (b, l), routing, rope, causal)
         out = routing.to_natural(out, (b, l))
         ref = _masked_reference_layer(layer, hidden, visual, rope)
-    assert _report(f"routed vs masked (share {share}, chain {chain})", out, ref) <= 1e-5
+    assert_fp_close(f"routed vs masked (share {share}, chain {chain})", out, ref)
 
 
 def test_text_only_step_takes_the_dense_path(monkeypatch):
@@ -271,8 +279,8 @@ def test_left_padded_batch_equals_single_runs():
     with torch.no_grad():
         logits = model(**batch).logits
         single_a, single_b = model(**a).logits, model(**b).logits
-        assert _report("batched vs single (a)", logits[0, length - la :], single_a[0]) <= 1e-5
-        assert _report("batched vs single (b)", logits[1, length - lb :], single_b[0]) <= 1e-5
+        assert_fp_close("batched vs single (a)", logits[0, length - la :], single_a[0])
+        assert_fp_close("batched vs single (b)", logits[1, length - lb :], single_b[0])
         out = model.generate(**batch, **kwargs)
         assert torch.equal(out[0, length:], model.generate(**a, **kwargs)[0, la:])
         assert torch.equal(out[1, length:], model.generate(**b, **kwargs)[0, lb:])
@@ -312,7 +320,7 @@ def test_gradient_checkpointing_changes_nothing():
     assert "model.language_model.layers.0.self_attn.q_proj_ve.weight" in grads
     for n, p in model.named_parameters():
         if n in grads:
-            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+            assert_fp_close(f"checkpointed gradient of {n}", p.grad, grads[n])
 
 
 # ------------------------------------------------------------------------------ errors

@@ -123,3 +123,33 @@ def full_size_original_config(llm, **llm_overrides):
         template="internlm2-chat" if llm == "internlm2" else "qwen3-chat",
         min_dynamic_patch=256, max_dynamic_patch=24576, scale_downsample_ratio=0.7071,
     )  # fmt: skip
+
+
+# Two computations of the same float32 quantity that differ only in summation order (cache vs none,
+# packed vs unpacked, batched vs single, backend vs backend) agree to a few units of the last place of the
+# largest magnitude involved; how many depends on the CPU's kernels and on threading. A fixed absolute
+# tolerance near 1e-5 is a few ulps at a magnitude of ~100 and flips by machine (issue 24). FP_ULPS units
+# of the dtype's epsilon times the magnitude is ~10x above what any CPU gave here and still orders of
+# magnitude below what a wrong computation gives (every use prints both).
+FP_ULPS = 64
+
+
+def fp_tolerance(expected, ulps=FP_ULPS):
+    """Max-abs tolerance for `expected` recomputed in another order: `ulps` epsilons of its dtype times
+    its largest magnitude (at least 1)."""
+    expected = torch.as_tensor(expected)
+    return ulps * torch.finfo(expected.dtype).eps * max(1.0, expected.detach().abs().max().item())
+
+
+def assert_fp_close(name, actual, expected, ulps=FP_ULPS):
+    """Assert max|actual - expected| <= fp_tolerance(expected, ulps); print both; return the difference."""
+    diff = (actual.detach() - expected.detach()).abs().max().item()
+    tol = fp_tolerance(expected, ulps)
+    print(f"{name}: max {diff:.3g} (tolerance {tol:.3g})")
+    assert diff <= tol, f"{name}: max-abs difference {diff:.3g} > {tol:.3g} ({ulps} eps x magnitude)"
+    return diff
+
+
+def relative_fp_tolerance(dtype=torch.float32, ulps=FP_ULPS):
+    """The norm-relative counterpart: ||a - b|| / ||b|| of a recomputation in another order."""
+    return ulps * torch.finfo(dtype).eps
