@@ -146,6 +146,7 @@ def test_errors(tmp_path, capsys):
     write_hf_llm(source, "llama")
     capsys.readouterr()
     assert "unknown vision preset 'huge'" in error(source, tmp_path / "out", "--vision-preset", "huge")
+    assert "--vision-layer-scale must be in (0, 1]" in error(source, tmp_path / "out", "--vision-layer-scale", "0")
     (tmp_path / "taken").mkdir()
     assert "--force" in error(source, tmp_path / "taken")
     pickled = tmp_path / "pickled"
@@ -165,6 +166,19 @@ def test_errors(tmp_path, capsys):
     # A base model gets one of the original templates by name.
     assert navil(["init-from-llm", str(source), str(tmp_path / "out"), "--vision-preset", "tiny", "-q",
                   "--chat-template", "internlm2-chat"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, expected", [((), 0.1), (("--vision-layer-scale", "0.5"), 0.5)])
+def test_fresh_encoder_blocks_start_at_the_layer_scale(tmp_path, extra, expected):
+    """A fresh encoder's blocks start close to the identity (LayerScale 0.1 unless asked otherwise): saved
+    in the weights and in the config, so a reload keeps them."""
+    _, model, _, out = init(tmp_path, "llama", *extra)
+    blocks = model.model.vision_model.layers
+    assert len(blocks) > 0
+    for block in blocks:
+        assert torch.equal(block.ls1, torch.full_like(block.ls1, expected))
+        assert torch.equal(block.ls2, torch.full_like(block.ls2, expected))
+    assert json.loads((out / "config.json").read_text())["vision_config"]["initializer_factor"] == expected
 
 
 def test_back_conversion_of_built_models(tmp_path, capsys):

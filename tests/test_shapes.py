@@ -75,7 +75,7 @@ def test_records_are_chat_messages_with_relative_paths(dataset):
             assert record["kind"] in KINDS and record["answer"] in ANSWERS[record["kind"]]
             with Image.open(out / image["path"]) as im:
                 assert im.mode == "RGB" and list(im.size) == record["image_size"]
-                assert all(48 <= side <= 96 and side % 16 == 0 for side in im.size)
+                assert all(side in (96, 128) for side in im.size)
     assert summary["answers"] == {k: list(v) for k, v in ANSWERS.items()}
 
 
@@ -142,7 +142,7 @@ def test_splits_are_balanced_and_disjoint(dataset):
 
 
 def test_an_image_seen_before_is_drawn_again(tmp_path):
-    sides = [48, 64]
+    sides = [96, 128]
     for name in ("a", "b"):
         (tmp_path / name / "images").mkdir(parents=True)
     first, seen = shapes._generate_split(tmp_path / "a", "train", 4, 0, sides, KINDS, set())
@@ -151,6 +151,28 @@ def test_an_image_seen_before_is_drawn_again(tmp_path):
     for r in first:
         path = r["messages"][0]["content"][0]["path"]
         assert (tmp_path / "a" / path).read_bytes() != (tmp_path / "b" / path).read_bytes()
+
+
+def test_every_shape_covers_a_merged_token(dataset):
+    """Shapes under one 32-px merged token kept earlier models blind (issue 25): at native resolution every
+    shape is >= 32 px and the asked-about one >= 40; with the demo model's processor (min_pixels 128 x 128)
+    the asked-about one stays >= 40, while a processor that shrinks the images says so."""
+    out, _ = dataset
+    records = read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl")
+    kinds = {r["kind"] for r in records}
+    assert kinds == set(KINDS)
+    shapes_per_image = [len(r["shapes"]) for r in records]
+    assert min(shapes_per_image) == 1 and max(shapes_per_image) == 3
+    assert all(s["size"] >= shapes.MIN_SHAPE_SIZE for r in records for s in r["shapes"])
+    assert all(r["shapes"][0]["size"] >= shapes.MIN_TARGET_SIZE for r in records)
+    assert {tuple(r["image_size"]) for r in records} >= {(96, 96), (96, 128), (128, 96)}  # square, tall, wide
+    assert shapes.smallest_target_side(records, 128 * 128, 1024 * 1024) >= shapes.MIN_TARGET_SIZE
+    assert shapes.smallest_target_side(records, 32 * 32, 48 * 48) < shapes.MERGED_TOKEN
+
+
+def test_image_sides_too_small_for_the_shapes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least 84 pixels"):
+        make_shapes_dataset(tmp_path / "d", train=2, test=2, image_size=(64, 96))
 
 
 def record(kind, answer, question="q"):

@@ -10,8 +10,13 @@ writes
 
 * `OUT_DIR/images/{train,test}_NNNNN.png`: one to three non-overlapping shapes (circle, square, triangle) in
   one of six colors (`PALETTE`, each drawn with a little jitter), on a light or dark, low-saturation
-  background (solid, gradient or noise; never close to a shape color). Each side of an image is a multiple
-  of 16 between 48 and 96 pixels, so the model sees them at their native resolution;
+  background (solid, gradient or noise; never close to a shape color). Each side of an image is 96 or 128
+  pixels (a multiple of the 32-px merged token), so images are square, tall or wide. Every shape is at least
+  `MIN_SHAPE_SIZE` (32) pixels, one merged token, and the one a question asks about at least
+  `MIN_TARGET_SIZE` (40): at a processor's resize that does not shrink the image (the demo model's
+  `min_pixels` of 128 x 128 enlarges them) the asked-about shape always covers most of some token.
+  (`smallest_target_side` gives that size for other processor settings: shapes smaller than a token are
+  where a model stays blind);
 * `OUT_DIR/train.jsonl` and `OUT_DIR/test.jsonl`: one record per image, in the transformers chat format
   (`messages`, with the image path relative to the jsonl file's folder) plus `answer`, `kind`, `question`
   and what was drawn (`shapes`: shape, color, rgb, center [x, y], size, bbox [x0, y0, x1, y1] inclusive);
@@ -46,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("color", "shape", "count", "position")
 SHAPES = ("circle", "square", "triangle")
 # Clearly distinct, saturated colors; shapes are drawn with up to COLOR_JITTER per channel around them.
@@ -72,10 +77,14 @@ ANSWER_HINT = "Answer the question using a single word or number."
 MIN_BACKGROUND_DISTANCE = 80.0
 BACKGROUNDS = ("solid", "gradient", "noise")
 NOISE_SIGMA = 6.0
-SIDE_MULTIPLE = 16
-DEFAULT_IMAGE_SIZE = (48, 96)
+SIDE_MULTIPLE = 32  # the merged token: 2x2 patches of 16 px
+DEFAULT_IMAGE_SIZE = (96, 128)
 GAP = 2  # pixels between the bounding boxes of two shapes, and between a position target and the midline
-MIN_SHAPE_SIZE = 10
+MERGED_TOKEN = 32
+MIN_SHAPE_SIZE = MERGED_TOKEN  # every shape covers a token's width
+MIN_TARGET_SIZE = 40  # the shape asked about, more: most of some token whatever its offset
+# The target of a position question lies in one half of the image, GAP clear of the midline.
+MIN_IMAGE_SIDE = 2 * (MIN_TARGET_SIZE + GAP)
 SPLIT_STREAMS = {"train": 0, "test": 1}
 _NUMBER_WORDS = {"one": "1", "two": "2", "three": "3"}
 _OWN_IMAGE = re.compile(r"(train|test)_\d+\.png")
@@ -89,8 +98,11 @@ def _image_sides(image_size, side_multiple):
     lo, hi = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if not (isinstance(lo, int) and isinstance(hi, int)) or lo > hi:
         raise ValueError(f"image_size must be an int or (min, max) with min <= max, got {image_size!r}")
-    if lo < 32:
-        raise ValueError(f"image sides must be at least 32 pixels to hold {MAX_SHAPES} shapes, got {lo}")
+    if lo < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"image sides must be at least {MIN_IMAGE_SIDE} pixels to hold {MAX_SHAPES} shapes of at least "
+            f"{MIN_SHAPE_SIZE} pixels, got {lo}"
+        )
     if side_multiple < 1:
         raise ValueError(f"side_multiple must be positive, got {side_multiple}")
     sides = [s for s in range(lo, hi + 1) if s % side_multiple == 0] or list(range(lo, hi + 1))
@@ -140,16 +152,18 @@ def _place(rng, boxes, width, height, size, x_range=None, y_range=None):
 
 def _layout(rng, width, height, specs, target_region=None):
     """Boxes for `specs` (the first one inside `target_region`, an (x_range, y_range) pair, when given).
+    The first (asked-about) shape is at least MIN_TARGET_SIZE, the others MIN_SHAPE_SIZE.
     Returns a list of (x0, y0, size), or None when they did not fit (the caller draws again)."""
     short = min(width, height)
-    lo = max(MIN_SHAPE_SIZE, round(0.2 * short))
-    hi = max(lo, round(0.45 * short) - 3 * (len(specs) - 1))
     boxes, placed = [], []
     for i, _ in enumerate(specs):
+        smallest = MIN_TARGET_SIZE if i == 0 else MIN_SHAPE_SIZE
+        lo = max(smallest, round((0.3 if i == 0 else 0.25) * short))
+        hi = max(lo, round(0.45 * short) - 3 * (len(specs) - 1))
         size = int(rng.integers(lo, hi + 1))
         ranges = target_region if (i == 0 and target_region) else (None, None)
         corner = None
-        while corner is None and size >= MIN_SHAPE_SIZE:
+        while corner is None and size >= smallest:
             corner = _place(rng, boxes, width, height, size, *ranges)
             if corner is None:
                 size -= 2
@@ -376,6 +390,8 @@ def make_shapes_dataset(
         "side_multiple": side_multiple,
         "kinds": list(kinds),
         "max_shapes": MAX_SHAPES,
+        "min_shape_size": MIN_SHAPE_SIZE,
+        "min_target_size": MIN_TARGET_SIZE,
         "palette": {name: list(rgb) for name, rgb in PALETTE.items()},
         "color_jitter": COLOR_JITTER,
         "backgrounds": list(BACKGROUNDS),
@@ -530,6 +546,21 @@ def flat_score(result: dict) -> dict:
     return {"accuracy": result["accuracy"], **{f"acc_{k}": v["accuracy"] for k, v in result["per_kind"].items()}}
 
 
+def smallest_target_side(records, min_pixels, max_pixels) -> float:
+    """The smallest side, in pixels of the base scale the model sees, of the shape each record asks about,
+    after an image processor's resize with `min_pixels` / `max_pixels` (its `smart_resize`). Under one
+    merged token (32) the model has no token that the shape fills: keep it above, e.g. with `min_pixels`."""
+    from image_processing_navil import smart_resize
+
+    smallest = float("inf")
+    for record in records:
+        width, height = record["image_size"]
+        resized_h, resized_w = smart_resize(height, width, min_pixels, max_pixels)
+        factor = min(resized_h / height, resized_w / width)
+        smallest = min(smallest, record["shapes"][0]["size"] * factor)
+    return smallest
+
+
 # ------------------------------------------------------------------------------------------ command line
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -563,7 +594,8 @@ def build_parser():
         nargs=2,
         default=list(DEFAULT_IMAGE_SIZE),
         metavar=("MIN", "MAX"),
-        help=f"range of each image side in pixels, multiples of {SIDE_MULTIPLE} (default 48 96)",
+        help=f"range of each image side in pixels, multiples of {SIDE_MULTIPLE} (default "
+        f"{DEFAULT_IMAGE_SIZE[0]} {DEFAULT_IMAGE_SIZE[1]}, at least {MIN_IMAGE_SIDE})",
     )
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
