@@ -268,6 +268,39 @@ def test_bf16_trains_on_cpu(workdir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_image_settings_are_trained_with_and_saved(workdir):
+    """`data.images` is what the samples were encoded with and what the trained folder's processor
+    keeps: loaded back (ours and through AutoProcessor), it encodes an image as training did, not as the
+    source folder's processor does."""
+    from transformers import AutoProcessor
+
+    seen = {}
+
+    class FirstSample(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            seen["sample"] = train_dataloader.dataset[0]  # record 0: one image (48x32)
+
+    images = {"min_pixels": 4096, "max_pixels": 8192}
+    raw = _config(workdir, "images", training={"max_steps": 2})
+    raw["data"]["images"] = images
+    result = train(parse_config(raw), force=True, callbacks=[FirstSample()])
+    trained = seen["sample"]
+    source = _dataset(workdir, load_processor(workdir / "hub"))[0]
+    assert source["pixel_values"].shape != trained["pixel_values"].shape  # the settings change the encoding
+    assert len(source["input_ids"]) != len(trained["input_ids"])
+    saved = json.loads((result.model_dir / "processor_config.json").read_text())["image_processor"]
+    assert {key: saved[key] for key in images} == images
+    for loaded in (
+        load_processor(result.model_dir),
+        AutoProcessor.from_pretrained(result.model_dir, trust_remote_code=True),
+    ):
+        assert {key: getattr(loaded.image_processor, key) for key in images} == images
+        sample = _dataset(workdir, loaded)[0]
+        assert sample["input_ids"].tolist() == trained["input_ids"].tolist()
+        torch.testing.assert_close(sample["pixel_values"], trained["pixel_values"], rtol=0, atol=0)
+        assert sample["image_grid_thw"].tolist() == trained["image_grid_thw"].tolist()
+
+
 def test_lora_is_merged_into_the_hub_folder(workdir):
     lora = {"r": 4, "alpha": 8, "parts": ["text"]}
     result = train(parse_config(_config(workdir, "lora", train=["connector"], lora=lora)), force=True)
@@ -283,6 +316,12 @@ def test_lora_is_merged_into_the_hub_folder(workdir):
         (lambda c: c.update(modle="x"), "unknown config key modle"),
         (lambda c: c.pop("model"), "needs 'model'"),
         (lambda c: c["data"].update(format="csv"), "data.format must be one of"),
+        (lambda c: c["data"].update(images={"max_pixel": 4096}), "unknown data.images key max_pixel (known: "),
+        (lambda c: c["data"].update(images=[4096]), "data.images must be a mapping"),
+        (
+            lambda c: c["data"].update(images={"min_pixels": 8192, "max_pixels": 4096}),
+            "data.images: need 0 < min_pixels",
+        ),
         (lambda c: c.update(train="vision_tower"), "unknown part or preset 'vision_tower'"),
         (lambda c: c.update(lora={"rank": 4}), "unknown lora key rank"),
         (lambda c: c.update(learning_rates={"vision": "fast"}), "learning_rates.vision must be a number"),

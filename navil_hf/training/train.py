@@ -11,7 +11,8 @@ The config file (YAML; relative paths are relative to it)::
       train_on: assistant            # assistant | all
       max_length: 4096               # longer samples are skipped with a warning
       streaming: false               # true: read the files as a stream (needs training.max_steps)
-      images: {max_pixels: 1048576}  # image processor settings (as for the processor)
+      images: {max_pixels: 1048576}  # image processor settings: training uses them, the trained folder's
+                                     # processor is saved with them (NaViLImagesKwargs keys)
     train: stage1                    # parts or presets (navil_hf.training.parts): vision, connector, ...
     learning_rates: {vision: 1.0e-3, connector: 1.0e-3}   # optional: per part or preset; others get
                                      # training.learning_rate (a fresh encoder wants more than a pretrained LLM)
@@ -140,6 +141,10 @@ def parse_config(raw, base_dir=".") -> TrainConfig:
     if not isinstance(data, dict) or "train" not in data:
         raise ConfigError("data must be a mapping with at least 'train'")
     _unknown(data, DATA_KEYS, "data")
+    images = data.get("images") or {}
+    if not isinstance(images, dict):
+        raise ConfigError(f"data.images must be a mapping of image processor settings, got {images!r}")
+    _unknown(images, image_setting_keys(), "data.images")
     data_config = DataConfig(
         train=_paths(data["train"], base, "data.train"),
         eval=_paths(data.get("eval") or [], base, "data.eval"),
@@ -147,7 +152,7 @@ def parse_config(raw, base_dir=".") -> TrainConfig:
         train_on=data.get("train_on", "assistant"),
         max_length=data.get("max_length"),
         streaming=bool(data.get("streaming", False)),
-        images=dict(data.get("images") or {}),
+        images=dict(images),
     )
     if data_config.format not in FORMATS:
         raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got {data_config.format!r}")
@@ -196,6 +201,14 @@ def parse_config(raw, base_dir=".") -> TrainConfig:
     if data_config.streaming and "max_steps" not in config.training:
         raise ConfigError("data.streaming needs training.max_steps (a stream has no length)")
     return config
+
+
+def image_setting_keys() -> set:
+    """The keys `data.images` may set: the image processor's settings a call may override (`patch_size`
+    and `merge_size` must match the model and are not among them)."""
+    from image_processing_navil import _CALL_SETTINGS
+
+    return set(_CALL_SETTINGS)
 
 
 def _learning_rates(raw) -> dict:
@@ -285,6 +298,23 @@ def load_processor(path):
     return NaViLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
+def apply_image_settings(processor, settings: dict):
+    """Make `settings` (`data.images`) the image processor's own: the samples are encoded with them and
+    the trained folder's processor is saved with them (its `min_pixels`, `max_pixels`, ... in
+    processor_config.json), so the trained model chats at the resolution it was trained at. The keys mean
+    what they mean for one call (`max_dynamic_patch` alone sets `max_pixels`, ...)."""
+    if not settings:
+        return processor
+    image_processor = processor.image_processor
+    try:
+        resolved = image_processor._settings(settings)  # checked as for one call
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.images: {' '.join(str(e).split())}") from None
+    for key in image_setting_keys():
+        setattr(image_processor, key, resolved[key])
+    return processor
+
+
 def load_model(path, dtype="float32", attn_implementation="sdpa"):
     """The folder's model with our installed classes, from safetensors only."""
     import torch
@@ -301,11 +331,11 @@ def load_model(path, dtype="float32", attn_implementation="sdpa"):
 
 
 def datasets_for(config: TrainConfig, processor):
+    """The train and eval datasets; `processor` has `data.images` applied (`apply_image_settings`), so the
+    samples are encoded exactly as the saved processor will encode."""
     from .data import ConversationDataset, SampleEncoder, StreamingConversationDataset
 
-    encoder = SampleEncoder(
-        processor, train_on=config.data.train_on, max_length=config.data.max_length, images_kwargs=config.data.images
-    )
+    encoder = SampleEncoder(processor, train_on=config.data.train_on, max_length=config.data.max_length)
     kind = StreamingConversationDataset if config.data.streaming else ConversationDataset
     train = kind(config.data.train, encoder, config.data.format)
     evaluation = ConversationDataset(config.data.eval, encoder, config.data.format) if config.data.eval else None
@@ -404,7 +434,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, cal
     if args.process_index == 0:
         prepare_output(config, resume, force)
     set_seed(config.seed)
-    processor = load_processor(config.model)
+    processor = apply_image_settings(load_processor(config.model), config.data.images)
     model = load_model(config.model, config.dtype, config.attn_implementation)
     model.config.special_token_table = config.special_token_table
     model.config.use_cache = False
