@@ -31,6 +31,8 @@ IMAGE_LINE_BREAK_TOKEN = "<IMG_LINE_BREAK>"
 IMAGE_FRAME_BREAK_TOKEN = "<IMG_FRAME_BREAK>"
 # Tokens routed to the visual experts (SPEC §3): every <IMG_CONTEXT> and every <img>.
 VISUAL_EXPERT_TOKENS = (IMAGE_CONTEXT_TOKEN, IMAGE_START_TOKEN)
+# Orders in which the vision encoder hands its patches to the connector (`NaViLVisionConfig.token_order`).
+TOKEN_ORDERS = ("window", "raster")
 
 
 def rope_parameters_from_legacy(rope_theta=None, rope_scaling=None) -> dict:
@@ -56,6 +58,14 @@ class NaViLVisionConfig(PretrainedConfig):
             windows of `window_size x window_size` patches. `None` means every layer is full.
         window_size: window side in patches (a multiple of `spatial_merge_size`).
         rope_theta: base of the 2D rotary frequencies.
+        token_order: the order of the encoder's output patches, hence of the connector's tokens. `"window"`
+            (the original's, SPEC §8.1; what every converted checkpoint needs for parity): window by window,
+            as the encoder layers compute them, so for a grid wider than one window the visual tokens
+            do not follow the prompt's rows of `<IMG_CONTEXT>`. `"raster"` (for new models): put back
+            into the order of `pixel_values` (merge blocks row by row, 2x2 patches of a block consecutive)
+            after the last layer, so merged token `i` of a scale fills that scale's `i`-th `<IMG_CONTEXT>`
+            slot in reading order. Absent from a config.json: `"window"` (only `"raster"` is written, so
+            configs of converted checkpoints stay as they were).
     """
 
     model_type = "navil_vision"
@@ -81,8 +91,13 @@ class NaViLVisionConfig(PretrainedConfig):
         attention_dropout=0.0,
         initializer_range=0.02,
         initializer_factor=1.0,
+        token_order="window",
         **kwargs,
     ):
+        if token_order not in TOKEN_ORDERS:
+            raise ValueError(
+                f"vision token_order must be one of {', '.join(repr(o) for o in TOKEN_ORDERS)}, got {token_order!r}"
+            )
         if norm_type not in ("rms_norm", "layer_norm"):
             raise ValueError(f"vision norm_type must be 'rms_norm' or 'layer_norm', got {norm_type!r}")
         if hidden_size % num_attention_heads:
@@ -109,7 +124,16 @@ class NaViLVisionConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         self.initializer_factor = initializer_factor
+        self.token_order = token_order
         super().__init__(**kwargs)
+
+    def to_dict(self):
+        """As `PretrainedConfig.to_dict`, without `token_order` when it is the default `"window"`: config.json
+        files of converted (original-order) checkpoints stay byte for byte what they were."""
+        output = super().to_dict()
+        if output.get("token_order") == "window":
+            del output["token_order"]
+        return output
 
 
 class NaViLTextConfig(PretrainedConfig):

@@ -9,6 +9,8 @@ Notable features of the architecture, all reproduced here:
   `window_size x window_size` patches (the other layers). No backend ever builds an N x N mask.
 * The encoder reorders patches window by window before its first layer and never restores raster
   order, so visual features reach the LLM in window order (SPEC §8.1; checkpoints depend on it).
+  New models may set `vision_config.token_order="raster"`: the patches are put back into merge-block
+  order after the last layer, so the tokens follow the prompt's rows of `<IMG_CONTEXT>`.
 * Connector: 2x2 patch merge -> LayerNorm -> Linear -> GELU -> Linear.
 * LLM with modality experts: every layer has separate q/k/v/o projections (+ q/k norms) and FFN
   for visual tokens (`<IMG_CONTEXT>` and `<img>`), routed by token type, no gate. Tokens are
@@ -430,13 +432,21 @@ class VisionLayout:
     positions: torch.Tensor  # [N, 2] (row, col) of every patch, in window order
     full: PackedSegments  # one segment per image scale
     windowed: PackedSegments  # one segment per window
+    restore_order: torch.Tensor | None = None  # [N] inverse of patch_order (indexes window order); when asked for
 
 
 @torch.compiler.disable  # host-side (numpy) by design: one graph break under torch.compile
 def vision_layout(
-    grid_thw: torch.Tensor | np.ndarray, window_size: int, merge: int, device, num_patches: int | None = None
+    grid_thw: torch.Tensor | np.ndarray,
+    window_size: int,
+    merge: int,
+    device,
+    num_patches: int | None = None,
+    restore: bool = False,
 ) -> VisionLayout:
-    """The packed sequence's layout; `num_patches` (the rows of `pixel_values`) is checked against the grid."""
+    """The packed sequence's layout; `num_patches` (the rows of `pixel_values`) is checked against the grid;
+    `restore`: also the inverse permutation (`restore_order`, window order -> merge-block order), sent to
+    `device` in the same copy as `patch_order`."""
     grids = np.asarray(grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(-1, 3)
     if num_patches is not None and int(grids.prod(-1).sum()) != num_patches:
         raise ValueError(
@@ -459,8 +469,17 @@ def vision_layout(
             window_lengths.append(per_window * unit)
             offset += h * w
     order = np.concatenate(orders)
+    restore_order = None
+    if restore:
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        both = torch.from_numpy(np.concatenate([order, inverse])).to(device)
+        order, restore_order = both[: order.size], both[order.size :]
+    else:
+        order = torch.from_numpy(order).to(device)
     return VisionLayout(
-        patch_order=torch.from_numpy(order).to(device),
+        patch_order=order,
+        restore_order=restore_order,
         positions=torch.from_numpy(np.concatenate(positions)).to(device),
         full=PackedSegments.from_lengths(np.array(scale_lengths), device),
         windowed=PackedSegments.from_lengths(np.concatenate(window_lengths), device),
@@ -623,7 +642,8 @@ class NaViLVisionModel(NaViLPreTrainedModel):
     """Native-resolution ViT over one packed sequence of image scales.
 
     Input `pixel_values` [N, 3, 16, 16] in merge-block order, `grid_thw` [S, 3].
-    Output [N, C] in window order (SPEC §8.1).
+    Output [N, C] in window order (SPEC §8.1), or with `config.token_order="raster"` in the input's
+    merge-block order (the connector's tokens then run row by row over the merged grid).
     """
 
     config_class = NaViLVisionConfig
@@ -651,16 +671,21 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
-        """`last_hidden_state` [N, C] in window order; `hidden_states`: the patch embeddings and every
-        layer's output, [N, C] each, in window order; `attentions`: per layer, one [H, len, len] map
-        per attended segment (eager weights, computed only when asked for)."""
+        """`last_hidden_state` [N, C] and `hidden_states` (the patch embeddings and every layer's output,
+        [N, C] each) in the output order of `config.token_order`: window order (`"window"`, SPEC §8.1) or the
+        merge-block order of `pixel_values` (`"raster"`: row `i` belongs to patch `i` of the input; the
+        layers still compute in window order); `attentions`: per layer, one [H, len, len] map per attended
+        segment, segments and their rows in window order (eager weights, computed only when asked for)."""
         output_hidden_states, output_attentions, return_dict = _output_flags(
             self.config, output_hidden_states, output_attentions, return_dict
         )
         merge, n = self.config.spatial_merge_size, pixel_values.shape[0]
-        layout = vision_layout(grid_thw, self.config.window_size, merge, pixel_values.device, num_patches=n)
+        raster = self.config.token_order == "raster"
+        layout = vision_layout(
+            grid_thw, self.config.window_size, merge, pixel_values.device, num_patches=n, restore=raster
+        )
         hidden = self.patch_embed(pixel_values)
-        hidden = hidden.index_select(0, layout.patch_order)  # window order, kept to the end
+        hidden = hidden.index_select(0, layout.patch_order)  # window order through the layers
         cos, sin = self.rotary(layout.positions)
         all_hidden = [hidden] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
@@ -670,6 +695,10 @@ class NaViLVisionModel(NaViLPreTrainedModel):
                 all_hidden.append(hidden)
             if output_attentions:
                 all_attentions.append(weights)
+        if raster:  # back to merge-block order: the connector's 2x2 merges then run row by row
+            hidden = hidden.index_select(0, layout.restore_order)
+            if output_hidden_states:
+                all_hidden = [h.index_select(0, layout.restore_order) for h in all_hidden[:-1]] + [hidden]
         output = BaseModelOutput(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -679,7 +708,8 @@ class NaViLVisionModel(NaViLPreTrainedModel):
 
 
 class NaViLConnector(nn.Module):
-    """2x2 merge (4 consecutive patches -> one token) -> LayerNorm -> Linear -> GELU -> Linear."""
+    """2x2 merge (4 consecutive patches -> one token) -> LayerNorm -> Linear -> GELU -> Linear. Tokens come
+    out in the order of the encoder's output (`vision_config.token_order`: window or raster order)."""
 
     def __init__(self, config: NaViLConfig):
         super().__init__()
@@ -1208,7 +1238,8 @@ class NaViLModel(NaViLPreTrainedModel):
         `pixel_values` [N_patches, 3, 16, 16] and `image_grid_thw` [S, 3] as the processor gives them;
         `num_scales` groups the grid rows into images (one row per image when omitted);
         `image_token_counts`: the tokens of every image when already known (`tokens_per_image`).
-        Returns `last_hidden_state` [N_patches, C] (the vision encoder's output, window order),
+        Returns `last_hidden_state` [N_patches, C] (the vision encoder's output, in window order, or in the
+        merge-block order of `pixel_values` with `vision_config.token_order="raster"`),
         `pooler_output`: one [tokens_i, hidden] tensor of connector features per image, and the vision
         encoder's `hidden_states` / `attentions` when asked for."""
         _, _, return_dict = _output_flags(self.config, None, None, return_dict)

@@ -308,6 +308,11 @@ def check_representable(config):
         )
     if text.mlp_bias:
         problems.append("text_config.mlp_bias is true (the original FFNs have no bias)")
+    if getattr(vision, "token_order", "window") != "window":
+        problems.append(
+            f"vision_config.token_order is {vision.token_order!r} (the original hands visual tokens to the LLM "
+            "in window order, SPEC §8.1)"
+        )
     if not getattr(text, "visual_experts", True):
         problems.append("text_config.visual_experts is false (every original decoder layer has visual experts)")
     if arch == QWEN3 and getattr(text, "chain_visual_output", False):

@@ -4,7 +4,8 @@ What runs where:
 
 * **Vision encoder + connector**: ours (`NaViLVisionModel`, `NaViLConnector` from modeling_navil), unsharded,
   in `embed_multimodal`: one packed forward over every scale of every image of the step, exactly the
-  transformers code path, so image features are bit-identical to the transformers model's.
+  transformers code path (`vision_config.token_order` included), so image features are bit-identical to the
+  transformers model's.
 * **Language model**: vLLM layers. Per decoder layer one paged `Attention` (text and visual tokens share the
   sequence and the KV cache), and two sets of `QKVParallelLinear` / `RowParallelLinear` / SwiGLU
   `MergedColumnParallelLinear` + `RowParallelLinear` (text, and the `_ve` visual experts), tensor-parallel
