@@ -1,12 +1,15 @@
 """Proof that `navil train` teaches a NaViL to see: the synthetic shapes task on 2 CPUs.
 
-The demo model (SmolLM2-135M-Instruct + a fresh, untrained 12-layer 384-wide vision encoder, built by
-`navil init-from-llm`; `navil chat` without --model uses it) cannot see at first. This script generates
-the shapes task (`navil_hf.training.shapes`: colored circles, squares and triangles on varied
-backgrounds; questions about color, shape, count and position; a held-out test split), trains the model
-with `navil train`'s own code (packed batches, Trainer; `RECIPE`: NaViL's stage 1 -- vision encoder,
-connector, special tokens and visual experts train, the LLM's text weights stay frozen --, the fresh
-encoder and connector at a 4x larger learning rate, bf16 autocast), and measures on the held-out split:
+The demo model (SmolLM2-135M-Instruct + a fresh, untrained vision encoder, built by `navil init-from-llm`;
+`navil chat` without --model uses it) cannot see at first. This script generates the shapes task
+(`navil_hf.training.shapes`: colored circles, squares and triangles on varied backgrounds, every shape at
+least one merged token; questions about color, shape, count and position; a held-out test split), trains
+the model with `navil train`'s own code (packed batches, Trainer; `RECIPE`: NaViL's stage 1 -- vision
+encoder, connector, special tokens and visual experts train, the LLM's text weights stay frozen --, the
+fresh encoder and connector at a larger learning rate) in a curriculum: `--color-steps` on color questions
+alone (the easiest way to find the image), then the rest on all four kinds; bf16 only where it is measured
+faster (`--precision auto`, `navil_hf.training.precision`). `--vision-preset` builds the model from the demo's
+SmolLM2 with another encoder (`none`: early fusion, no encoder layers). It measures on the held-out split:
 
 * during training (the curve, every `--eval-every` steps): teacher-forced first-token accuracy, whether
   the most likely token after the prompt is the answer's first one (one forward, no generation);
@@ -30,8 +33,9 @@ from pathlib import Path
 import _common
 
 RECIPE = dict(
-    train=3000, test=200, steps=400, batch=8, lr=5e-4, parts="stage1",
-    learning_rates={"vision": 2e-3, "connector": 2e-3}, bf16=True, schedule="cosine", warmup=20, eval_every=50,
+    train=3000, test=200, steps=600, color_steps=200, batch=8, lr=5e-4, parts="stage1",
+    learning_rates={"vision": 2e-3, "connector": 2e-3}, precision="auto", schedule="cosine", warmup=20,
+    eval_every=100, vision_preset=None,
 )  # fmt: skip
 
 
@@ -41,7 +45,12 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", default=None, help="default: learn-shapes/ beside the repo")
     parser.add_argument("--train", type=int, default=RECIPE["train"], help="training records")
     parser.add_argument("--test", type=int, default=RECIPE["test"], help="held-out records")
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="optimizer steps in all")
+    parser.add_argument("--color-steps", type=int, default=RECIPE["color_steps"],
+                        help="of which first on color questions alone (the curriculum; 0: none)")  # fmt: skip
+    parser.add_argument("--vision-preset", default=RECIPE["vision_preset"],
+                        help="build the model from the demo's SmolLM2 with this encoder preset (default: the demo "
+                        "model itself)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=RECIPE["batch"], help="samples per packed row")
     parser.add_argument(
         "--lr", type=float, default=RECIPE["lr"], help="learning rate of the parts not in --learning-rates"
@@ -49,8 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rates", type=json.loads, default=RECIPE["learning_rates"],
                         help="JSON {part or preset: rate} (navil train's learning_rates)")  # fmt: skip
     parser.add_argument("--parts", default=RECIPE["parts"], help="parts or preset that train (stage1: the vision side)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=RECIPE["bf16"],
-                        help="bf16 autocast (on CPU too)")  # fmt: skip
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=RECIPE["precision"],
+                        help="bf16 autocast or float32 (auto: bf16 where measured faster)")  # fmt: skip
     parser.add_argument("--schedule", default=RECIPE["schedule"], help="transformers lr_scheduler_type")
     parser.add_argument(
         "--eval-every", type=int, default=RECIPE["eval_every"], help="held-out curve point every N steps"
@@ -62,6 +71,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.train, args.test, args.steps, args.batch, args.eval_every, args.eval_batch = 16, 8, 3, 4, 3, 8
+        args.color_steps = 1
+    if not 0 <= args.color_steps < args.steps:
+        parser.error(f"--color-steps must be in [0, --steps), got {args.color_steps}")
     return args
 
 
@@ -100,6 +112,48 @@ def first_token_accuracy(model, samples, records, batch):
     }
 
 
+def build_model(args, workdir):
+    """The model to train: `--model`, else the demo model, else (`--vision-preset`) a NaViL built from the
+    demo's SmolLM2 with that encoder, as the demo is built."""
+    if args.model is not None:
+        return args.model
+    from navil_hf.demo import DEMO_RECIPE, demo_gguf_path, ensure_demo_model
+
+    if args.vision_preset is None:
+        return str(ensure_demo_model(progress=True))
+    from navil_hf.conversion.init_llm import init_from_llm
+
+    folder = workdir / f"model-{args.vision_preset}"
+    recipe = {**DEMO_RECIPE, "vision_preset": args.vision_preset}
+    init_from_llm(demo_gguf_path(), folder, force=True, seed=args.seed, **recipe)
+    return str(folder)
+
+
+def choose_precision(args, model_dir, samples):
+    """(bf16, reason): `--precision`, or (auto) bf16 only where one training step of this model on these
+    samples runs clearly faster under bf16 autocast (`navil_hf.training.precision`)."""
+    if args.precision != "auto":
+        return args.precision == "bf16", f"{args.precision}: asked for"
+    import torch
+
+    from navil_hf.training.collate import PackedCollator
+    from navil_hf.training.precision import choose_bf16
+    from navil_hf.training.train import load_model
+
+    model = load_model(model_dir).train()
+    batch = PackedCollator(labelled_logits=True)(samples)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def step(bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    choice = choose_bf16(device, step=step)
+    return choice.bf16, choice.reason
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -115,65 +169,72 @@ def main(argv=None):
         read_jsonl,
         score,
     )
-    from navil_hf.training.train import parse_config, train
+    from navil_hf.training.train import load_model, load_processor, parse_config, train
 
     workdir = Path(args.workdir or Path(_common.ROOT).parent / "learn-shapes")
     workdir.mkdir(parents=True, exist_ok=True)
-    data = workdir / "shapes"
+    data, colors = workdir / "shapes", workdir / "shapes-color"
     make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
+    if args.color_steps:
+        make_shapes_dataset(colors, train=args.train, test=0, seed=args.seed + 1, kinds=("color",), force=True)
     train_records, test_records = list(read_jsonl(data / "train.jsonl")), list(read_jsonl(data / "test.jsonl"))
     baselines = {"chance": chance_accuracy(test_records), "blind": blind_accuracy(test_records, train_records)}
-    if args.model is None:
-        from navil_hf.demo import ensure_demo_model
-
-        args.model = str(ensure_demo_model(progress=True))
-    from navil_hf.training.train import load_processor
-
-    processor = load_processor(args.model)
+    model_dir = build_model(args, workdir)
+    processor = load_processor(model_dir)
     test_set = ConversationDataset(data / "test.jsonl", SampleEncoder(processor))
     test_samples = [test_set[i] for i in range(len(test_set))]
+    bf16, precision = choose_precision(args, model_dir, test_samples[: args.batch])
+    print(f"precision {precision}", flush=True)
     curve, accuracy = [], []
     start = time.perf_counter()
+    done = {"steps": 0}  # optimizer steps of the stages before the running one
 
     class Monitor(TrainerCallback):
         def on_log(self, _args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                curve.append(
-                    {"step": state.global_step, "loss": float(logs["loss"]), "seconds": time.perf_counter() - start}
-                )
+                step = done["steps"] + state.global_step
+                curve.append({"step": step, "loss": float(logs["loss"]), "seconds": time.perf_counter() - start})
 
         def on_step_end(self, _args, state, control, model=None, **kwargs):
-            if state.global_step == 1 or state.global_step % args.eval_every == 0 or state.global_step == args.steps:
+            step = done["steps"] + state.global_step
+            if step == 1 or step % args.eval_every == 0 or step == args.steps:
                 result = first_token_accuracy(model, test_samples, test_records, args.eval_batch)
-                accuracy.append({"step": state.global_step, **flat_score(result)})
-                print(f"step {state.global_step}: held-out first-token accuracy {result['accuracy']:.3f} "
+                accuracy.append({"step": step, **flat_score(result)})
+                print(f"step {step}: held-out first-token accuracy {result['accuracy']:.3f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
 
-    training = {
-        "max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": args.lr,
-        "lr_scheduler_type": args.schedule, "warmup_steps": min(RECIPE["warmup"], args.steps // 5),
-        "weight_decay": 0.0, "bf16": args.bf16, "logging_steps": 1, "save_steps": max(args.steps, 1),
-        "save_total_limit": 1, "disable_tqdm": args.quick,
-    }  # fmt: skip
-    config = parse_config({
-        "model": args.model, "output_dir": str(workdir / "run"), "data": {"train": str(data / "train.jsonl")},
-        "train": args.parts, "learning_rates": args.learning_rates, "seed": args.seed, "training": training,
-    })  # fmt: skip
-    torch.manual_seed(args.seed)
-    result = train(config, force=True, callbacks=[Monitor()])
+    stages = [("color", colors, args.color_steps), ("all", data, args.steps - args.color_steps)]
+    source = model_dir
+    for name, folder, steps in [stage for stage in stages if stage[2] > 0]:
+        training = {
+            "max_steps": steps, "per_device_train_batch_size": args.batch, "learning_rate": args.lr,
+            "lr_scheduler_type": args.schedule, "warmup_steps": min(RECIPE["warmup"], steps // 5),
+            "weight_decay": 0.0, "bf16": bf16, "logging_steps": 1, "save_steps": max(steps, 1),
+            "save_total_limit": 1, "disable_tqdm": args.quick,
+        }  # fmt: skip
+        config = parse_config({
+            "model": source, "output_dir": str(workdir / f"run-{name}"), "data": {"train": str(folder / "train.jsonl")},
+            "train": args.parts, "learning_rates": args.learning_rates, "seed": args.seed, "training": training,
+        })  # fmt: skip
+        torch.manual_seed(args.seed)
+        print(f"stage {name}: {steps} steps on {folder.name}", flush=True)
+        result = train(config, force=True, callbacks=[Monitor()])
+        done["steps"] += steps
+        source = str(result.model_dir)
     train_seconds = time.perf_counter() - start
-    from navil_hf.training.train import load_model
-
-    trained = load_model(result.model_dir)
+    trained = load_model(source)
     answers = chat_answers(trained, processor, test_records, data, args.eval_batch)
     final = score(answers, test_records)
     elapsed = time.perf_counter() - start
     summary = {
-        "model": args.model, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "learning_rates": args.learning_rates, "parts": args.parts, "bf16": args.bf16, "schedule": args.schedule,
-        "train_records": args.train, "test_records": args.test, "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(elapsed, 1), "threads": torch.get_num_threads(), "baselines": baselines,
-        "exact_match": flat_score(final), "accuracy": accuracy, "curve": curve, "trained_model": str(result.model_dir),
+        "model": model_dir, "steps": args.steps, "color_steps": args.color_steps, "batch": args.batch,
+        "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
+        "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
+        "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
+        "threads": torch.get_num_threads(), "baselines": baselines,
+        "blind_per_kind": {k: blind_accuracy([r for r in test_records if r["kind"] == k], train_records)
+                           for k in sorted({r["kind"] for r in test_records})},
+        "exact_match": flat_score(final), "accuracy": accuracy, "curve": curve, "trained_model": source,
         "answers": answers,
     }  # fmt: skip
     (workdir / "results.json").write_text(json.dumps(summary, indent=1))
@@ -182,7 +243,7 @@ def main(argv=None):
     print(f"held-out exact match {final['accuracy']:.3f} (chance {baselines['chance']:.3f}, blind "
           f"{baselines['blind']:.3f}) after {args.steps} steps, {elapsed / 60:.1f} min in all; per kind: "
           + ", ".join(f"{k[4:]} {v:.2f}" for k, v in flat_score(final).items() if k.startswith("acc_")))  # fmt: skip
-    print(f"trained model: {result.model_dir}; curve: {plot}; results: {workdir / 'results.json'}")
+    print(f"trained model: {source}; curve: {plot}; results: {workdir / 'results.json'}")
     return summary
 
 
@@ -208,8 +269,10 @@ def _plot(summary, path):
     for name, value in summary["baselines"].items():
         right.axhline(value, color="gray", ls=":" if name == "chance" else "-.", lw=1, label=f"{name} {value:.2f}")
     right.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="Held-out shapes questions")
+    if summary["color_steps"]:
+        right.axvline(summary["color_steps"], color="k", lw=0.6, ls="--", label="color-only stage ends")
     right.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"demo NaViL (SmolLM2-135M + fresh ViT), {summary['parts']}, batch {summary['batch']}, "
+    fig.suptitle(f"NaViL (SmolLM2-135M + fresh ViT), {summary['parts']}, batch {summary['batch']}, "
                  f"{summary['train_seconds'] / 60:.0f} min on {summary['threads']} CPU threads", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -69,8 +69,11 @@ def test_learn_shapes_quick_run(tmp_path, capsys):
     summary = _script("learn_shapes").main(["--quick", "--model", str(hub), "--workdir", str(tmp_path / "work")])
     assert [a["step"] for a in summary["accuracy"]] == [1, 3]
     assert all(0 <= a["accuracy"] <= 1 for a in summary["accuracy"]) and 0 <= summary["exact_match"]["accuracy"] <= 1
-    assert len(summary["answers"]) == 8 and summary["bf16"] is True
-    assert len(summary["curve"]) == 3 and (tmp_path / "work" / "run" / "model" / "model.safetensors").is_file()
+    assert len(summary["answers"]) == 8 and isinstance(summary["bf16"], bool)
+    assert summary["precision"].startswith("bf16: " if summary["bf16"] else "float32: ")
+    # the curriculum: 1 step on color questions alone, then 2 on all kinds
+    assert len(summary["curve"]) == 3 and (tmp_path / "work" / "run-all" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "work" / "run-color" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "learning_curve.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "held-out first-token accuracy" in out and "held-out exact match" in out
