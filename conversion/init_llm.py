@@ -554,6 +554,7 @@ def build_navil(
     held_dtype=None,
     visual_experts=True,
     vision_layer_scale=VISION_LAYER_SCALE,
+    token_order="window",
 ):
     """(weights, config, processor, added tokens) of a NaViL built from `source` (with or without visual
     experts, `visual_experts`; the fresh encoder's LayerScale starting at `vision_layer_scale`): `weights` a lazy
@@ -621,6 +622,7 @@ def build_navil(
     )
     vision_config = vision_preset_config(vision_preset)
     vision_config.initializer_factor = vision_layer_scale  # the blocks' ls1 / ls2 start there
+    vision_config.token_order = token_order
     config = NaViLConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -707,22 +709,26 @@ def init_from_llm(
     max_shard_size="5GB",
     visual_experts=True,
     vision_layer_scale=VISION_LAYER_SCALE,
+    token_order="window",
 ):
     """Build a NaViL from the LLM at `src` (folder or .gguf) and write it to `out_dir` (see the module
     docstring). `dtype="auto"` keeps the LLM's dtype (float32 for a GGUF file, which is dequantized).
     `visual_experts=False`: no visual experts (every token through the text weights).
-    `vision_layer_scale`: the starting value of the fresh encoder blocks' LayerScale (`VISION_LAYER_SCALE`)."""
+    `vision_layer_scale`: the starting value of the fresh encoder blocks' LayerScale (`VISION_LAYER_SCALE`).
+    `token_order="raster"`: visual tokens reach the LLM in the prompt's row order (`vision_config.token_order`;
+    the original's window order is the default, and the only one `navil convert --to-original` writes)."""
     with transformers_progress_bars(progress):
         return _init_from_llm(
             src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,
             max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size, visual_experts,
-            vision_layer_scale,
+            vision_layer_scale, token_order,
         )  # fmt: skip
 
 
 def _init_from_llm(
     src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,
     max_dynamic_patch, trust_remote_code, attn_implementation, max_shard_size, visual_experts, vision_layer_scale,
+    token_order,
 ):  # fmt: skip
     start = time.perf_counter()
     out_dir = check_output_dir(out_dir, force, sources=(src,))
@@ -730,6 +736,8 @@ def _init_from_llm(
     vision_preset_config(vision_preset)
     if not (isinstance(vision_layer_scale, (int, float)) and 0 < vision_layer_scale <= 1):
         raise ConversionError(f"--vision-layer-scale must be in (0, 1], got {vision_layer_scale!r}")
+    if token_order not in ("window", "raster"):
+        raise ConversionError(f"--token-order must be window or raster, got {token_order!r}")
     check_chat_template_option(chat_template)
     if min_dynamic_patch > max_dynamic_patch:
         raise ConversionError(
@@ -740,7 +748,7 @@ def _init_from_llm(
     weights, config, processor, added = build_navil(
         source, vision_preset, seed=seed, chat_template=chat_template,
         min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch, held_dtype=target,
-        visual_experts=visual_experts, vision_layer_scale=vision_layer_scale,
+        visual_experts=visual_experts, vision_layer_scale=vision_layer_scale, token_order=token_order,
     )  # fmt: skip
     tokenizer = processor.tokenizer
     # Our model for the checks, with no memory behind its weights: each module's weights are looked

@@ -203,6 +203,13 @@ def build_parser():
         help="starting LayerScale of the fresh encoder's blocks, in (0, 1] (default 0.1: blocks start close "
         "to the identity, which a fresh encoder learns from faster than 1.0)",
     )
+    init.add_argument(
+        "--token-order",
+        choices=("window", "raster"),
+        default="window",
+        help="order of the visual tokens the LLM receives: window (the original's, default) or raster (the "
+        "prompt's rows: for new models; not convertible to the original layout)",
+    )
     init.add_argument("--min-dynamic-patch", type=_positive_int, default=256, help="fewest patches per image")
     init.add_argument("--max-dynamic-patch", type=_positive_int, default=24576, help="most patches per image")
     init.add_argument("--seed", type=int, default=0, help="seed of the fresh vision encoder and connector")
@@ -440,6 +447,7 @@ def run_init_from_llm(args):
         max_shard_size=args.max_shard_size,
         visual_experts=args.visual_experts,
         **({} if args.vision_layer_scale is None else {"vision_layer_scale": args.vision_layer_scale}),
+        token_order=args.token_order,
     )
     counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in result.parameters.items())
     dtype = str(result.dtype).replace("torch.", "")

@@ -181,6 +181,23 @@ def test_fresh_encoder_blocks_start_at_the_layer_scale(tmp_path, extra, expected
     assert json.loads((out / "config.json").read_text())["vision_config"]["initializer_factor"] == expected
 
 
+def test_raster_token_order_for_new_models(tmp_path):
+    """--token-order raster: written to the config, and the image tokens reach the LLM in the prompt's row
+    order (the window-order model's features, permuted); the default stays the original's window order."""
+    _, window_model, processor, _ = init(tmp_path / "w", "qwen3")
+    _, raster_model, _, out = init(tmp_path / "r", "qwen3", "--token-order", "raster")
+    assert json.loads((out / "config.json").read_text())["vision_config"]["token_order"] == "raster"
+    assert window_model.config.vision_config.token_order == "window"
+    image = Image.new("RGB", (160, 96), (200, 30, 30))
+    inputs = processor(images=[image], text=["<image>"], return_tensors="pt")
+    with torch.no_grad():
+        args = (inputs["pixel_values"], inputs["image_grid_thw"])
+        window = torch.cat(window_model.model.get_image_features(*args).pooler_output)
+        raster = torch.cat(raster_model.model.get_image_features(*args).pooler_output)
+    assert window.shape == raster.shape and (window - raster).abs().max() > 1e-3  # several windows: reordered
+    assert_fp_close("raster features vs the window-order model's, sorted", raster.sort(0).values, window.sort(0).values)
+
+
 def test_back_conversion_of_built_models(tmp_path, capsys):
     """InternLM2- and Qwen3-based builds have an original layout; a Llama-based one does not, and says so."""
     for family in ("internlm2", "qwen3"):
