@@ -23,7 +23,6 @@ from PIL import Image
 
 from configuration_navil import NaViLVisionConfig
 from image_processing_navil import NaViLImageProcessor, scale_pyramid
-from modeling_navil import NaViLForConditionalGeneration
 from navil_hf.training.collate import IGNORE_INDEX, PackedCollator
 
 from tiny import (
@@ -32,6 +31,7 @@ from tiny import (
     IMG_END,
     IMG_START,
     assert_fp_close,
+    build_tiny,
     fp_tolerance,
     image_block,
     tiny_config,
@@ -156,18 +156,6 @@ def token_order_supported():
     return "token_order" in inspect.signature(NaViLVisionConfig.__init__).parameters
 
 
-def randomize(model, seed):
-    """tiny.tiny_model's initialisation: layer scales, norms and biases off their trivial values."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ls1", "ls2")) or "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn_like(p))
-    return model
-
-
 def no_mixing_model(window_size, token_order=None, seed=0):
     """Tiny NaViL whose vision encoder has no layers: patch embedding, reorder, connector. Each connector
     output is then a function of its own 4 patches only."""
@@ -176,7 +164,7 @@ def no_mixing_model(window_size, token_order=None, seed=0):
     if token_order is not None:
         vision["token_order"] = token_order
     config.vision_config = NaViLVisionConfig.from_dict(vision)
-    model = randomize(NaViLForConditionalGeneration(config).eval(), seed)
+    model = build_tiny(config, seed)
     assert len(model.model.vision_model.layers) == 0
     return model
 
@@ -300,7 +288,7 @@ SAMPLES = [[[(4, 6), (6, 10)]], [[(14, 6)], [(4, 6), (8, 14)]], [[(8, 14)]]]
 
 
 def packed_model(attn):
-    model = randomize(NaViLForConditionalGeneration(tiny_config()).eval(), 0)
+    model = build_tiny(tiny_config(), 0)
     model.set_attn_implementation(attn)
     return model
 

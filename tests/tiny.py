@@ -54,17 +54,23 @@ def tiny_config(
     )
 
 
-def tiny_model(seed=0, attn="eager", **config_kwargs):
-    """A randomly initialised tiny NaViL in float32, eval mode; layer scales and norms randomised
-    too so no parameter is a trivial 1 or 0."""
+def build_tiny(config, seed=0):
+    """A randomly initialised NaViL of `config` in float32, eval mode; layer scales, norms and biases
+    randomised too so no parameter is a trivial 1 or 0."""
     torch.manual_seed(seed)
-    model = NaViLForConditionalGeneration(tiny_config(**config_kwargs)).eval()
+    model = NaViLForConditionalGeneration(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("ls1", "ls2")) or "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.02 * torch.randn_like(p))
+    return model
+
+
+def tiny_model(seed=0, attn="eager", **config_kwargs):
+    """`build_tiny` of `tiny_config(**config_kwargs)` with attention implementation `attn`."""
+    model = build_tiny(tiny_config(**config_kwargs), seed)
     model.set_attn_implementation(attn)
     return model
 
