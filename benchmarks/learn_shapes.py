@@ -161,8 +161,6 @@ def main(argv=None):
 
     from navil_hf.training.data import ConversationDataset, SampleEncoder
     from navil_hf.training.shapes import (
-        blind_accuracy,
-        chance_accuracy,
         chat_answers,
         flat_score,
         make_shapes_dataset,
@@ -174,11 +172,11 @@ def main(argv=None):
     workdir = Path(args.workdir or Path(_common.ROOT).parent / "learn-shapes")
     workdir.mkdir(parents=True, exist_ok=True)
     data, colors = workdir / "shapes", workdir / "shapes-color"
-    make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
+    task = make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
     if args.color_steps:
         make_shapes_dataset(colors, train=args.train, test=0, seed=args.seed + 1, kinds=("color",), force=True)
-    train_records, test_records = list(read_jsonl(data / "train.jsonl")), list(read_jsonl(data / "test.jsonl"))
-    baselines = {"chance": chance_accuracy(test_records), "blind": blind_accuracy(test_records, train_records)}
+    test_records = list(read_jsonl(data / "test.jsonl"))
+    baselines = {"chance": task["chance"]["overall"], "blind": task["blind"]["overall"]}
     model_dir = build_model(args, workdir)
     processor = load_processor(model_dir)
     test_set = ConversationDataset(data / "test.jsonl", SampleEncoder(processor))
@@ -232,8 +230,7 @@ def main(argv=None):
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
         "threads": torch.get_num_threads(), "baselines": baselines,
-        "blind_per_kind": {k: blind_accuracy([r for r in test_records if r["kind"] == k], train_records)
-                           for k in sorted({r["kind"] for r in test_records})},
+        "blind_per_kind": task["blind"]["per_kind"],
         "exact_match": flat_score(final), "accuracy": accuracy, "curve": curve, "trained_model": source,
         "answers": answers,
     }  # fmt: skip

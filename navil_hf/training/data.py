@@ -198,15 +198,15 @@ def _check_turns(conversation: Conversation):
 
 class SampleEncoder:
     """Turns a `Conversation` into a training sample: `input_ids`, `labels`, `mm_token_type_ids` and,
-    with images, `pixel_values`, `image_grid_thw`, `num_scales` (as the processor returns them)."""
+    with images, `pixel_values`, `image_grid_thw`, `num_scales` (as the processor returns them, at its own
+    settings: `navil train` makes `data.images` the processor's before encoding)."""
 
-    def __init__(self, processor, *, train_on: str = "assistant", max_length: int | None = None, images_kwargs=None):
+    def __init__(self, processor, *, train_on: str = "assistant", max_length: int | None = None):
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         self.processor = processor
         self.train_on = train_on
         self.max_length = max_length
-        self.images_kwargs = dict(images_kwargs or {})
         from configuration_navil import (
             IMAGE_CONTEXT_TOKEN,
             IMAGE_END_TOKEN,
@@ -257,7 +257,7 @@ class SampleEncoder:
         image_inputs = {}
         layout = (None, None)
         if images:
-            image_inputs = dict(self.processor.image_processor(images, return_tensors="pt", **self.images_kwargs))
+            image_inputs = dict(self.processor.image_processor(images, return_tensors="pt"))
             layout = (image_inputs["image_grid_thw"], image_inputs["num_scales"])
         full = self._render(messages)
         encoded = self.processor.from_image_layout(full, *layout, return_tensors="pt")
