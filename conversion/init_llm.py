@@ -736,8 +736,10 @@ def _init_from_llm(
     vision_preset_config(vision_preset)
     if not (isinstance(vision_layer_scale, (int, float)) and 0 < vision_layer_scale <= 1):
         raise ConversionError(f"--vision-layer-scale must be in (0, 1], got {vision_layer_scale!r}")
-    if token_order not in ("window", "raster"):
-        raise ConversionError(f"--token-order must be window or raster, got {token_order!r}")
+    from configuration_navil import TOKEN_ORDERS
+
+    if token_order not in TOKEN_ORDERS:
+        raise ConversionError(f"--token-order must be one of {', '.join(TOKEN_ORDERS)}, got {token_order!r}")
     check_chat_template_option(chat_template)
     if min_dynamic_patch > max_dynamic_patch:
         raise ConversionError(

@@ -14,7 +14,8 @@ writes
   pixels (a multiple of the 32-px merged token), so images are square, tall or wide. Every shape is at least
   `MIN_SHAPE_SIZE` (32) pixels, one merged token, and the one a question asks about at least
   `MIN_TARGET_SIZE` (40): at a processor's resize that does not shrink the image (the demo model's
-  `min_pixels` of 128 x 128 enlarges them) the asked-about shape always covers most of some token.
+  `min_pixels` of 128 x 128 enlarges them) the asked-about shape's box covers at least 20 of the 32 pixels
+  of some token in each direction, wherever it lies.
   (`smallest_target_side` gives that size for other processor settings: shapes smaller than a token are
   where a model stays blind);
 * `OUT_DIR/train.jsonl` and `OUT_DIR/test.jsonl`: one record per image, in the transformers chat format
