@@ -1,4 +1,5 @@
-"""`training.bf16: auto`: bf16 mixed precision where the machine runs it faster than float32.
+"""bf16 mixed precision only where the machine runs it faster than float32 (`choose_bf16`; the shapes
+benchmark's `--precision auto`; `navil train` takes `training.bf16` as a plain true/false).
 
 On a GPU that supports bf16 it is the usual choice. On a CPU it depends on the chip and on torch's kernels,
 not on the flags it advertises: on a 2-core AMD EPYC that lists `avx512_bf16`, a training step of the demo
