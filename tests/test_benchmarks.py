@@ -79,37 +79,89 @@ def test_learn_shapes_quick_run(tmp_path, capsys):
     assert "held-out first-token accuracy" in out and "held-out exact match" in out
 
 
-def test_fusion_sweep_quick_run(tmp_path, capsys):
+def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch):
     """The late- vs early-fusion sweep end to end for a few steps: tiny from-scratch models of both variants
-    (the fixture's tokenizer), rows with finite held-out losses in the CSV files `navil scaling fit` reads,
-    the comparison plot, and per variant a fit that runs or says why it cannot."""
+    (the fixture's tokenizer; raster token order, the ViT's LayerScale at 0.1), the color-first curriculum
+    (color-stage points in runs.csv, only the mixed stage's in the CSV files `navil scaling fit` reads, D
+    counting both stages' tokens), per-size learning rates, the comparison plot, per variant a fit that runs
+    or says why it cannot; then a sweep stopped in its last run: runs.csv and the finished runs' result.json
+    are on disk, `--refit` fits them with the stopped run marked unfinished, `--resume` trains only that run."""
     import csv
+    import json
     import math
 
     from navil_hf.conversion import convert_checkpoint
+    from navil_hf.conversion.init_llm import VISION_LAYER_SCALE
     from navil_hf.research.scaling import read_runs
 
     from conftest import fixtures_dir
 
+    sweep = _script("fusion_sweep")
     hub = tmp_path / "hub"
     convert_checkpoint(fixtures_dir() / "original-qwen3-tiny" / "checkpoint", hub, progress=False)
     work = tmp_path / "work"
-    summary = _script("fusion_sweep").main(["--quick", "--tokenizer", str(hub), "--workdir", str(work)])
+    quick = ["--quick", "--tokenizer", str(hub), "--workdir", str(work)]
+    summary = sweep.main(quick)
     with open(work / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["variant"] for r in rows} == {"late", "early"} and len({r["name"] for r in rows}) == 4
     assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
+    points = sweep.eval_steps(6, 3, 0, color_steps=2, color_evals=2)
+    assert points == {1: "color", 2: "color", 3: "mixed", 4: "mixed", 6: "mixed"}
     for run in summary["runs"]:
+        assert [(p["step"], p["stage"]) for p in run["rows"]] == list(points.items())
         tokens = [row["D"] for row in run["rows"]]
-        assert tokens == sorted(tokens) and tokens[0] > 0 and "accuracy" in run["final"]
+        assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens) and tokens[0] > 0
+        assert tokens[-1] == run["tokens"]  # both stages' tokens
+        assert 0 <= run["final"]["accuracy"] <= 1 and "acc_color" in run["after_color"]
+        config = json.loads((work / "runs" / run["name"] / "model" / "config.json").read_text())["vision_config"]
+        assert config["token_order"] == "raster" and config["initializer_factor"] == VISION_LAYER_SCALE
+        assert (work / "runs" / run["name"] / "color" / "model" / "config.json").is_file()
+        assert json.loads((work / "runs" / run["name"] / "result.json").read_text())["rows"] == run["rows"]
     late, early = (
         {r["size_name"]: r["params"]["N"] for r in summary["runs"] if r["variant"] == v} for v in ("late", "early")
     )
     assert all(late[size] > early[size] for size in late)  # the ViT blocks
+    # late and early: the same samples, so the same tokens at every point; lr x sqrt(64 / hidden)
+    by_name = {r["name"]: r for r in summary["runs"]}
+    for size, hidden in (("xs", 32), ("s", 64)):
+        assert [p["D"] for p in by_name[f"late-{size}"]["rows"]] == [p["D"] for p in by_name[f"early-{size}"]["rows"]]
+        expected = pytest.approx(2e-3 * (64 / hidden) ** 0.5)
+        assert by_name[f"late-{size}"]["lr"] == by_name[f"early-{size}"]["lr"] == expected
     for variant in ("late", "early"):
         runs = read_runs(work / f"runs-{variant}.csv")
-        assert len(runs) == sum(r["variant"] == variant for r in rows)
+        assert len(runs) == sum(r["variant"] == variant and r["stage"] == "mixed" for r in rows) == 6
         fit = summary["fits"][variant]
         assert "parameters" in fit or "needs at least" in fit["skipped"]
     assert (work / "fusion_sweep.png").stat().st_size > 0 and (work / "results.json").is_file()
     assert "sweep ETA" in capsys.readouterr().out
+
+    # A sweep stopped in its last run (early-s), at its final accuracy: what it finished stays on disk.
+    measure, calls = sweep.accuracy, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # 4 runs x (end of the color stage, end)
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(sweep, "accuracy", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main([*quick[:-1], str(stopped)])
+    monkeypatch.setattr(sweep, "accuracy", measure)
+    assert not (stopped / "runs.json").exists() and not (stopped / "runs" / "early-s" / "result.json").exists()
+    with open(stopped / "runs.csv", newline="") as f:
+        partial = list(csv.DictReader(f))
+    assert [r["step"] for r in partial if r["name"] == "early-s"] == ["1", "2", "3", "4"]
+    assert len(partial) == 3 * 5 + 4
+    refit = sweep.main([*quick[:-1], str(stopped), "--refit"])
+    assert refit["unfinished"] == ["early-s"] and len(refit["runs"]) == 4
+    assert [r["name"] for r in refit["runs"] if r["final"]] == ["late-xs", "early-xs", "late-s"]
+    assert len(read_runs(stopped / "runs-early.csv")) == 3 + 2  # early-s's mixed points so far are fitted too
+    assert "not finished: early-s" in capsys.readouterr().out
+    resumed = sweep.main([*quick[:-1], str(stopped), "--resume"])
+    out = capsys.readouterr().out
+    assert "1 runs (early-s)" in out and "3 finished already" in out
+    assert not resumed["unfinished"] and all(r["final"] for r in resumed["runs"])
+    assert [p["D"] for r in resumed["runs"] for p in r["rows"]] == [p["D"] for r in summary["runs"] for p in r["rows"]]
