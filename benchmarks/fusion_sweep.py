@@ -115,7 +115,7 @@ LR_BASE_HIDDEN = 64  # --lr is the rate at this LLM width; --lr-scaling sqrt: lr
 # Optimizer steps of every run (a third of them, `--color-steps`, on color questions alone): with the CPU
 # seconds per step below (batch 16, one thread, measured on a busy 2-core machine: RESULTS.md §10; also the
 # ETA's first guess) the 6 runs add up to ~49 CPU-minutes, ~26 min of training on 2 cores with --jobs 2
-# (the longest runs first), ~35-45 min in all with the evaluations (more points and two accuracy
+# (the smallest sizes first), ~35-45 min in all with the evaluations (more points and two accuracy
 # measurements per run) and other jobs on the cores.
 STEPS = 1200
 SECONDS_PER_STEP = {("late", "s"): 0.22, ("early", "s"): 0.17, ("late", "m"): 0.40, ("early", "m"): 0.36,
@@ -722,8 +722,9 @@ def main(argv=None):
          "lr": run_lr(args.size_table[size], args.lr, args.lr_scaling)}
         for size in args.size_table for variant in args.variant_list
     ]  # fmt: skip
-    # Longest runs first, so that the two job slots end close together.
-    specs.sort(key=lambda s: -s["steps"] * SECONDS_PER_STEP.get((s["variant"], s["size_name"]), 0.5))
+    # Smallest sizes first (--sizes order), late and early of a size side by side: a sweep stopped early has
+    # whole sizes finished. At the default sizes this ends ~1 min later than longest-first would (~26 vs
+    # ~25 min of training at SECONDS_PER_STEP).
     mixed_samples = (args.steps - args.color_steps) * args.batch
     args.train = args.train or mixed_samples
     if args.train < mixed_samples:
