@@ -129,6 +129,15 @@ def build_model(args, workdir):
     return str(folder)
 
 
+def describe(args):
+    """The trained model in words, for the plot."""
+    if args.model is not None:
+        return Path(args.model).name
+    if args.vision_preset == "none":
+        return "SmolLM2-135M, early fusion: no encoder blocks"
+    return f"SmolLM2-135M + fresh {args.vision_preset or 'demo'} ViT"
+
+
 def choose_precision(args, model_dir, samples):
     """(bf16, reason): `--precision`, or (auto) bf16 only where one training step of this model on these
     samples runs clearly faster under bf16 autocast (`navil_hf.training.precision`)."""
@@ -225,7 +234,7 @@ def main(argv=None):
     final = score(answers, test_records)
     elapsed = time.perf_counter() - start
     summary = {
-        "model": model_dir, "steps": args.steps, "color_steps": args.color_steps, "batch": args.batch,
+        "model": model_dir, "description": describe(args), "steps": args.steps, "color_steps": args.color_steps, "batch": args.batch,
         "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
@@ -269,7 +278,7 @@ def _plot(summary, path):
     if summary["color_steps"]:
         right.axvline(summary["color_steps"], color="k", lw=0.6, ls="--", label="color-only stage ends")
     right.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"NaViL (SmolLM2-135M + fresh ViT), {summary['parts']}, batch {summary['batch']}, "
+    fig.suptitle(f"NaViL ({summary['description']}), {summary['parts']}, batch {summary['batch']}, "
                  f"{summary['train_seconds'] / 60:.0f} min on {summary['threads']} CPU threads", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
