@@ -305,7 +305,12 @@ def check_same_behaviour(old_folder, new_folder, dtype="float32", device=None, r
         new, _ = run_probe(new_folder, dtype, device)
     except _ProbeFailed as e:
         raise VerificationError(f"the refreshed code fails on this folder ({e})") from None
-    checks = compare_probes(old, new, dtype)
+    try:
+        checks = compare_probes(old, new, dtype)
+    except VerificationError as e:  # old code that runs but misbehaves on this transformers looks the same
+        raise VerificationError(
+            f"{e}; if it is the old code that misbehaves on transformers {version}: {_environment_hint(old_folder)}"
+        ) from None
     checks["code"] = f"the old and the refreshed code ran on transformers {version}, {dtype}"
     return checks
 

@@ -138,6 +138,7 @@ def test_old_code_that_computes_differently_is_refused(converted, tmp_path, caps
     line = one_line(err)
     print(line)
     assert "logits differ from the old code's: max abs diff" in line and "nothing was written" in line
+    assert "if it is the old code that misbehaves" in line and "tested with transformers 5.10.0 to 5.12.0" in line
     assert snapshot(folder) == before
 
 
@@ -291,3 +292,17 @@ def test_hub_repo_is_refreshed_in_one_commit_of_code_files(hub, old, capsys):
     code, out, err = run(capsys, ["refresh", "owner/navil-tiny", "-q"])  # now up to date: no commit
     assert code == 0, err
     assert "already those of navil-hf" in out and repo.head("main").oid == head.oid
+
+
+def test_push_based_on_a_commit_the_branch_has_left_is_refused(hub, old):
+    from navil_hf.conversion.errors import PushError
+
+    first = push_folder(old, "owner/navil-tiny", progress=False)
+    (old / "README.md").write_text("changed meanwhile\n")
+    push_folder(old, "owner/navil-tiny", progress=False)
+    commits = len(hub.repo("owner/navil-tiny").commits)
+    with pytest.raises(
+        PushError, match="has moved on from .* since the folder was read from it; nothing was committed"
+    ):
+        push_folder(old, "owner/navil-tiny", progress=False, parent_commit=first.commit_oid)
+    assert len(hub.repo("owner/navil-tiny").commits) == commits
