@@ -490,7 +490,7 @@ def download(repo_id, local_dir, *, revision=None, token=None, endpoint=None, re
         raise ConversionError(f"{repo_id} has no branch {revision!r}") from None
     except RepositoryNotFoundError:
         raise ConversionError(
-            f"{repo_id}: no such model repo on the Hub (or no access to it with this token)"
+            f"{repo_id}: no such folder, and no such model repo on the Hub (or no access to it with this token)"
         ) from None
     except Exception as e:  # noqa: BLE001 -- network and Hub errors: one line, nothing changed
         raise PushError(f"downloading {repo_id} failed ({first_line(e)}); nothing was changed") from None
