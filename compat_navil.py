@@ -10,9 +10,11 @@ knows what differs:
 * the causal-mask helper's signature;
 * RoPE inverse frequencies for every rope type transformers knows, with the sequence length the
   dynamic types (dynamic NTK, longrope) need;
-* the marker `apply_chat_template(..., sanitize_control_tokens=True)` puts before user text (5.23+).
+* the marker `apply_chat_template(..., sanitize_control_tokens=True)` puts before user text (5.23+);
+* how `ProcessorMixin.from_pretrained` asks a processor class for its sub-processors (5.25 rewrote it);
+* what a processor's `_get_num_multimodal_tokens` counts as an image's tokens (5.25 changed it).
 
-Supported and tested: transformers 5.16.1 (the oldest that vLLM 0.32 accepts) to 5.24.0.
+Supported and tested: transformers 5.16.1 (the oldest that vLLM 0.32 accepts) to 5.25.0.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from transformers import GenerationMixin
 from transformers.masking_utils import create_causal_mask as _create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.processing_utils import ProcessorMixin
 
 MIN_TRANSFORMERS = "5.16.1"
-TESTED_TRANSFORMERS = ("5.16.1", "5.24.0")  # oldest and newest release the test suite runs on
+TESTED_TRANSFORMERS = ("5.16.1", "5.25.0")  # oldest and newest release the test suite runs on
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -120,6 +123,44 @@ try:
     from transformers.utils.chat_template_utils import _CONTROL_TOKEN_START as CONTROL_TOKEN_START
 except ImportError:
     CONTROL_TOKEN_START, CONTROL_TOKEN_END = "\U000f0000", "\U000f0001"
+
+
+# How `ProcessorMixin.from_pretrained` builds a processor's sub-processors (tokenizer, image processor): up to
+# 5.24 it asks the class's `_get_arguments_from_pretrained` for them as a list in `__init__` order; from 5.25
+# it asks `_resolve_subprocessors` for the processor dict with them filled in and the kwargs left for
+# `__init__`. Either way transformers would load the image processor through `AutoImageProcessor`.
+_SUBPROCESSORS_IN_DICT = hasattr(ProcessorMixin, "_resolve_subprocessors")
+
+
+def install_subprocessor_loader(processor_class):
+    """Class decorator: `processor_class.from_pretrained` builds its sub-processors with the class's
+    `_load_subprocessors(path, **kwargs)`, which returns them as {attribute: object}. `kwargs` are
+    `from_pretrained`'s: hub arguments, settings such as `max_pixels`, sub-processors the caller passed.
+    From 5.25, of those only the processor's own `__init__` arguments go on to `from_dict`."""
+    if _SUBPROCESSORS_IN_DICT:
+
+        def resolve(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+            loaded = cls._load_subprocessors(pretrained_model_name_or_path, **kwargs)
+            init = inspect.signature(cls.__init__).parameters
+            rest = {key: value for key, value in kwargs.items() if key in init and key not in loaded}
+            return {**processor_dict, **loaded}, rest
+
+        processor_class._resolve_subprocessors = classmethod(resolve)
+    else:
+
+        def arguments(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+            loaded = cls._load_subprocessors(pretrained_model_name_or_path, **kwargs)
+            return [loaded[attribute] for attribute in cls.get_attributes()]
+
+        processor_class._get_arguments_from_pretrained = classmethod(arguments)
+    return processor_class
+
+
+# What `num_image_tokens` of a processor's `_get_num_multimodal_tokens` (the count serving engines such as
+# vLLM read) counts: up to 5.24 every token `mm_token_type_ids` marks as image (with NaViL: `<img>` and each
+# `<IMG_CONTEXT>`); from 5.25 the tokens that hold an image embedding (each `<IMG_CONTEXT>`; transformers'
+# own InternVL processor dropped its `<img>`/`</img>` from the count in that release).
+IMAGE_TOKEN_COUNT_INCLUDES_MARKERS = _release(TRANSFORMERS_VERSION) < (5, 25)
 
 
 # Rope types whose frequencies depend on the sequence length.

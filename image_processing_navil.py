@@ -549,6 +549,9 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values", "image_grid_thw", "num_scales"]
     valid_kwargs = NaViLImagesKwargs
+    # No fixed output size: an image keeps its aspect ratio within `min_pixels`/`max_pixels`. (transformers'
+    # processor tests read `image_processor.size`; a class attribute, so it is not saved with the settings.)
+    size = None
 
     def __init__(
         self,

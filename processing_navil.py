@@ -26,7 +26,12 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from transformers.tokenization_utils_base import TextInput
 
 try:
-    from .compat_navil import CONTROL_TOKEN_END, CONTROL_TOKEN_START
+    from .compat_navil import (
+        CONTROL_TOKEN_END,
+        CONTROL_TOKEN_START,
+        IMAGE_TOKEN_COUNT_INCLUDES_MARKERS,
+        install_subprocessor_loader,
+    )
     from .configuration_navil import (
         IMAGE_CONTEXT_TOKEN,
         IMAGE_END_TOKEN,
@@ -38,7 +43,12 @@ try:
     )
     from .image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images
 except ImportError:  # imported as a top-level module (tests, scripts next to the file)
-    from compat_navil import CONTROL_TOKEN_END, CONTROL_TOKEN_START
+    from compat_navil import (
+        CONTROL_TOKEN_END,
+        CONTROL_TOKEN_START,
+        IMAGE_TOKEN_COUNT_INCLUDES_MARKERS,
+        install_subprocessor_loader,
+    )
     from configuration_navil import (
         IMAGE_CONTEXT_TOKEN,
         IMAGE_END_TOKEN,
@@ -213,6 +223,7 @@ class NaViLProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding_side": "left"}}
 
 
+@install_subprocessor_loader
 class NaViLProcessor(ProcessorMixin):
     r"""Image processor + tokenizer + chat template for NaViL.
 
@@ -288,18 +299,23 @@ class NaViLProcessor(ProcessorMixin):
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """The sub-processors of a saved processor: the tokenizer as transformers loads it, the image
-        processor as `NaViLImageProcessor` directly. transformers would go through `AutoImageProcessor`,
-        which needs the class registered (or remote code) and, in transformers 5.16, torchvision."""
+    def _load_subprocessors(cls, pretrained_model_name_or_path, **kwargs):
+        """The sub-processors of a saved processor (`compat_navil.install_subprocessor_loader` makes
+        `from_pretrained` call this on every supported transformers): those the caller passed as they are,
+        the tokenizer as transformers loads it, the image processor as `NaViLImageProcessor` directly.
+        transformers would go through `AutoImageProcessor`, which needs the class registered (or remote
+        code) and, in transformers 5.16, torchvision."""
+        given = {name: kwargs.pop(name) for name in cls.get_attributes() if kwargs.get(name) is not None}
         path, subfolder = pretrained_model_name_or_path, kwargs.pop("subfolder", "")
-        args = []
+        loaded = {}
         for attribute in cls.get_attributes():
-            if attribute == "image_processor":
-                args.append(NaViLImageProcessor.from_pretrained(path, subfolder=subfolder, **kwargs))
+            if attribute in given:
+                loaded[attribute] = given[attribute]
+            elif attribute == "image_processor":
+                loaded[attribute] = NaViLImageProcessor.from_pretrained(path, subfolder=subfolder, **kwargs)
             else:
-                args.append(cls._load_tokenizer_from_pretrained(attribute, path, subfolder=subfolder, **kwargs))
-        return args
+                loaded[attribute] = cls._load_tokenizer_from_pretrained(attribute, path, subfolder=subfolder, **kwargs)
+        return loaded
 
     @property
     def model_input_names(self):
@@ -675,9 +691,11 @@ class NaViLProcessor(ProcessorMixin):
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         """Per image of the given `(height, width)` sizes, without processing pixels (the helper serving
-        engines such as vLLM call): `num_image_tokens`, the tokens `mm_token_type_ids` marks (`<img>` and
-        every `<IMG_CONTEXT>`), and `num_image_patches`, its rows of `pixel_values`. `kwargs`: image
-        settings as in `__call__`. (The whole expansion, breaks and `</img>` included, is
+        engines such as vLLM call): `num_image_tokens`, the image's tokens as the installed transformers
+        counts them (`compat_navil.IMAGE_TOKEN_COUNT_INCLUDES_MARKERS`: its `<IMG_CONTEXT>` tokens, which
+        hold the embeddings, from 5.25 on; those and `<img>`, the tokens `mm_token_type_ids` marks,
+        before), and `num_image_patches`, its rows of `pixel_values`. `kwargs`: image settings as in
+        `__call__`. (The whole expansion, breaks and `</img>` included, is
         `image_processor.num_image_tokens(height, width)`.)"""
         data = {}
         if image_sizes is not None:
@@ -689,7 +707,8 @@ class NaViLProcessor(ProcessorMixin):
                 sum(gh * gw for _, _, gh, gw in self.image_processor._pyramid(int(h), int(w), settings))
                 for h, w in image_sizes
             ]
-            data = {"num_image_tokens": [1 + n // merge**2 for n in patches], "num_image_patches": patches}
+            markers = 1 if IMAGE_TOKEN_COUNT_INCLUDES_MARKERS else 0  # `<img>`
+            data = {"num_image_tokens": [markers + n // merge**2 for n in patches], "num_image_patches": patches}
         return MultiModalData(**data)
 
     def batch_decode(self, *args, **kwargs):

@@ -227,6 +227,13 @@ def clean_stale_temporaries(out_dir, report=None):
     return removed
 
 
+def temporary_folder(beside):
+    """A new empty folder next to `beside`, named as our temporary folders are (`clean_stale_temporaries`
+    removes it once its process is gone)."""
+    beside = Path(beside)
+    return Path(tempfile.mkdtemp(prefix=f".{beside.name}{_TMP_INFIX}{os.getpid()}-", dir=beside.parent))
+
+
 @contextlib.contextmanager
 def staged_folder(out_dir, force):
     """A temporary folder beside `out_dir` to build in. When the block finishes it gets the usual
@@ -235,7 +242,7 @@ def staged_folder(out_dir, force):
     The copy of code files transformers caches for it is forgotten either way. A full disk or a
     permission error while writing is reported as a `ConversionError` naming the file."""
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP_INFIX}{os.getpid()}-", dir=out_dir.parent))
+    tmp = temporary_folder(out_dir)
     try:
         try:
             yield tmp

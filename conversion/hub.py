@@ -181,7 +181,7 @@ def write_hub_folder(
     return model
 
 
-def _our_reference(reference):
+def our_reference(reference):
     """Whether an `auto_map` value names only our code: `module.Class` with `module` a Hub file of ours (a
     tokenizer's value is a [slow, fast] pair, either may be null). `repo--module.Class` is someone else's."""
     refs = reference if isinstance(reference, (list, tuple)) else [reference]
@@ -206,7 +206,7 @@ def only_our_code(folder):
         auto_map = data.get("auto_map") if isinstance(data, dict) else None
         if not isinstance(auto_map, dict):
             continue
-        kept = {name: ref for name, ref in auto_map.items() if _our_reference(ref)}
+        kept = {name: ref for name, ref in auto_map.items() if our_reference(ref)}
         if kept == auto_map:
             continue
         for name in sorted(set(auto_map) - set(kept)):

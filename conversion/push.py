@@ -361,6 +361,7 @@ def push_folder(
     progress=True,
     endpoint=None,
     timeout=None,
+    parent_commit=None,
 ):
     """Check `folder` (`validate_folder`) and upload it to the model repo `repo_id` as one commit.
 
@@ -375,6 +376,8 @@ def push_folder(
         endpoint: Hub URL; `None` uses huggingface_hub's configuration (`HF_ENDPOINT`).
         timeout: seconds any one network operation of the push (connect, a read, a write) may take before
             the push fails; `None` uses `NAVIL_PUSH_TIMEOUT`, else `DEFAULT_TIMEOUT` (60 s).
+        parent_commit: the commit the branch must still be at (e.g. the one `folder` was downloaded from);
+            when it has moved on, nothing is sent and `PushError` says so.
 
     Returns a `PushResult` (with `warning` set when the commit was applied although the commit request
     failed). Raises `ConversionError` for an incomplete folder or bad arguments (nothing is sent) and
@@ -394,7 +397,7 @@ def push_folder(
     message = commit_message or f"Upload {folder.resolve().name} with navil"
     push_id = uuid.uuid4().hex
     sent = _Requests()
-    with _progress_bars(progress), _request_timeout(timeout, sent), _scrubbed_errors(repo_id, token):
+    with hub_progress_bars(progress), _request_timeout(timeout, sent), _scrubbed_errors(repo_id, token):
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         repo_id = repo_url.repo_id or repo_id
         info = api.repo_info(repo_id)
@@ -406,6 +409,11 @@ def push_folder(
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
             info = api.repo_info(repo_id, revision=revision)
+        if parent_commit is not None and info.sha != parent_commit:
+            raise PushError(
+                f"{repo_id} ({revision or 'main'}) has moved on from {parent_commit[:12]} to {info.sha[:12]} since the "
+                "folder was read from it; nothing was committed"
+            )
         remote = [s.rfilename for s in (info.siblings or [])]
         stale = sorted(p for p in remote if p.endswith(STALE_WEIGHT_SUFFIXES) and p not in files)
         operations = [CommitOperationDelete(path_in_repo=p) for p in stale]
@@ -670,7 +678,7 @@ def _failure_detail(error, token):
 
 
 @contextmanager
-def _progress_bars(enabled):
+def hub_progress_bars(enabled):
     """huggingface_hub's progress bars on (or off) for the block, restored afterwards. The
     `HF_HUB_DISABLE_PROGRESS_BARS` environment variable keeps priority."""
     from huggingface_hub import constants

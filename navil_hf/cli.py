@@ -7,6 +7,8 @@
     navil init-from-llm LLM_DIR_OR_GGUF OUT_DIR [--vision-preset NAME] [--no-visual-experts] [--dtype ...]
                         [--chat-template ...]
     navil push OUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
+    navil refresh FOLDER_OR_REPO --trust-remote-code [--out DIR [--force]] [--push [REPO_ID]]
+                  [--revision BRANCH] [--commit-message MSG] [--dtype ...] [--device DEV]
     navil train CONFIG.yaml [--resume] [--force] [--set KEY=VALUE ...]
     navil params FOLDER_OR_CONFIG_JSON [--image WxH ...] [--text-tokens N] [--training] [--json]
     navil scaling fit RUNS.csv [--plot OUT.png] [--bootstrap N] [--holdout FRACTION] [--json]
@@ -241,6 +243,55 @@ def build_parser():
     push.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     push.set_defaults(handler=run_push)
 
+    refresh = commands.add_parser(
+        "refresh",
+        help="give a converted NaViL folder or Hub repo this package's code files (weights untouched)",
+        description="Replace the code files (*_navil.py) of a converted NaViL folder, or of a Hub repo, with this "
+        "package's, keeping every other file byte for byte. First the folder's current code and the refreshed "
+        "folder each run in a subprocess on a prompt with an image and a text-only prompt: same input ids, logits "
+        "within 64 epsilons of --dtype x their magnitude, identical greedy tokens; otherwise nothing is written. "
+        "A local folder is refreshed in place (or copied to --out); a Hub repo (OWNER/NAME) is downloaded, "
+        "refreshed and pushed back as one commit that changes only code files.",
+    )
+    refresh.add_argument(
+        "source", metavar="FOLDER_OR_REPO", help="a converted NaViL folder, or a Hub model repo OWNER/NAME"
+    )
+    refresh.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running the code the folder carries now (needed: it is compared with the new code)",
+    )
+    refresh.add_argument("--out", metavar="DIR", help="write the refreshed folder to DIR instead (a repo: not pushed)")
+    refresh.add_argument("--force", action="store_true", help="with --out: replace DIR if it exists")
+    refresh.add_argument(
+        "--push",
+        metavar="REPO_ID",
+        nargs="?",
+        const="",
+        default=None,
+        help="also publish the refreshed folder: a local one to REPO_ID; a Hub repo back to itself (the default "
+        "without --out)",
+    )
+    refresh.add_argument(
+        "--revision", metavar="BRANCH", help="a Hub repo: the branch to refresh and push to (default main)"
+    )
+    refresh.add_argument("--commit-message", metavar="MSG", help="summary of the commit")
+    refresh.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds to wait for each answer of the Hub when pushing (default: $NAVIL_PUSH_TIMEOUT, else 60)",
+    )
+    refresh.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype both codes run the check in (default float32)",
+    )
+    refresh.add_argument("--device", default=None, help="torch device of the check (default: cuda if available)")
+    refresh.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    refresh.set_defaults(handler=run_refresh)
+
     train = commands.add_parser(
         "train",
         help="train a NaViL on conversations (YAML config; transformers Trainer; packed, padding-free)",
@@ -395,7 +446,7 @@ def _push(args, folder, repo_id):
         result = push_folder(
             folder,
             repo_id,
-            private=args.private,
+            private=getattr(args, "private", False),
             revision=args.revision,
             commit_message=getattr(args, "commit_message", None),
             progress=not args.quiet,
@@ -407,6 +458,10 @@ def _push(args, folder, repo_id):
         )
         print(f"navil {args.command}: error: {e}{retry}", file=sys.stderr)
         return EXIT_FAILED
+    return _report_push(args, result)
+
+
+def _report_push(args, result):
     if result.warning:
         print(f"navil {args.command}: warning: {result.warning}", file=sys.stderr)
     where = f"{result.repo_id} (branch {result.revision})"
@@ -415,6 +470,81 @@ def _push(args, folder, repo_id):
         print(f"pushed {len(result.files)} files to {where}{deleted}: {result.commit_url}")
     else:
         print(f"nothing changed: {where} already holds these {len(result.files)} files ({result.commit_url})")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# refresh
+
+
+def refresh_source(text):
+    """("folder", Path) for an existing folder, ("repo", id) for something shaped like OWNER/NAME."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return "folder", path
+    if path.exists():
+        raise UsageError(f"{text} is not a folder")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or not all(text.split("/")):
+        raise UsageError(f"{text}: no such folder (and not a Hub repo id of the form OWNER/NAME)")
+    return "repo", text
+
+
+def run_refresh(args):
+    from . import DISTRIBUTION, __version__
+    from .conversion.errors import PushError
+    from .conversion.refresh import refresh_folder, refresh_repo
+
+    kind, source = refresh_source(args.source)
+    if args.force and not args.out:
+        raise UsageError("--force applies to --out DIR only")
+    if kind == "folder":
+        if args.push == "":
+            raise UsageError(f"--push needs the REPO_ID to publish {source} to")
+        if args.push is None and (args.revision or args.commit_message or args.timeout):
+            raise UsageError("--revision, --commit-message and --timeout need --push REPO_ID for a local folder")
+    elif args.push not in (None, "", source):
+        raise UsageError(f"a Hub repo is pushed back to itself: --push {args.push} differs from {source}")
+    report = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    options = dict(trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=args.device, report=report)
+    if kind == "folder":
+        if args.push:
+            from .conversion.push import check_push_target, resolve_timeout
+
+            check_push_target(args.push)  # before the checks, which may take long
+            resolve_timeout(args.timeout)
+        result = refresh_folder(source, args.out, force=args.force, **options)
+    else:
+        push = args.push is not None or args.out is None
+        try:
+            result = refresh_repo(
+                source,
+                args.out,
+                push=push,
+                force=args.force,
+                revision=args.revision,
+                commit_message=args.commit_message,
+                timeout=args.timeout,
+                progress=not args.quiet,
+                **options,
+            )
+        except PushError as e:
+            print(f"navil refresh: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    if not result.changed:
+        print(f"{result.folder}: the code files are already those of {DISTRIBUTION} {__version__}; nothing written")
+    else:
+        for name, outcome in result.checks.items():
+            print(f"  verified {name}: {outcome}")
+        changes = [f"replaced {', '.join(result.replaced)}"] if result.replaced else []
+        changes += [f"added {', '.join(result.added)}"] if result.added else []
+        print(
+            f"refreshed {result.folder}: {'; '.join(changes)}; {result.untouched} other files untouched "
+            f"({result.seconds:.1f} s)"
+        )
+    if result.push is not None:
+        return _report_push(args, result.push)
+    if kind == "folder" and args.push:
+        return _push(args, result.folder, args.push)
     return EXIT_OK
 
 

@@ -19,6 +19,10 @@ Hostile modes, to test interrupted and lost pushes:
   stops. Each hung request is recorded in `state.hung` as (method, path, `time.monotonic()` of arrival).
 The commit history of a branch is served as `list_repo_commits` reads it (`/api/models/R/commits/REV`,
 newest first, with each commit's title and full message), in one page.
+
+Downloads (`snapshot_download`, `hf_hub_download`): `repo_info`, the recursive tree listing and
+`HEAD`/`GET /R/resolve/REV/PATH` at a branch or a full commit sha, with the headers the client reads
+(`X-Repo-Commit`, `ETag`, and for LFS files `X-Linked-Etag`/`X-Linked-Size`).
 """
 
 import base64
@@ -159,6 +163,16 @@ class Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def _send_bytes(self, status, body, headers, head=False):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
     def _send(self, status, payload=None, headers=None):
         body = b"" if payload is None else json.dumps(payload).encode()
         self.send_response(status)
@@ -182,6 +196,9 @@ class Handler(BaseHTTPRequestHandler):
             if path.startswith("/__lfs/"):
                 return self._lfs_storage(method, path, body)
             self._authenticate()
+            resolve = re.fullmatch(rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", path)
+            if resolve and method in ("GET", "HEAD"):
+                return self.resolve(head=method == "HEAD", **resolve.groupdict())
             for pattern, handler in ROUTES:
                 match = re.fullmatch(pattern[1], path)
                 if match and pattern[0] == method:
@@ -222,6 +239,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._handle("PUT")
 
+    def do_HEAD(self):
+        self._handle("HEAD")
+
     def _authenticate(self):
         expected = f"Bearer {self.state.token}"
         if self.headers.get("Authorization") != expected:
@@ -238,6 +258,13 @@ class Handler(BaseHTTPRequestHandler):
         if revision not in repo.branches:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return revision
+
+    def _at(self, repo, revision):
+        """The commit a branch name or a full commit sha names."""
+        revision = unquote(revision)
+        if revision in repo.commits:
+            return repo.commits[revision]
+        return repo.head(self._branch(repo, revision))
 
     # -------------------------------------------------------------------------------- API
 
@@ -292,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def tree(self, repo, revision, **_):
         repo = self._repo(repo)
-        commit = repo.head(self._branch(repo, revision))
+        commit = self._at(repo, revision)
         entries = []
         for path, entry in sorted(commit.files.items()):
             item = {"type": "file", "path": path, "size": entry.size, "oid": entry.blob_oid}
@@ -300,6 +327,18 @@ class Handler(BaseHTTPRequestHandler):
                 item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": 134}
             entries.append(item)
         return 200, entries
+
+    def resolve(self, repo, revision, path, head):
+        repo = self._repo(repo)
+        commit = self._at(repo, revision)
+        entry = commit.files.get(unquote(path))
+        if entry is None:
+            raise HubError(404, "Entry not found", "EntryNotFound")
+        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{entry.blob_oid}"'}
+        if entry.lfs:
+            headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
+        body = self.state.lfs_store[entry.sha256] if entry.lfs else entry.content
+        self._send_bytes(200, body, headers, head=head)
 
     def validate_yaml(self, **_):
         return 200, {"errors": [], "warnings": []}

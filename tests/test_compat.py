@@ -72,3 +72,53 @@ def test_unknown_rope_type_is_named():
     )
     with pytest.raises(ValueError, match="unknown rope_type 'nope'"):
         compat_navil.rope_inv_freq(config, "cpu")
+
+
+def test_hub_kernels_on_or_off_compute_the_same_on_cpu(tmp_path, monkeypatch):
+    """transformers 5.25 turns hub kernels on by default (`from_pretrained(use_kernels=None)`): they would
+    replace NaViL's GELU (vision) and SiLU (LLM) activations, on CUDA/ROCm/XPU only. On CPU a converted
+    folder loads without touching the network and computes the same logits and greedy tokens with kernels
+    at the default, on where the `kernels` package is installed, and off."""
+    import importlib.util
+    import socket
+
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    from navil_hf.conversion import convert_checkpoint
+
+    from conftest import fixtures_dir
+
+    source = fixtures_dir() / "original-qwen3-tiny"
+    folder = tmp_path / "hub"
+    convert_checkpoint(source / "checkpoint", folder, progress=False)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = Image.open(source / "image0.png").convert("RGB").resize((48, 32))
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    connections = []
+
+    def no_network(sock, address):
+        connections.append(address)
+        raise OSError(f"this test allows no network connection (to {address})")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    settings = {"default": {}, "off": {"use_kernels": False}}
+    if importlib.util.find_spec("kernels") is not None:
+        settings["on"] = {"use_kernels": True}
+    results = {}
+    for name, kwargs in settings.items():
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32, **kwargs).eval()
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        results[name] = logits, tokens
+    assert connections == []
+    logits_off, tokens_off = results["off"]
+    for name, (logits, tokens) in results.items():
+        torch.testing.assert_close(logits, logits_off, rtol=0, atol=0, msg=f"kernels {name} vs off")
+        assert tokens.tolist() == tokens_off.tolist(), name

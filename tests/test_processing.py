@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+from compat_navil import IMAGE_TOKEN_COUNT_INCLUDES_MARKERS
 from image_processing_navil import (
     NaViLImageProcessor,
     image_token_layout,
@@ -583,13 +584,20 @@ def test_num_multimodal_tokens_helper_matches_call():
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
     out = processor(text=["x <image>"] * 4, images=images, return_tensors="np")
     helper = processor._get_num_multimodal_tokens(image_sizes=sizes)
-    assert out["mm_token_type_ids"].sum(-1).tolist() == helper["num_image_tokens"]
+    # the embedding holders (`<IMG_CONTEXT>`), and `<img>` where transformers (< 5.25) counts every marked token
+    contexts = (out["input_ids"] == processor.image_context_token_id).sum(-1)
+    assert (out["mm_token_type_ids"].sum(-1) == contexts + 1).all()
+    markers = 1 if IMAGE_TOKEN_COUNT_INCLUDES_MARKERS else 0
+    assert helper["num_image_tokens"] == (contexts + markers).tolist()
     pyramids = [processor.image_processor.pyramid(h, w) for h, w in sizes]
     assert helper["num_image_patches"] == [sum(gh * gw for _, _, gh, gw in plan) for plan in pyramids]
     assert sum(helper["num_image_patches"]) == len(out["pixel_values"])
     small = processor._get_num_multimodal_tokens(image_sizes=sizes, max_pixels=64 * 64, multi_scale=False)
     assert small["num_image_tokens"] == [
-        processor(text="<image>", images=[img], max_pixels=64 * 64, multi_scale=False)["mm_token_type_ids"][0].count(1)
+        processor(text="<image>", images=[img], max_pixels=64 * 64, multi_scale=False)["input_ids"][0].count(
+            processor.image_context_token_id
+        )
+        + markers
         for img in images
     ]
 
