@@ -5,6 +5,7 @@ minimisation, the joint ViT/LLM fit recovers a known slope, bad runs files fail 
 line prints a report and writes PNGs."""
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -271,6 +272,16 @@ def test_fit_rejects_bad_arrays():
 
 
 # ------------------------------------------------------------------------------------------ command line
+
+
+def test_degenerate_names_steps_and_collapsed_terms(synthetic_fit):
+    """A fit can converge and still not be a law: an exponent of 12 (a step inside the runs) or an E of
+    1e-114 (collapsed) is named, as a non-positive exponent is; Chinchilla-like parameters are not."""
+    fit = synthetic_fit
+    assert fit.degenerate == []
+    step = dataclasses.replace(fit, alpha=12.0, E=1e-114)
+    assert step.degenerate == ["alpha = 12 > 3 (a step, not a power law)", "E = 1e-114 (collapsed)"]
+    assert dataclasses.replace(fit, beta=-0.1).degenerate == ["beta = -0.1 <= 0"]
 
 
 def test_runs_without_diminishing_returns_give_a_degenerate_fit_that_still_reports(tmp_path):

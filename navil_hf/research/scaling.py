@@ -139,6 +139,10 @@ GRIDS = {"hoffmann": HOFFMANN_GRID, "coarse": COARSE_GRID}
 MIN_RUNS = 5  # five parameters
 GRADIENT_TOLERANCE = 1e-6  # largest component of the normalised gradient at a converged fit
 LEVELS = (0.8, 0.95)
+# Beyond this an exponent makes its term a step inside the runs, not a power law (published fits: 0.2-0.8).
+MAX_EXPONENT = 3.0
+# Below this a coefficient has collapsed (losses are O(1) nats; the unconstrained fit can drive E to 1e-114).
+COLLAPSED = 1e-9
 
 
 class RunsError(ValueError):
@@ -639,12 +643,16 @@ class ScalingFit:
     @property
     def degenerate(self) -> list[str]:
         """Why the fit is not a scaling law with diminishing returns in both N and D (empty when it is):
-        a non-positive exponent, or a term whose coefficient collapsed to 0 (the fit is unconstrained, as
-        Hoffmann et al.'s is, so runs that do not improve with N or D can give such fits)."""
-        reasons = [f"{name} = {value:.4g} <= 0" for name, value in (("alpha", self.alpha), ("beta", self.beta))
-                   if not value > 0]  # fmt: skip
+        a non-positive exponent, an exponent above `MAX_EXPONENT` (the term is a step within the runs,
+        e.g. a plateau after a curriculum switch, not a power law), or a coefficient that collapsed below
+        `COLLAPSED` (the fit is unconstrained, as Hoffmann et al.'s is, so runs that do not improve with N
+        or D can give such fits)."""
+        exponents = (("alpha", self.alpha), ("beta", self.beta))
+        reasons = [f"{name} = {value:.4g} <= 0" for name, value in exponents if not value > 0]
+        reasons += [f"{name} = {value:.4g} > {MAX_EXPONENT:g} (a step, not a power law)" for name, value in exponents
+                    if value > MAX_EXPONENT]  # fmt: skip
         reasons += [f"{name} = {value:.4g} (collapsed)" for name, value in (("E", self.E), ("A", self.A), ("B", self.B))
-                    if not value > 0]  # fmt: skip
+                    if not value > COLLAPSED]  # fmt: skip
         return reasons
 
     @property
