@@ -281,7 +281,10 @@ def test_degenerate_names_steps_and_collapsed_terms(synthetic_fit):
     assert fit.degenerate == []
     step = dataclasses.replace(fit, alpha=12.0, E=1e-114)
     assert step.degenerate == ["alpha = 12 > 3 (a step, not a power law)", "E = 1e-114 (collapsed)"]
+    assert not step.has_allocation and math.isnan(step.a) and "N_opt =" not in step.summary()
     assert dataclasses.replace(fit, beta=-0.1).degenerate == ["beta = -0.1 <= 0"]
+    collapsed_floor = dataclasses.replace(fit, E=0.0)
+    assert collapsed_floor.degenerate == ["E = 0 (collapsed)"] and collapsed_floor.has_allocation
 
 
 def test_runs_without_diminishing_returns_give_a_degenerate_fit_that_still_reports(tmp_path):

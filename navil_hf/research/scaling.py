@@ -657,8 +657,10 @@ class ScalingFit:
 
     @property
     def has_allocation(self) -> bool:
-        """The compute-optimal allocation exists: alpha, beta, A and B are all positive."""
-        return self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0
+        """The compute-optimal allocation is meaningful: A and B have not collapsed and both exponents are
+        those of a power law (0 < exponent <= `MAX_EXPONENT`); a degenerate E alone does not matter to it."""
+        exponents_ok = all(0 < value <= MAX_EXPONENT for value in (self.alpha, self.beta))
+        return exponents_ok and self.A > COLLAPSED and self.B > COLLAPSED
 
     @property
     def a(self) -> float:
@@ -921,9 +923,10 @@ def _format_fit(fit: ScalingFit) -> str:
         lines.append(f"  bootstrap: {boot['n_converged']}/{boot['n']} resampled refits converged")
     c_max = float(np.max(6.0 * fit.data["N"] * fit.data["D"])) if fit.data else None
     if fit.degenerate:
+        allocation = "" if fit.has_allocation else " (no compute-optimal allocation)"
         lines.append(f"  degenerate fit: {'; '.join(fit.degenerate)}: the runs do not follow a law with diminishing "
-                     "returns in both N and D (no compute-optimal allocation)")  # fmt: skip
-    else:
+                     f"returns in both N and D{allocation}")  # fmt: skip
+    if fit.has_allocation:
         lines.append(
             f"  N_opt = G (C/6)^a, D_opt = (C/6)^b / G, G = (alpha A/(beta B))^(1/(alpha+beta)) = {_fmt(fit.G)}"
         )
