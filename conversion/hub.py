@@ -191,6 +191,19 @@ def our_reference(reference):
     )
 
 
+def auto_maps(folder):
+    """(path, parsed JSON, its `auto_map`) for every JSON file of `folder` that has an `auto_map` dict;
+    unreadable or invalid JSON files are skipped."""
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(auto_map, dict):
+            yield path, data, auto_map
+
+
 def only_our_code(folder):
     """Make a folder we wrote carry only our code: drop every `auto_map` entry of its JSON files that
     points anywhere but our Hub files (e.g. a checkpoint tokenizer's own class, or a Hub repo's code), and
@@ -198,14 +211,7 @@ def only_our_code(folder):
     folder = Path(folder)
     ours = {path.name for path in code_files()}
     notices = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            continue
-        auto_map = data.get("auto_map") if isinstance(data, dict) else None
-        if not isinstance(auto_map, dict):
-            continue
+    for path, data, auto_map in auto_maps(folder):
         kept = {name: ref for name, ref in auto_map.items() if our_reference(ref)}
         if kept == auto_map:
             continue

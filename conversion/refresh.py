@@ -45,7 +45,7 @@ from .folders import (
     staged_folder,
     temporary_folder,
 )
-from .hub import CODE_MODULES, code_files, our_reference
+from .hub import CODE_MODULES, auto_maps, code_files, our_reference
 
 CODE_FILES = tuple(f"{name}.py" for name in CODE_MODULES)
 # A folder of ours has at least these (older folders carried fewer code files than today's seven).
@@ -104,19 +104,13 @@ def check_refreshable(folder):
     missing = [n for n in REQUIRED_CODE_FILES if n not in names]
     if missing:
         raise ConversionError(f"{folder} lacks NaViL's code file(s) {', '.join(missing)}: not a converted NaViL folder")
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        auto_map = data.get("auto_map") if isinstance(data, dict) else None
-        if isinstance(auto_map, dict):
-            others = {k: v for k, v in auto_map.items() if not our_reference(v)}
-            if others:
-                name, ref = next(iter(others.items()))
-                raise ConversionError(
-                    f"{path.name} auto_map {name} -> {ref!r} is not NaViL's code: refresh replaces NaViL's code only"
-                )
+    for path, _, auto_map in auto_maps(folder):
+        others = {k: v for k, v in auto_map.items() if not our_reference(v)}
+        if others:
+            name, ref = next(iter(others.items()))
+            raise ConversionError(
+                f"{path.name} auto_map {name} -> {ref!r} is not NaViL's code: refresh replaces NaViL's code only"
+            )
 
 
 def stale_code_files(folder):

@@ -272,15 +272,11 @@ def build_parser():
         help="also publish the refreshed folder: a local one to REPO_ID; a Hub repo back to itself (the default "
         "without --out)",
     )
-    refresh.add_argument(
-        "--revision", metavar="BRANCH", help="a Hub repo: the branch to refresh and push to (default main)"
-    )
-    refresh.add_argument("--commit-message", metavar="MSG", help="summary of the commit")
-    refresh.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=None,
-        help="seconds to wait for each answer of the Hub when pushing (default: $NAVIL_PUSH_TIMEOUT, else 60)",
+    _add_push_options(
+        refresh,
+        commit_message=True,
+        private=False,
+        revision_help="a Hub repo: the branch to refresh and push to (default main)",
     )
     refresh.add_argument(
         "--dtype",
@@ -330,13 +326,17 @@ def build_parser():
     return parser
 
 
-def _add_push_options(parser, commit_message):
-    parser.add_argument(
-        "--private",
-        action="store_true",
-        help="create the repo private (an existing repo keeps its visibility; an existing public one is refused)",
-    )
-    parser.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing; default main)")
+def _add_push_options(
+    parser, commit_message, private=True, revision_help="commit to this branch (created if missing; default main)"
+):
+    """The Hub options of the commands that push: --private, --revision, --commit-message, --timeout."""
+    if private:
+        parser.add_argument(
+            "--private",
+            action="store_true",
+            help="create the repo private (an existing repo keeps its visibility; an existing public one is refused)",
+        )
+    parser.add_argument("--revision", metavar="BRANCH", help=revision_help)
     if commit_message:
         parser.add_argument("--commit-message", metavar="MSG", help="summary of the commit")
     parser.add_argument(

@@ -26,6 +26,7 @@ Downloads (`snapshot_download`, `hf_hub_download`): `repo_info`, the recursive t
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -500,3 +501,31 @@ class HubServer:
     def hang_requests(self, pattern=None):
         """Leave requests matching `pattern` ("METHOD /path" regex; all when None) unanswered."""
         self.state.hang = re.compile(pattern or ".*")
+
+
+@contextlib.contextmanager
+def pointed_hub(token, monkeypatch, home):
+    """A `HubServer` with huggingface_hub pointed at it for the test (`monkeypatch`): the environment and,
+    since huggingface_hub reads them at import, its constants; Xet and telemetry off, `HF_TOKEN` set, no
+    saved login, its token files and download cache under `home`."""
+    from huggingface_hub import constants
+
+    with HubServer(token) as server:
+        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        patches = {
+            "ENDPOINT": server.url,
+            "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+            "HF_HUB_DISABLE_XET": True,
+            "HF_HUB_DISABLE_TELEMETRY": True,
+            "HF_HUB_OFFLINE": False,
+            "HF_TOKEN_PATH": str(home / "token"),
+            "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+            "AGENT_HARNESSES_PATH": str(home / "agent_harnesses.json"),
+            "HF_HUB_CACHE": str(home / "hub"),
+        }
+        for name, value in patches.items():
+            monkeypatch.setattr(constants, name, value)
+        yield server

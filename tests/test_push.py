@@ -17,7 +17,7 @@ from navil_hf.conversion.errors import ConversionError, PushError
 from navil_hf.conversion.push import folder_files
 
 from conftest import fixtures_dir
-from hub_server import HubServer
+from hub_server import pointed_hub
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's LFS PUT
 
@@ -64,22 +64,8 @@ def sharded(converted_sharded, tmp_path):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """The stand-in Hub, with huggingface_hub pointed at it (its constants are read at import, so they are
-    patched as well as the environment), Xet and telemetry off, HF_TOKEN set and no saved login."""
-    from huggingface_hub import constants
-
-    with HubServer(TOKEN) as server:
-        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
-        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf-home" / "agent_harnesses.json"))
+    """The stand-in Hub, with huggingface_hub pointed at it (`hub_server.pointed_hub`)."""
+    with pointed_hub(TOKEN, monkeypatch, tmp_path / "hf-home") as server:
         yield server
 
 

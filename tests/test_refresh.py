@@ -17,7 +17,7 @@ from navil_hf.conversion.hub import code_files
 from navil_hf.conversion.refresh import CODE_FILES, compat_tested_range
 
 from conftest import fixtures_dir
-from hub_server import HubServer
+from hub_server import pointed_hub
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's LFS PUT
 
@@ -245,24 +245,8 @@ def test_help_lists_refresh(capsys):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """The stand-in Hub with huggingface_hub pointed at it (as in test_push.py), its caches in tmp_path."""
-    from huggingface_hub import constants
-
-    with HubServer(TOKEN) as server:
-        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    """The stand-in Hub with huggingface_hub pointed at it (`hub_server.pointed_hub`), its caches in tmp_path."""
+    with pointed_hub(TOKEN, monkeypatch, tmp_path / "hf-home") as server:
         yield server
 
 
