@@ -1,11 +1,12 @@
 """navil-hf: NaViL as transformers remote code (the Hub files), the checkpoint converter and the `navil`
 command line. The distribution is `navil-hf` and the import package `navil_hf` (the name `navil` on PyPI
-belongs to an unrelated project); `conversion/` installs as `navil_hf.conversion`."""
+belongs to an unrelated project). The top-level `conversion/` holds the conversion scripts, which are not
+installed (`navil convert` and friends are their installed form)."""
 
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 
@@ -17,10 +18,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The Hub files (`*_navil.py` at the root): the remote code every converted folder carries
-    # (conversion/hub.py CODE_MODULES, which a test keeps equal to this).
+    # (navil_hf/hub.py CODE_MODULES, which a test keeps equal to this).
     py_modules=sorted(path.stem for path in HERE.glob("*_navil.py")),
-    packages=["navil_hf", "navil_hf.conversion", "navil_hf.training", "navil_hf.research", "navil_hf.vllm"],
-    package_dir={"navil_hf.conversion": "conversion"},
+    packages=find_packages(include=["navil_hf", "navil_hf.*"]),
     install_requires=[
         # The tested range (compat_navil.py is the one place that knows what differs inside it); CI runs the
         # suite on the newest and the parity/generation tests on 5.16.1 and 5.19.0.

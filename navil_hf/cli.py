@@ -26,26 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ArgumentParser, UsageError, one_line
+
 # `navil chat`: the default answer length, and the repetition guard (an answer stops once a span of up to
 # GUARD_MAX_SPAN tokens has repeated GUARD_REPEATS times in a row).
 DEFAULT_ANSWER_TOKENS = 512
 GUARD_MAX_SPAN, GUARD_REPEATS = 16, 4
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def build_parser():
     from . import DISTRIBUTION, __version__
 
-    parser = _Parser(prog="navil", description="NaViL checkpoints: convert, chat, publish.")
+    parser = ArgumentParser(prog="navil", description="NaViL checkpoints: convert, chat, publish.")
     parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {__version__}")
     parser.add_argument(
         "--debug", action="store_true", help="on an internal error, show the Python traceback instead of one line"
@@ -439,8 +431,8 @@ def run_push(args):
 def _push(args, folder, repo_id):
     """Check and upload `folder`; an incomplete folder raises `ConversionError` (exit 2, nothing sent),
     a failed upload is reported here with exit code 1."""
-    from .conversion.errors import PushError
     from .conversion.push import push_folder
+    from .errors import PushError
 
     try:
         result = push_folder(
@@ -491,8 +483,8 @@ def refresh_source(text):
 
 def run_refresh(args):
     from . import DISTRIBUTION, __version__
-    from .conversion.errors import PushError
     from .conversion.refresh import refresh_folder, refresh_repo
+    from .errors import PushError
 
     kind, source = refresh_source(args.source)
     if args.force and not args.out:
@@ -658,7 +650,7 @@ def run_params(args):
 
 def check_model_reference(model):
     """A local folder must exist and hold config.json; anything else is taken as a Hub repo id."""
-    from .conversion.folders import CONFIG_FILE
+    from .folders import CONFIG_FILE
 
     path = Path(model).expanduser()
     if path.is_dir():
@@ -808,8 +800,7 @@ class _RepetitionGuard:
 
 def main(argv=None):
     """Entry point of the `navil` console script; returns the exit code."""
-    from .conversion.errors import ConversionError, VerificationError
-    from .research.scaling import RunsError
+    from .errors import VerificationError
 
     try:
         args = build_parser().parse_args(argv)
@@ -818,13 +809,13 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         return args.handler(args)
-    except (UsageError, ConversionError, RunsError) as e:
-        print(f"navil {args.command}: error: {_one_line(e)}", file=sys.stderr)
+    except UsageError as e:  # a ConversionError, DataError, RunsError, ... too
+        print(f"navil {args.command}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except VerificationError as e:
         out = getattr(args, "out_dir", None)
         suffix = f"; nothing was written to {out}" if out else ""
-        print(f"navil {args.command}: verification failed: {_one_line(e)}{suffix}", file=sys.stderr)
+        print(f"navil {args.command}: verification failed: {one_line(e)}{suffix}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"navil {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -833,16 +824,11 @@ def main(argv=None):
         if args.debug:
             raise
         print(
-            f"navil {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+            f"navil {args.command}: internal error: {type(e).__name__}: {one_line(e)} "
             "(run `navil --debug ...` for the traceback, and please report it)",
             file=sys.stderr,
         )
         return EXIT_FAILED
-
-
-def _one_line(error):
-    """An error message on one line (messages from libraries may span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

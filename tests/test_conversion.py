@@ -16,7 +16,6 @@ from modeling_navil import NaViLForConditionalGeneration
 from navil_hf.cli import main as navil
 from navil_hf.conversion import convert as convert_module
 from navil_hf.conversion.convert import convert_checkpoint
-from navil_hf.conversion.errors import ConversionError, VerificationError
 from navil_hf.conversion.keymap import (
     KeyMismatchError,
     convert_state_dict,
@@ -40,6 +39,7 @@ from navil_hf.conversion.surgery import (
     split_internlm2_wqkv,
     unfold_chained_projection,
 )
+from navil_hf.errors import ConversionError, VerificationError
 
 from conftest import FIXTURES, REPO_ROOT, checkpoint, copy_checkpoint, token_ids
 from tiny import full_size_original_config

@@ -14,9 +14,9 @@ import pytest
 
 import navil_hf.demo
 from navil_hf.cli import main as navil
-from navil_hf.conversion.errors import ConversionError
 from navil_hf.conversion.init_llm import TEXT_PARITY_TOLERANCE
 from navil_hf.demo import DEMO_NOTICE, demo_gguf_path, demo_model_dir
+from navil_hf.errors import ConversionError
 
 QUESTION = "What is the capital of France?"
 

@@ -15,8 +15,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from navil_hf.cli import main as navil
-from navil_hf.conversion.folders import clean_stale_temporaries, publish
-from navil_hf.conversion.hub import only_our_code
+from navil_hf.folders import clean_stale_temporaries, publish
+from navil_hf.hub import only_our_code
 
 from conftest import checkpoint, copy_checkpoint
 
@@ -129,7 +129,7 @@ def test_unwritable_parent_and_full_disk_are_one_line(tmp_path, capsys, monkeypa
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
-    monkeypatch.setattr("navil_hf.conversion.hub.Path.write_text", full)
+    monkeypatch.setattr("navil_hf.hub.Path.write_text", full)
     err = usage_error(capsys, "convert", "-q", checkpoint("qwen3"), tmp_path / "out")
     assert "No space left on device" in err and "README.md" in err
     assert [p.name for p in tmp_path.iterdir()] == []
@@ -207,7 +207,7 @@ def test_two_concurrent_force_runs_both_finish_with_a_complete_folder(tmp_path):
 
 
 def test_publish_without_an_atomic_swap_restores_the_old_folder(tmp_path, monkeypatch):
-    import navil_hf.conversion.folders as folders
+    import navil_hf.folders as folders
 
     out, new = tmp_path / "out", tmp_path / f".out.tmp-{os.getpid()}-x"
     _old_folder(out)

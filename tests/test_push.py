@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from navil_hf.cli import main as navil
 from navil_hf.conversion import check_folder, convert_checkpoint, push_folder
-from navil_hf.conversion.errors import ConversionError, PushError
 from navil_hf.conversion.push import folder_files
+from navil_hf.errors import ConversionError, PushError
 
 from conftest import fixtures_dir
 from hub_server import pointed_hub
@@ -510,7 +510,7 @@ def test_convert_push_checks_come_before_converting(hub, tmp_path, monkeypatch, 
 
 def test_installed_hub_modules_are_the_code_files_folders_carry():
     """setup.py installs every `*_navil.py` at the root; a converted folder carries exactly those."""
-    from navil_hf.conversion.hub import CODE_MODULES
+    from navil_hf.hub import CODE_MODULES
 
     from conftest import REPO_ROOT
 

@@ -13,8 +13,8 @@ import torch
 
 from navil_hf.cli import main as navil
 from navil_hf.conversion import convert_checkpoint, push_folder
-from navil_hf.conversion.hub import code_files
 from navil_hf.conversion.refresh import CODE_FILES, compat_tested_range
+from navil_hf.hub import code_files
 
 from conftest import fixtures_dir
 from hub_server import pointed_hub
@@ -279,7 +279,7 @@ def test_hub_repo_is_refreshed_in_one_commit_of_code_files(hub, old, capsys):
 
 
 def test_push_based_on_a_commit_the_branch_has_left_is_refused(hub, old):
-    from navil_hf.conversion.errors import PushError
+    from navil_hf.errors import PushError
 
     first = push_folder(old, "owner/navil-tiny", progress=False)
     (old / "README.md").write_text("changed meanwhile\n")

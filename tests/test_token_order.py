@@ -13,8 +13,8 @@ from transformers import AutoConfig, AutoModel
 from configuration_navil import NaViLConfig, NaViLVisionConfig
 from modeling_navil import NaViLForConditionalGeneration
 from navil_hf.cli import main as navil
-from navil_hf.conversion.errors import ConversionError
 from navil_hf.conversion.original import to_original_config
+from navil_hf.errors import ConversionError
 
 from conftest import fixtures_dir
 from tiny import assert_fp_close, multimodal_inputs, tiny_model

@@ -118,7 +118,7 @@ class NaViLModelTester:
 
 
 def _auto_registration():
-    """NaViL in transformers' auto mappings, for the classes our Hub `auto_map` names (conversion/hub.py:
+    """NaViL in transformers' auto mappings, for the classes our Hub `auto_map` names (navil_hf/hub.py:
     AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText), the way a built-in VLM
     (e.g. qwen2_vl) is listed. The mixins choose many tests by these mappings (labels, LM-head and
     image-feature checks, RoPE tests, torch.save/load, the FSDP plan); for a remote-code model that is in

@@ -12,7 +12,7 @@ if ROOT not in sys.path:
 
 from configuration_navil import NaViLConfig  # noqa: E402
 from modeling_navil import NaViLForConditionalGeneration  # noqa: E402
-from navil_hf.conversion.hub import AUTO_MAP, code_files  # noqa: E402
+from navil_hf.hub import AUTO_MAP, code_files  # noqa: E402
 
 # Token ids of the tiny vocabulary (mirrors the fixtures' tokenizer layout).
 IMG_START, IMG_END, IMG_CONTEXT, LINE_BREAK, FRAME_BREAK = 5, 6, 7, 8, 9

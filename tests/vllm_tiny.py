@@ -64,7 +64,7 @@ def build_folder(family, out_dir, seed=0, special_token_table="prompt", visual_e
     from transformers import AutoTokenizer
 
     from modeling_navil import NaViLForConditionalGeneration
-    from navil_hf.conversion.hub import write_hub_folder
+    from navil_hf.hub import write_hub_folder
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR[family])
     vocab = tokenizer.get_vocab()

@@ -822,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """`navil params`: prints the tables (or JSON); a bad config or option raises `navil_hf.cli.UsageError`."""
-    from navil_hf.cli import EXIT_OK, UsageError
+    from ..errors import EXIT_OK, UsageError
 
     try:
         config = load_config(args.model)
@@ -850,7 +850,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m navil_hf.research.accounting ...`: the same as `navil params ...`."""
-    from navil_hf.cli import EXIT_USAGE, UsageError
+    from ..errors import EXIT_USAGE, UsageError
 
     parser = add_arguments(
         argparse.ArgumentParser(prog="navil params", description="Parameters and FLOPs of a NaViL config.")

@@ -119,6 +119,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 PARAMETERS = ("E", "A", "B", "alpha", "beta")
 # The grids of starting points, axes in the order (a, b, e, alpha, beta) of the optimiser's vector.
 HOFFMANN_GRID = {
@@ -145,7 +147,7 @@ MAX_EXPONENT = 3.0
 COLLAPSED = 1e-9
 
 
-class RunsError(ValueError):
+class RunsError(UsageError):
     """Unusable runs (a missing column, a non-positive value, too few runs): a one-line message."""
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from ..conversion.errors import ConversionError
+from ..errors import UsageError
 from .collate import IGNORE_INDEX
 
 logger = logging.get_logger("navil_hf.training")
@@ -50,7 +50,7 @@ ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ConversionError):
+class DataError(UsageError):
     """A record that cannot be read: the message names the file and line (`navil train`: one line, exit 2)."""
 
 

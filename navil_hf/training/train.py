@@ -47,7 +47,7 @@ from pathlib import Path
 from transformers import Trainer
 from transformers.utils import logging
 
-from ..conversion.errors import ConversionError
+from ..errors import UsageError
 
 logger = logging.get_logger("navil_hf.training")
 
@@ -73,7 +73,7 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-class ConfigError(ConversionError):
+class ConfigError(UsageError):
     """A training config the user must fix (one line, exit 2)."""
 
 
@@ -286,8 +286,8 @@ def load_processor(path):
     from image_processing_navil import NaViLImageProcessor
     from processing_navil import NaViLProcessor
 
-    from ..conversion.folders import quiet_transformers
     from ..conversion.tokenizer import load_tokenizer
+    from ..folders import quiet_transformers
 
     path = Path(path)
     tokenizer = load_tokenizer(path)
@@ -321,7 +321,7 @@ def load_model(path, dtype="float32", attn_implementation="sdpa"):
 
     from modeling_navil import NaViLForConditionalGeneration
 
-    from ..conversion.folders import quiet_transformers, safetensors_files
+    from ..folders import quiet_transformers, safetensors_files
 
     safetensors_files(path, error=ConfigError)  # refuses pickle-only folders
     with quiet_transformers():
@@ -511,8 +511,8 @@ def save_trained(trainer, config: TrainConfig, processor) -> Path:
     main process (under FSDP the full state dict is gathered first)."""
     from transformers import GenerationConfig
 
-    from ..conversion.folders import staged_folder
-    from ..conversion.hub import build_generation_config, usage_section, write_hub_folder
+    from ..folders import staged_folder
+    from ..hub import build_generation_config, usage_section, write_hub_folder
 
     accelerator = trainer.accelerator
     sharded = getattr(accelerator, "is_fsdp2", False) or accelerator.distributed_type.name == "FSDP"

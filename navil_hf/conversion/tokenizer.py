@@ -3,8 +3,8 @@ checking a written tokenizer against the one it came from."""
 
 from pathlib import Path
 
-from .errors import ConversionError, VerificationError, first_line
-from .folders import TOKENIZER_VOCAB_FILES, quiet_transformers
+from ..errors import ConversionError, VerificationError, first_line
+from ..folders import TOKENIZER_VOCAB_FILES, quiet_transformers
 
 PROBE_TEXT = "Describe the image.\n<|im_start|>user\n<img><IMG_CONTEXT></img> 1+1=2, ünïcödé 中文"
 

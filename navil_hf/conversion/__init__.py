@@ -1,5 +1,6 @@
 """Conversion of original OpenGVLab NaViL checkpoints to our Hub format and back, `init-from-llm`, and
-publishing (installed as `navil_hf.conversion`).
+publishing (the library behind `navil convert/init-from-llm/push/refresh` and the scripts in the
+repository's top-level `conversion/` folder).
 
 The names below are imported on first use (PEP 562), so importing the package -- as the command line
 does for its error classes -- does not import torch or transformers.
@@ -13,10 +14,10 @@ _EXPORTS = {
     "convert_to_original": "back",
     "ConversionResult": "convert",
     "convert_checkpoint": "convert",
-    "ConversionError": "errors",
-    "PushError": "errors",
-    "VerificationError": "errors",
-    "write_hub_folder": "hub",
+    "ConversionError": "..errors",
+    "PushError": "..errors",
+    "VerificationError": "..errors",
+    "write_hub_folder": "..hub",
     "KeyMismatchError": "keymap",
     "convert_state_dict": "keymap",
     "to_original_state_dict": "keymap",
@@ -40,7 +41,12 @@ _EXPORTS = {
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(
+            importlib.import_module(
+                _EXPORTS[name] if _EXPORTS[name].startswith(".") else f".{_EXPORTS[name]}", __name__
+            ),
+            name,
+        )
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -18,7 +18,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from .errors import ConversionError
+from ..errors import ConversionError
 from .surgery import (
     fold_chained_bias,
     fold_chained_projection,

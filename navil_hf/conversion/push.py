@@ -47,8 +47,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConversionError, PushError, first_line
-from .folders import (
+from ..errors import ConversionError, PushError, first_line
+from ..folders import (
     CHAT_TEMPLATE_FILES,
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
@@ -62,7 +62,7 @@ from .folders import (
     pickled_files,
     read_safetensors_header,
 )
-from .hub import AUTO_MAP, CODE_MODULES
+from ..hub import AUTO_MAP, CODE_MODULES
 
 CODE_FILES = tuple(f"{name}.py" for name in CODE_MODULES)
 CONFIG_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")

@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConversionError, VerificationError, first_line
-from .folders import (
+from ..errors import ConversionError, VerificationError, first_line
+from ..folders import (
     CONFIG_FILE,
     check_output_dir,
     clean_stale_temporaries,
@@ -45,7 +45,7 @@ from .folders import (
     staged_folder,
     temporary_folder,
 )
-from .hub import CODE_MODULES, auto_maps, code_files, our_reference
+from ..hub import CODE_MODULES, auto_maps, code_files, our_reference
 
 CODE_FILES = tuple(f"{name}.py" for name in CODE_MODULES)
 # A folder of ours has at least these (older folders carried fewer code files than today's seven).
@@ -472,7 +472,7 @@ def download(repo_id, local_dir, *, revision=None, token=None, endpoint=None, re
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    from .errors import PushError
+    from ..errors import PushError
 
     api = HfApi(endpoint=endpoint, token=token, library_name="navil")
     try:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConversionError, VerificationError
-from .folders import (
+from ..errors import ConversionError, VerificationError
+from ..folders import (
     CONFIG_FILE,
     LICENSE_FILES,
     TOKENIZER_CONFIG_FILE,

@@ -33,8 +33,8 @@ from configuration_navil import (
     rope_parameters_from_legacy,
 )
 
-from .errors import ConversionError
-from .folders import CONFIG_FILE, SAFETENSORS_INDEX, read_safetensors, safetensors_files, shard_index
+from ..errors import ConversionError
+from ..folders import CONFIG_FILE, SAFETENSORS_INDEX, read_safetensors, safetensors_files, shard_index
 from .keymap import INTERNLM2, LLM_KEYS, QWEN3, KeyMismatchError, match_source, rules_for
 from .schema import validate_original_config
 

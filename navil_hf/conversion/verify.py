@@ -4,9 +4,9 @@ logits of the folder reloaded through `AutoModel`, all streamed."""
 
 import torch
 
-from .errors import VerificationError
-from .folders import SafetensorsFolder, progress_bar, quiet_transformers, release_freed_memory
-from .hub import meta_model
+from ..errors import VerificationError
+from ..folders import SafetensorsFolder, progress_bar, quiet_transformers, release_freed_memory
+from ..hub import meta_model
 from .keymap import convert_tensor, iter_original_tensors, match_source, rules_for
 from .original import llm_architecture, lm_head_key
 from .tokenizer import check_tokenizer

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConversionError
-from .folders import (
+from ..errors import ConversionError
+from ..folders import (
     CONFIG_FILE,
     LICENSE_FILES,
     TOKENIZER_FILES,
@@ -46,7 +46,7 @@ from .folders import (
     staged_folder,
     transformers_progress_bars,
 )
-from .hub import build_generation_config, build_processor, model_card, read_license, write_hub_folder, write_weights
+from ..hub import build_generation_config, build_processor, model_card, read_license, write_hub_folder, write_weights
 from .keymap import cast_view, plan_conversion, rule_view, rules_for_config
 from .original import (
     OriginalCheckpointError,

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 
 def _check_heads(num_heads, num_kv_heads):

@@ -8,7 +8,7 @@ Errors name the file, the field and what was expected, on one line.
 
 import math
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 
 class ConfigSchemaError(ConversionError):

@@ -35,8 +35,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import ConversionError, VerificationError, first_line
-from .folders import (
+from ..errors import ConversionError, VerificationError, first_line
+from ..folders import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
     SafetensorsFolder,
@@ -46,7 +46,7 @@ from .folders import (
     staged_folder,
     transformers_progress_bars,
 )
-from .hub import build_generation_config, meta_model, write_hub_folder, write_weights
+from ..hub import build_generation_config, meta_model, write_hub_folder, write_weights
 from .keymap import LazyWeights, cast_view, compile_table, internlm2_decoder_keys, plan_conversion, rule_view
 from .surgery import DTYPES, resolve_dtype
 from .tokenizer import load_tokenizer
@@ -260,7 +260,7 @@ def _gguf_license(path):
 
 
 def _folder_license(src, raw):
-    from .hub import read_license
+    from ..hub import read_license
 
     return read_license(src) or raw.get("license")
 
@@ -809,7 +809,7 @@ def source_dtype(source):
 
 def init_model_card(config, *, source, vision_preset, license, dtype, parameters, verified, stop):
     """README.md for a folder built by `navil init-from-llm`."""
-    from .hub import card_front_matter, usage_section
+    from ..hub import card_front_matter, usage_section
 
     text = config.text_config
     front = card_front_matter(license)
