@@ -41,7 +41,7 @@ setup(
     ],
     extras_require={
         # gguf + accelerate: transformers' GGUF loader (init-from-llm on a .gguf file, the demo tests).
-        # parameterized: transformers' own test mixins (tests/test_transformers_*.py) import it.
+        # parameterized: transformers' own test mixins (tests/model/test_transformers_*.py) import it.
         # hypothesis: the property-based (fuzz) tests of hostile inputs; protobuf: reading the settings of
         # the SentencePiece test models.
         # peft: LoRA in `navil train` (the `train` extra).

@@ -21,7 +21,7 @@ model's, SmolLM2's 49k vocabulary), so the prompts are those of `benchmarks/lear
 
 **Curriculum** (as learn_shapes'): every run first trains `--color-steps` steps (default a third of
 `--steps`) on color questions alone (`shapes-color/`, another seed; `--color-task`: `one-shape`, the default,
-one shape of 60-85% of the short side, "What color is the shape?", the task tests/test_learning.py shows a
+one shape of 60-85% of the short side, "What color is the shape?", the task tests/training/test_learning.py shows a
 tiny model learning to 1.00 in 200 steps; `all`: the task's own color questions, 1-3 shapes, as learn_shapes
 trains them, which size s did not learn in 400 steps: color 0.22-0.24, chance 0.17), then the rest of
 `--steps` on all four kinds (`shapes/`): two `navil train` calls, the second from the first's model (a
@@ -276,8 +276,8 @@ def build_model_folder(base_dir, size, variant, visual_experts, out_dir, seed, t
     from transformers import GenerationConfig
 
     from modeling_navil import NaViLForConditionalGeneration
-    from navil_hf.conversion.folders import quiet_transformers
-    from navil_hf.conversion.hub import build_generation_config, write_hub_folder
+    from navil_hf.folders import quiet_transformers
+    from navil_hf.hub import build_generation_config, write_hub_folder
     from navil_hf.research.accounting import count_parameters, load_config
     from navil_hf.training.train import load_processor
 

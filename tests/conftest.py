@@ -49,7 +49,7 @@ def fixtures_path() -> Path:
     return path
 
 
-# Markers that transformers' test mixins (tests/test_transformers_*.py) and its testing_utils decorators put
+# Markers that transformers' test mixins (tests/model/test_transformers_*.py) and its testing_utils decorators put
 # on their tests; registered so pytest does not warn about them.
 HF_MARKERS = (
     "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test",

@@ -1,4 +1,4 @@
-"""Tiny converted NaViL folders for the vLLM tests (tests/test_vllm.py), one per LLM family.
+"""Tiny converted NaViL folders for the vLLM tests (tests/serving/test_vllm.py), one per LLM family.
 
 vLLM's CPU attention takes head sizes 64 and 128 only, so these use head_dim 64 (tests/tiny.py's models
 have 16). The tokenizer is the fixtures' byte-level BPE one (it carries NaViL's 12 special tokens and the

@@ -1,4 +1,4 @@
-"""Runs NaViL through vLLM's offline `LLM` and prints the results as JSON (for tests/test_vllm.py and
+"""Runs NaViL through vLLM's offline `LLM` and prints the results as JSON (for tests/serving/test_vllm.py and
 benchmarks/vllm_throughput.py, which run it in a subprocess: vLLM spawns processes, so the engine lives under
 `if __name__ == "__main__":`).
 

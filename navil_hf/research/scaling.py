@@ -54,7 +54,7 @@ the kink; convergence means Nelder-Mead met its tolerances (the fixed-delta star
 too, with its parameters). On Epoch's extracted data (the five highest-loss runs dropped, as they do) this
 gives their reported E = 1.8169, A = 482.01, B = 2085.43, alpha = 0.34781, beta = 0.36585 to every digit
 (and their log-likelihood 879.7731); the fixed-delta fit gives E = 1.8172, A = 477.83, B = 2143.42,
-alpha = 0.34731, beta = 0.36717 (tests/test_scaling.py). Dropping those five runs matters: on all 245 runs the
+alpha = 0.34731, beta = 0.36717 (tests/research/test_scaling.py). Dropping those five runs matters: on all 245 runs the
 likelihood fit is E = 1.885, A = 463.3, B = 12530, alpha = 0.3454, beta = 0.4519 (log-likelihood 770.64 against
 757.80 at the 240-run parameters); the notebook's ~1e-9 difference comes from a BFGS that, started on the
 240-run kink, does not move.

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-LAUNCHER = Path(__file__).resolve().parent / "distributed_train.py"
+LAUNCHER = Path(__file__).resolve().parents[1] / "distributed_train.py"
 RUN_TIMEOUT = 240  # seconds per run (one takes 15-40 s on 2 cores); a hang is killed then
 STEPS, PROCESSES, PER_DEVICE = 4, 2, 1  # 4 steps of 2 samples: the 8 records once, each on its own
 WEIGHTS = {"rtol": 1e-5, "atol": 1e-6}

@@ -20,7 +20,7 @@ from navil_hf.hub import only_our_code
 
 from conftest import checkpoint, copy_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def edit_json(path, edit):

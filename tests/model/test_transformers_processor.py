@@ -79,7 +79,7 @@ class NaViLProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     def setUpClass(cls):
         # The mixin loads single components with AutoImageProcessor, which finds a class by the saved
         # `image_processor_type` among registered ones (the Hub path uses `auto_map` + trust_remote_code
-        # instead: tests/test_processing.py covers it).
+        # instead: tests/model/test_processing.py covers it).
         if _auto_image_processor_usable():
             AutoImageProcessor.register(NaViLConfig, NaViLImageProcessor, exist_ok=True)
         super().setUpClass()

@@ -23,7 +23,7 @@ from configuration_navil import SPECIAL_TOKENS
 # The NaViL-2B tokenizer runs on the sentencepiece package (setup.py's extras must carry it for these to run).
 sentencepiece = pytest.importorskip("sentencepiece", reason="the NaViL-2B tokenizer needs sentencepiece")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"v400": (400, 0), "v600": (600, 1)}
 LAYOUTS = {"chat-added": True, "chat-in-spm-only": False}
 

@@ -1,6 +1,6 @@
 """navil_hf.research.scaling: the Chinchilla-form fit recovers known parameters from noisy synthetic runs (and the
 truth lies in its bootstrap intervals), reproduces Epoch AI's refit of Hoffmann et al.'s extracted data
-(tests/data/README.md) to the digits Epoch reports, its compute-optimal allocation equals a brute-force
+(tests/research/data/README.md) to the digits Epoch reports, its compute-optimal allocation equals a brute-force
 minimisation, the joint ViT/LLM fit recovers a known slope, bad runs files fail on one line, and the command
 line prints a report and writes PNGs."""
 

@@ -27,7 +27,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the vLLM helpers
 sys.path.insert(0, HERE)
 
 from vllm_reference import load, reference  # noqa: E402
