@@ -301,20 +301,12 @@ def build_parser():
     )
     train.set_defaults(handler=run_train)
 
-    from .research.accounting import add_arguments as add_params_arguments
+    from .commands import params, scaling
 
-    params = commands.add_parser(
-        "params",
-        help="parameters and FLOPs of a NaViL config, per component and token type",
-        description="Count parameters (total, trainable, active per text / visual token) and, given images or text, "
-        "the FLOPs of a forward or training step. Reads config.json only (no weights, no code).",
-    )
-    add_params_arguments(params)
-    params.set_defaults(handler=run_params)
-
-    from .research.scaling import add_arguments as add_scaling_arguments
-
-    add_scaling_arguments(commands)
+    for name, command in (("params", params), ("scaling", scaling)):
+        sub = commands.add_parser(name, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.run)
     return parser
 
 
@@ -640,12 +632,6 @@ def run_train(args):
     summary = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
     print(f"trained model: {result.model_dir}" + (f" ({summary})" if summary else ""))
     return EXIT_OK
-
-
-def run_params(args):
-    from .research.accounting import run
-
-    return run(args)
 
 
 def check_model_reference(model):

@@ -5,86 +5,16 @@ what a forward pass (or a training step) over given images and text costs.
     count_parameters(config_or_model)                      # per component: total, trainable, active
     count_flops(config, images=[(1024, 768)], text_tokens=200, training=True)
     print(summary(config, images=[(1024, 768)], text_tokens=200))
-    navil params FOLDER_OR_CONFIG_JSON [--image WxH ...] [--text-tokens N] [--training] [--json]
 
-Everything is computed from the config alone (nothing is built, no weights are read); a model is counted
-from its own tensors (`numel`, `requires_grad`). The tests check both against real tiny models: the
-parameter inventory against `named_parameters`, the FLOPs against `torch.utils.flop_counter`.
-
-Components
-----------
-Parameters are grouped by `navil_hf.training.parts.PARTS`: `vision` (the ViT), `connector`,
-`special_tokens` (the 12-row prompt table), `embeddings`, `visual_experts` (every `*_ve` weight), `text`
-(the text experts plus the norms both experts share) and `lm_head`. FLOPs use the same weight groups plus
-the two weightless matmuls of attention: `vision_attention` and `llm_attention` (scores and values).
-
-Token types
------------
-An LLM token is *visual* when it is routed to the visual experts (`<IMG_CONTEXT>` and `<img>`), *text*
-otherwise (`<IMG_LINE_BREAK>`, `<IMG_FRAME_BREAK>` and `</img>` included, SPEC §3). The ViT (per image
-patch) and the connector (per merged token) work for visual tokens. Each image brings its own tokens: per
-scale `h/2` rows of `w/2` `<IMG_CONTEXT>` and a line break, a frame break; `<img>` and `</img>` around
-them. `text_tokens` counts the text tokens besides those.
-
-Parameter conventions
----------------------
-* Tied embeddings are one tensor, counted once, under `embeddings` (`lm_head` then holds 0 and is marked
-  tied); as a matmul it still counts for the head (FLOPs, active parameters without embeddings).
-* Active parameters of a token type are the parameters a token of that type is computed with, each
-  tensor once: a text token uses `embeddings` (a lookup), `text` and `lm_head`; a visual token uses
-  `vision` and `connector` (its features come from there; not so for `<img>`, which is looked up like the
-  markup tokens), `visual_experts` and the shared norms of the `text` part (the decoder layers' two
-  RMSNorms and the final norm), and, for InternLM2's chained output (`chain_visual_output`, SPEC §8.2:
-  `o_proj_ve(o_proj(x))`), the text `o_proj` too. A model without visual experts
-  (`text_config.visual_experts=False`) has an empty `visual_experts` part: its visual tokens use the
-  whole `text` part, as text tokens do (their FLOPs are `text` FLOPs too). The LM head counts
-  for visual tokens only with `logits_at_visual=True` (logits exist there, but no label ever asks for
-  them). `special_tokens` (12 rows read by markup tokens of both types) counts for neither.
-  "Without embeddings" drops the lookup table (unless tied: it is the head).
-
-FLOP conventions
-----------------
-* 2 FLOPs per multiply-add. Only matrix products count: every linear layer (bias adds not included), the
-  patch embedding (a matmul), attention's q.k and p.v products; norms, activations, rotary embeddings,
-  softmax, residual adds and gathers are not (O(tokens x width) each) -- what `FlopCounterMode` counts.
-* Embedding lookups cost 0 FLOPs. The LM head is a matmul, 2 x hidden x vocab per position it runs on:
-  `lm_head="all"` (every position: what `forward` computes, training included), `"text"` (text positions),
-  `"last"` (one: a generation prefill, `logits_to_keep=1`), an int (that many labelled positions, text
-  tokens), or `"none"` (left out, as Kaplan et al. leave out the de-embedding).
-* Attention (`attention=True`): 4 x keys x (heads x head_dim) per query and layer, scores plus values;
-  GQA does not change it (every query head attends to every key). The FLOPs belong to the query's
-  token type. The ViT attends non-causally within its segments: on full-attention layers the image
-  scale (`h x w` patches per query), on the others the query's window (`window_size^2` patches, edge
-  windows smaller), counted exactly per segment. The LLM is causal, `causal=`:
-    - `"exact"`: the query at position i sees i + 1 keys, L(L+1)/2 pairs (what a causal kernel needs);
-    - `"half"`: L/2 keys per query, L^2/2 pairs (the usual approximation);
-    - `"full"`: L keys per query, L^2 pairs: what a dense masked kernel computes (eager), and what
-      `FlopCounterMode` reports for eager attention and for sdpa with `is_causal` alike (its CUDA sdpa
-      formulas ignore causality; the CPU sdpa kernel, `_scaled_dot_product_flash_attention_for_cpu`, it
-      does not count at all, so on CPU compare with `attention=False`).
-* One sequence, one sample: attention spans the whole of it. Unless `token_types` gives the order,
-  the images come first (in order), then the text; the order matters only to `causal="exact"`'s split
-  by token type. For a packed batch add the counts of its samples (`FlopCount` supports `+`).
-* Training (`training=True`): 3 x the forward (the backward computes the gradients wrt the inputs and wrt
-  the weights, each a matmul the size of the forward one; for attention, 4 backward matmuls for 2), except
-  the patch embedding: its input is pixels, which need no gradient, so 2 x. Every parameter is taken to
-  train. Not modelled: frozen parts skip their weight gradient (and their input gradient before the first
-  trainable part); activation checkpointing adds one forward; flash / sdpa backward kernels recompute the
-  scores (torch counts their backward as 2.5 x the forward attention); the vision encoder's blank image
-  when a training batch has none (`NaViLModel._idle_vision`, 4 patches).
-* `approx` is the "2ND" estimate (forward; "6ND" with `training`): every stage's parameters times the
-  tokens it processes -- ViT parameters x patches, connector x merged tokens, each token type's LLM
-  parameters x its tokens, head x its positions; no attention term. `include_embeddings=True` adds the
-  (untied) embedding table for every text token, as "6ND with N = all parameters" does although lookups
-  cost nothing; `False` is Kaplan et al.'s non-embedding N. The exact count never includes lookups.
+Everything is computed from the config alone (nothing is built, no weights are read); a model is counted from
+its own tensors. The components, token types and the conventions of each count are described in
+docs/research/accounting.md; the command line is `navil params` (`navil_hf/commands/params.py`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,7 +115,8 @@ def tied_embeddings(config) -> bool:
 def _token_types_using(
     name: str, part: str, chain: bool, tied: bool, logits_at_visual: bool, experts: bool = True
 ) -> tuple[str, ...]:
-    """The token types whose computation uses parameter `name` (module docstring, "Parameter conventions")."""
+    """The token types whose computation uses parameter `name` (docs/research/accounting.md, "Parameter
+    conventions")."""
     name = _PEFT_PREFIX.sub("", name)
     head = ("text", "visual") if logits_at_visual else ("text",)
     if part in ("vision", "connector", "visual_experts"):
@@ -204,8 +135,8 @@ def _token_types_using(
 @dataclass
 class ParameterCount:
     """Parameters per component (`PARTS`): `total`, `trainable` and `active[token_type]` (the parameters a
-    token of that type is computed with; module docstring). `head` is the LM head's matrix, also when tied
-    (then counted under `embeddings`)."""
+    token of that type is computed with; docs/research/accounting.md). `head` is the LM head's matrix, also
+    when tied (then counted under `embeddings`)."""
 
     total: dict[str, int]
     trainable: dict[str, int]
@@ -487,7 +418,7 @@ def count_flops(
     max_pixels: int | None = None,
     multi_scale: bool = True,
 ) -> FlopCount:
-    """FLOPs of one forward (`training`: forward + backward) of one sequence (module docstring, "FLOP
+    """FLOPs of one forward (`training`: forward + backward) of one sequence (docs/research/accounting.md, "FLOP
     conventions").
 
     Images: `images`, their sizes (`(width, height)` pairs, `"WxH"` strings or PIL images; the processor's
@@ -720,7 +651,7 @@ def summary(model_or_config, images=None, text_tokens=None, *, trainable=None, *
 
 
 # ---------------------------------------------------------------------------------------------------
-# Config files and the command line
+# Config files
 
 
 def load_config(path):
@@ -750,121 +681,3 @@ def load_config(path):
         placeholder_ids = {t: i for i, t in enumerate((*SPECIAL_TOKENS, "<|im_start|>", "<|im_end|>"))}
         return convert_config(data, placeholder_ids)
     raise ValueError(f"{file} has model_type {model_type!r}: expected 'navil' (a converted folder) or 'navil_chat'")
-
-
-def _image_argument(text):
-    try:
-        return parse_image_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _count_argument(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
-def _lm_head_argument(text):
-    if text in LM_HEAD_POSITIONS:
-        return text
-    try:
-        return _count_argument(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected {', '.join(LM_HEAD_POSITIONS)} or a number of labelled positions, got {text!r}"
-        ) from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `navil params` on `parser` (a subcommand parser)."""
-    parser.add_argument(
-        "model", metavar="FOLDER_OR_CONFIG_JSON", help="a model folder (its config.json only is read) or a config.json"
-    )
-    parser.add_argument(
-        "--image",
-        dest="images",
-        action="append",
-        type=_image_argument,
-        metavar="WxH",
-        help="an image of WIDTHxHEIGHT pixels (repeatable): count the FLOPs of its scale pyramid",
-    )
-    parser.add_argument(
-        "--text-tokens", type=_count_argument, metavar="N", help="text tokens besides the images' own (FLOPs)"
-    )
-    parser.add_argument("--training", action="store_true", help="FLOPs of a training step (3x the forward)")
-    parser.add_argument(
-        "--causal",
-        choices=CAUSAL_CONVENTIONS,
-        default="exact",
-        help="keys per query of the causal attention: exact (i+1), half (L/2) or full (L, dense kernels); "
-        "default exact",
-    )
-    parser.add_argument(
-        "--lm-head",
-        type=_lm_head_argument,
-        default="all",
-        metavar="POSITIONS",
-        help="positions the LM head runs on: all (default), text, last, none, or a number of labelled positions",
-    )
-    parser.add_argument(
-        "--trainable",
-        metavar="PARTS",
-        help="comma-separated parts or presets (e.g. stage1) to count as trainable (default: everything)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    return parser
-
-
-def run(args) -> int:
-    """`navil params`: prints the tables (or JSON); a bad config or option raises `navil_hf.cli.UsageError`."""
-    from ..errors import EXIT_OK, UsageError
-
-    try:
-        config = load_config(args.model)
-        trainable = [p.strip() for p in args.trainable.split(",") if p.strip()] if args.trainable else None
-        params = count_parameters(config, trainable=trainable)
-        flops = None
-        if args.images or args.text_tokens is not None:
-            flops = count_flops(
-                config, args.images, args.text_tokens, training=args.training, causal=args.causal, lm_head=args.lm_head
-            )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.json:
-        out = {"parameters": params.to_dict()}
-        if flops is not None:
-            out["flops"] = flops.to_dict()
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_parameters(params))
-        if flops is not None:
-            print()
-            print(format_flops(flops))
-    return EXIT_OK
-
-
-def main(argv=None) -> int:
-    """`python -m navil_hf.research.accounting ...`: the same as `navil params ...`."""
-    from ..errors import EXIT_USAGE, UsageError
-
-    parser = add_arguments(
-        argparse.ArgumentParser(prog="navil params", description="Parameters and FLOPs of a NaViL config.")
-    )
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"navil params: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,125 +1,48 @@
-"""Scaling-law fits for NaViL-style studies: the Chinchilla law L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et
-al. 2022, "Approach 3"; the form Apple's "Scaling Laws for Native Multimodal Models" fits) and NaViL's joint
-ViT/LLM scaling (the loss-minimising ViT size against the LLM size, on a log scale).
+"""Scaling-law fits for NaViL-style studies: the Chinchilla law L(N, D) = E + A/N^alpha + B/D^beta
+(`fit_scaling_law`) and NaViL's joint ViT/LLM scaling, the loss-minimising ViT size against the LLM size
+(`fit_joint`), with their result classes (`ScalingFit`, `JointFit`).
 
     from navil_hf.research.scaling import read_runs, fit_scaling_law, fit_joint
     runs = read_runs("runs.csv")
     fit = fit_scaling_law(runs.N, runs.D, runs.loss, bootstrap=200, holdout=0.1)
     print(fit.summary()); fit.predict(1e9, 2e10); fit.compute_optimal(1e21); fit.plot("fit.png")
-    joint = fit_joint(runs.vit_params, runs.llm_params, runs.loss); print(joint.summary())
 
-    navil scaling fit RUNS.csv [--plot out.png] [--bootstrap N] [--holdout FRACTION] [--json] ...
-    navil scaling joint RUNS.csv [--plot out.png] [--bootstrap N] [--json] ...
-    (also `python -m navil_hf.research.scaling fit|joint ...`)
-
-numpy is needed throughout, scipy for the fits (the `research` extra), matplotlib only for the plots.
-
-The fit (`fit_scaling_law`)
----------------------------
-As Hoffmann et al. describe it and Epoch AI's replication ("Chinchilla Scaling: A replication attempt",
-Besiroglu et al. 2024, github.com/epoch-research/analyzing-chinchilla) runs it: with a = log A, b = log B,
-e = log E, minimise over (a, b, e, alpha, beta)
-
-    sum_i Huber_delta( LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i ),   delta = 1e-3,
-
-LSE the log-sum-exp (so the prediction is log(E + A/N^alpha + B/D^beta), computed without overflow), with
-L-BFGS-B from every point of a grid of starts, and keep the best. `HOFFMANN_GRID` is their grid: alpha, beta in
-{0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1}, a, b in {0, 5, ..., 25} (4500 starts); `COARSE_GRID` (972 starts)
-drops the degenerate alpha = 0 / beta = 0 starts and thins e.
-
-Numerics. The gradient is analytic. The objective is ~1e-3 and scipy's L-BFGS-B measures its `ftol` against
-max(|f|, 1): with the defaults it stops once f changes by < 2e-9, a relative change of ~1e-6, which on a
-problem this ill-conditioned (the normalised Hessian's eigenvalues span ~1e7, mostly along A-B-alpha-beta)
-leaves the parameters off in the 4th digit: Epoch's "Replicate exactly" cell (default tolerances) reports
-A = 477.84, B = 2143.86 where the converged optimum is A = 477.83, B = 2143.42. Here the objective is divided
-by sum(weights) * delta^2 (a mean Huber loss in units of delta^2, ~1-10), L-BFGS-B runs with ftol 1e-14 and
-gtol 1e-10, and damped Newton steps on the exact Hessian (the objective is C^1 and piecewise smooth) then
-take the gradient to its rounding floor (~1e-10). The fit counts as converged when the largest component of
-that normalised gradient is <= 1e-6 (`GRADIENT_TOLERANCE`); the report gives it, L-BFGS-B's own message and
-how many of the refined starts reached the best objective. Running L-BFGS-B from all 4500 starts takes
-minutes, so by default (`refine=8`) every start first takes 8 vectorised Levenberg-Marquardt steps on the
-Huber loss (iteratively reweighted Gauss-Newton, all starts at once), the 128 best take 60 more, and
-L-BFGS-B runs from the `refine` best distinct ones; `refine=None` runs L-BFGS-B from every grid start (the
-exact procedure; the same optimum on the Chinchilla data). BLAS is limited to one thread while fitting when
-threadpoolctl is installed (the matrices are 5x5; threaded OpenBLAS makes L-BFGS-B 5-10x slower on a busy
-machine).
-
-`estimate_scale=True` fits Epoch's headline estimate instead: their notebook's `objective` maximises the
-likelihood of a Huber density with a fitted scale sigma, sum_i [Huber_delta(r_i/sigma) + log sigma] + const
-(BFGS from Hoffmann's parameters). Since Huber_delta(r/sigma) = Huber_{delta sigma}(r)/sigma^2 and the fitted
-sigma is ~5e-6 on the Chinchilla data, the effective Huber threshold delta*sigma is ~5e-9 and the estimate
-is in effect a least-absolute-deviations fit of log loss; its minimum sits on a kink, where BFGS stops with
-"precision loss" (as in Epoch's notebook). Here BFGS starts from the fixed-delta fit and Nelder-Mead polishes
-the kink; convergence means Nelder-Mead met its tolerances (the fixed-delta start's convergence is reported
-too, with its parameters). On Epoch's extracted data (the five highest-loss runs dropped, as they do) this
-gives their reported E = 1.8169, A = 482.01, B = 2085.43, alpha = 0.34781, beta = 0.36585 to every digit
-(and their log-likelihood 879.7731); the fixed-delta fit gives E = 1.8172, A = 477.83, B = 2143.42,
-alpha = 0.34731, beta = 0.36717 (tests/research/test_scaling.py). Dropping those five runs matters: on all 245 runs the
-likelihood fit is E = 1.885, A = 463.3, B = 12530, alpha = 0.3454, beta = 0.4519 (log-likelihood 770.64 against
-757.80 at the 240-run parameters); the notebook's ~1e-9 difference comes from a BFGS that, started on the
-240-run kink, does not move.
-
-Uncertainty. `bootstrap` resamples the runs with replacement (multinomial weights), refits each resample
-from the point estimate (30 vectorised reweighted Gauss-Newton steps, then damped Newton on the exact
-Hessian to a normalised gradient <= 1e-6) and reports standard errors (sd of the converged refits) and
-percentile intervals (default 80% and 95%). The refits always minimise the fixed-delta Huber loss, from its
-optimum: with `estimate_scale` too, as Epoch's bootstrap does (their SEs and intervals come from refits of
-`huber_loss_objective`); the likelihood's kink minima would offer no gradient test of convergence. `holdout` sorts runs by compute
-C = 6 N D, refits (same settings) without the largest ceil(holdout * n) runs and reports the relative error
-(predicted - actual) / actual of the loss of those held-out runs (extrapolation error).
-
-Compute-optimal allocation (C = 6 N D; minimise L(N, C/(6N)) over N):
-    N_opt(C) = G (C/6)^a,  D_opt(C) = G^-1 (C/6)^b,  G = (alpha A / (beta B))^(1/(alpha+beta)),
-    a = beta/(alpha+beta),  b = alpha/(alpha+beta).
-
-The joint ViT/LLM fit (`fit_joint`)
------------------------------------
-NaViL (Tian et al. 2025) finds the loss-minimising ViT size growing log-linearly with the LLM size. Like
-Hoffmann's "Approach 2" (IsoFLOP parabolas), for each LLM size (runs whose llm_params agree within 2%)
-with >= 3 distinct ViT sizes the loss is fitted as a quadratic in u = log N_v,
-
-    L = c0 + c1 u + c2 u^2 (+ c3 log D, when D is given and varies within the group),
-
-its minimum u* = -c1/(2 c2) is the optimal ViT size N_v* (used only when c2 > 0 and N_v* lies inside the
-sampled ViT sizes: "bracketed"), and ordinary least squares on the bracketed groups gives
-
-    log N_v* = k log N_l + c     (N_v* = e^c N_l^k),
-
-with the classical standard error of k (>= 3 groups) and bootstrap percentile intervals (runs resampled
-within each LLM size, the quadratics and the line refitted).
-
-Runs files (`read_runs`)
-------------------------
-A CSV file with a header; column names are case-insensitive, spaces and hyphens count as underscores, other
-columns are ignored:
-
-    model size N:  N, params, parameters, n_params, num_params, model_size
-                   (absent: vit_params + llm_params when both are given)
-    data D:        D, tokens, n_tokens, num_tokens, training_tokens
-    or compute C:  C, flops, compute, training_flop, training_flops   (then D = C / (6 N); D wins if both)
-    loss:          loss
-    optional:      vit_params (or n_v), llm_params (or n_l), name (or run)
-
-Values must be positive finite numbers. Mistakes raise `RunsError` (a `ValueError`) with a one-line message
-naming the file and line. Epoch's data/svg_extracted_data.csv ("Model Size", "Training FLOP", "loss") reads
-as it is.
+The method (objective, numerics, uncertainty, allocation, the joint fit, runs files) is described in
+docs/research/scaling.md; the command line is `navil scaling fit|joint` (`navil_hf/commands/scaling.py`). The
+runs file is read by `runs.py`, the reports are written by `report.py` and the plots drawn by `plots.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
-import json
 import math
-import sys
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from . import plots, report
+from .runs import MIN_RUNS, Runs, RunsError, read_runs
+
+__all__ = [
+    "COARSE_GRID",
+    "COLLAPSED",
+    "GRADIENT_TOLERANCE",
+    "GRIDS",
+    "HOFFMANN_GRID",
+    "LEVELS",
+    "MAX_EXPONENT",
+    "MIN_RUNS",
+    "PARAMETERS",
+    "JointFit",
+    "Runs",
+    "RunsError",
+    "ScalingFit",
+    "fit_joint",
+    "fit_scaling_law",
+    "read_runs",
+]
 
 PARAMETERS = ("E", "A", "B", "alpha", "beta")
 # The grids of starting points, axes in the order (a, b, e, alpha, beta) of the optimiser's vector.
@@ -138,158 +61,12 @@ COARSE_GRID = {
     "beta": (0.25, 0.5, 1.0),
 }
 GRIDS = {"hoffmann": HOFFMANN_GRID, "coarse": COARSE_GRID}
-MIN_RUNS = 5  # five parameters
 GRADIENT_TOLERANCE = 1e-6  # largest component of the normalised gradient at a converged fit
 LEVELS = (0.8, 0.95)
 # Beyond this an exponent makes its term a step inside the runs, not a power law (published fits: 0.2-0.8).
 MAX_EXPONENT = 3.0
 # Below this a coefficient has collapsed (losses are O(1) nats; the unconstrained fit can drive E to 1e-114).
 COLLAPSED = 1e-9
-
-
-class RunsError(UsageError):
-    """Unusable runs (a missing column, a non-positive value, too few runs): a one-line message."""
-
-
-# --------------------------------------------------------------------------------------------------- runs
-
-
-_ALIASES = {
-    "N": ("n", "params", "parameters", "n_params", "num_params", "model_size"),
-    "D": ("d", "tokens", "n_tokens", "num_tokens", "training_tokens"),
-    "C": ("c", "flops", "compute", "training_flop", "training_flops"),
-    "loss": ("loss",),
-    "vit_params": ("vit_params", "n_v"),
-    "llm_params": ("llm_params", "n_l"),
-    "name": ("name", "run"),
-}
-
-
-@dataclass(frozen=True)
-class Runs:
-    """Training runs read from a CSV file (arrays of equal length; None where the file has no such column)."""
-
-    loss: np.ndarray
-    N: np.ndarray | None = None
-    D: np.ndarray | None = None
-    vit_params: np.ndarray | None = None
-    llm_params: np.ndarray | None = None
-    names: tuple[str, ...] = ()
-    source: str = "runs"
-
-    def __len__(self):
-        return len(self.loss)
-
-    @property
-    def C(self):
-        """Training compute 6 N D (None without N and D)."""
-        return None if self.N is None or self.D is None else 6.0 * self.N * self.D
-
-    def select(self, keep) -> Runs:
-        """The runs where boolean mask `keep` is true."""
-        keep = np.asarray(keep, dtype=bool)
-
-        def pick(x):
-            return None if x is None else x[keep]
-
-        names = tuple(n for n, k in zip(self.names, keep) if k) if self.names else ()
-        return Runs(
-            pick(self.loss),
-            pick(self.N),
-            pick(self.D),
-            pick(self.vit_params),
-            pick(self.llm_params),
-            names,
-            self.source,
-        )
-
-    def drop_highest_loss(self, k: int) -> Runs:
-        """Without the `k` runs of highest loss (Epoch drops 5 on the Chinchilla data: `losses <
-        sorted(losses)[-5]`)."""
-        if k <= 0:
-            return self
-        if k >= len(self):
-            raise RunsError(f"{self.source}: cannot drop {k} of {len(self)} runs")
-        return self.select(self.loss < np.sort(self.loss)[-k])
-
-
-def _normalise(name):
-    return "_".join(name.strip().lower().replace("-", " ").split())
-
-
-def read_runs(path, *, kind: str = "fit") -> Runs:
-    """The runs in CSV file `path` (columns: the module docstring). `kind` says what the file must hold:
-    "fit" N and D (or C) and loss, "joint" vit_params, llm_params and loss; "any" loss only."""
-    if kind not in ("fit", "joint", "any"):
-        raise ValueError(f"kind must be 'fit', 'joint' or 'any', not {kind!r}")
-    path = Path(path)
-    source = str(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise RunsError(f"{source}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise RunsError(f"{source}: not a CSV text file ({_one_line(e)})") from None
-    while rows and not any(cell.strip() for cell in rows[0]):
-        rows.pop(0)
-    if not rows:
-        raise RunsError(f"{source}: empty file (expected a header row such as N,D,loss)")
-    header = [_normalise(h) for h in rows[0]]
-    columns = {}
-    for key, aliases in _ALIASES.items():
-        found = [i for i, h in enumerate(header) if h in aliases]
-        if len(found) > 1:
-            names = ", ".join(repr(rows[0][i].strip()) for i in found)
-            raise RunsError(f"{source}: columns {names} all mean {key}; keep one")
-        if found:
-            columns[key] = found[0]
-    if "loss" not in columns:
-        raise RunsError(f"{source}: no 'loss' column (columns: {', '.join(h.strip() for h in rows[0])})")
-    data = {key: [] for key in columns}
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        for key, i in columns.items():
-            cell = row[i].strip() if i < len(row) else ""
-            if key == "name":
-                data[key].append(cell)
-                continue
-            if not cell:
-                raise RunsError(f"{source} line {line}: no value in column {rows[0][i].strip()!r}")
-            try:
-                value = float(cell)
-            except ValueError:
-                raise RunsError(
-                    f"{source} line {line}: column {rows[0][i].strip()!r}: {cell!r} is not a number"
-                ) from None
-            if not (math.isfinite(value) and value > 0):
-                raise RunsError(f"{source} line {line}: {rows[0][i].strip()} must be positive and finite, got {cell}")
-            data[key].append(value)
-    arrays = {key: np.asarray(values, dtype=float) for key, values in data.items() if key != "name"}
-    N = arrays.get("N")
-    if N is None and "vit_params" in arrays and "llm_params" in arrays:
-        N = arrays["vit_params"] + arrays["llm_params"]
-    D = arrays.get("D")
-    if D is None and "C" in arrays and N is not None:
-        D = arrays["C"] / (6.0 * N)
-    if kind == "fit":
-        if N is None:
-            raise RunsError(f"{source}: no model-size column (N or params; or vit_params and llm_params)")
-        if D is None:
-            raise RunsError(f"{source}: no data column (D or tokens) and no compute column (C or flops)")
-    if kind == "joint":
-        for key in ("vit_params", "llm_params"):
-            if key not in arrays:
-                raise RunsError(f"{source}: no {key!r} column (the joint fit needs vit_params, llm_params and loss)")
-    runs = Runs(
-        arrays["loss"], N, D, arrays.get("vit_params"), arrays.get("llm_params"), tuple(data.get("name", ())), source
-    )
-    need = MIN_RUNS if kind == "fit" else 3 if kind == "joint" else 1
-    if len(runs) < need:
-        what = {"fit": "the 5-parameter fit", "joint": "the joint fit", "any": "a fit"}[kind]
-        raise RunsError(f"{source}: {len(runs)} runs; {what} needs at least {need}")
-    return runs
 
 
 def _check_arrays(N, D, loss, source="runs"):
@@ -697,42 +474,23 @@ class ScalingFit:
             return None
         return tuple(self.bootstrap["intervals"][_level_key(level)][name])
 
+    @property
+    def bootstrap_samples(self) -> dict | None:
+        """The parameters of the converged bootstrap refits: arrays E, A, B, alpha, beta, a, b (None without a
+        bootstrap)."""
+        return None if self._samples is None else _natural(self._samples)
+
     # --- reporting
     def to_dict(self) -> dict:
-        out = {
-            "model": "L(N, D) = E + A / N**alpha + B / D**beta",
-            "parameters": self.params,
-            "log_parameters": {
-                k: math.log(v) if v > 0 else None for k, v in (("e", self.E), ("a", self.A), ("b", self.B))
-            },
-            "degenerate": self.degenerate,
-            "objective": {
-                "kind": "huber_likelihood" if self.estimate_scale else "huber",
-                "delta": self.delta,
-                "value": self.objective,
-                "sigma": self.sigma,
-                "n_runs": self.n_runs,
-            },
-            "fit": {"grid": self.grid, "seed": self.seed},
-            "convergence": self.convergence,
-            "allocation": {
-                "formula": "N_opt = G (C/6)**a, D_opt = (C/6)**b / G, C = 6 N D",
-                "a": self.a,
-                "b": self.b,
-                "G": self.G,
-            },
-            "bootstrap": self.bootstrap,
-            "holdout": self.holdout,
-        }
-        return _jsonable(out)
+        return report.fit_to_dict(self)
 
     def summary(self) -> str:
-        return _format_fit(self)
+        return report.format_fit(self)
 
     def plot(self, path):
         """Write a PNG: loss against compute with iso-N fit curves and the compute-optimal frontier, and
         N_opt / D_opt against compute (bootstrap 95% bands)."""
-        _plot_fit(self, path)
+        plots.plot_fit(self, path)
         return Path(path)
 
 
@@ -872,173 +630,6 @@ def _holdout(N, D, loss, fraction, delta, grid, refine, estimate_scale):
     }
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if isinstance(x, (np.integer, int)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    return x
-
-
-def _fmt(x, digits=5):
-    if x is None or not math.isfinite(x):
-        return "-"
-    return f"{x:.{digits}g}"
-
-
-def _format_fit(fit: ScalingFit) -> str:
-    kind = (
-        f"Huber likelihood with fitted scale sigma={fit.sigma:.3g} (delta={fit.delta:g}; Epoch's headline estimate)"
-        if fit.estimate_scale
-        else f"Huber loss, delta={fit.delta:g}, on log loss"
-    )
-    conv = fit.convergence
-    start = conv.get("start", conv)
-    lines = [
-        "L(N, D) = E + A/N^alpha + B/D^beta",
-        f"  {fit.n_runs} runs; {kind}; grid {fit.grid}: {start['n_starts']} starts, L-BFGS-B from the best "
-        f"{start['n_refined']}",
-    ]
-    boot = fit.bootstrap
-    levels = list(boot["intervals"]) if boot else []
-    head = f"  {'':6} {'estimate':>11} {'std err':>10}" + "".join(f" {f'{lv}% interval':>24}" for lv in levels)
-    lines.append(head)
-    values = {**fit.params, "a": fit.a, "b": fit.b}
-    for name in (*PARAMETERS, "a", "b"):
-        if name == "a":
-            lines.append("  compute-optimal exponents (N_opt ~ C^a, D_opt ~ C^b; a = beta/(alpha+beta)):")
-        row = f"  {name:6} {_fmt(values[name]):>11} {_fmt(boot['se'][name] if boot else None, 3):>10}"
-        for lv in levels:
-            iv = boot["intervals"][lv][name]
-            row += f" {f'[{_fmt(iv[0])}, {_fmt(iv[1])}]' if iv else '-':>24}"
-        lines.append(row)
-    if boot:
-        lines.append(f"  bootstrap: {boot['n_converged']}/{boot['n']} resampled refits converged")
-    c_max = float(np.max(6.0 * fit.data["N"] * fit.data["D"])) if fit.data else None
-    if fit.degenerate:
-        allocation = "" if fit.has_allocation else " (no compute-optimal allocation)"
-        lines.append(f"  degenerate fit: {'; '.join(fit.degenerate)}: the runs do not follow a law with diminishing "
-                     f"returns in both N and D{allocation}")  # fmt: skip
-    if fit.has_allocation:
-        lines.append(
-            f"  N_opt = G (C/6)^a, D_opt = (C/6)^b / G, G = (alpha A/(beta B))^(1/(alpha+beta)) = {_fmt(fit.G)}"
-        )
-    if c_max and fit.has_allocation:
-        n_opt, d_opt = (float(v) for v in fit.compute_optimal(c_max))
-        lines.append(
-            f"  at the largest compute C = {c_max:.3g}: N_opt = {n_opt:.3g}, D_opt = {d_opt:.3g} "
-            f"({d_opt / n_opt:.3g} tokens per parameter), L = {float(fit.predict(n_opt, d_opt)):.4g}"
-        )
-    h = fit.holdout
-    if h and "skipped" in h:
-        lines.append(f"  hold-out: skipped ({h['skipped']})")
-    elif h:
-        lines.append(
-            f"  hold-out: fitted {h['n_fit']} runs with C <= {h['fit_max_compute']:.3g}, predicted the {h['n_held']} "
-            f"largest-compute runs (C >= {h['held_min_compute']:.3g}): mean |relative error| "
-            f"{100 * h['mean_abs_rel_error']:.2f}%, max {100 * h['max_abs_rel_error']:.2f}%, "
-            f"mean signed {100 * h['mean_rel_error']:+.2f}%"
-            + ("" if h["converged"] else " (that fit did not converge)")
-        )
-    status = "converged" if conv["converged"] else "NOT CONVERGED"
-    if fit.estimate_scale:  # a kink minimum: the gradient need not vanish there
-        plain = start["parameters"]
-        detail = (
-            f"{conv['method']}: {conv['message']}; started from the fixed-delta fit E={plain['E']:.5g}, "
-            f"A={plain['A']:.5g}, B={plain['B']:.5g}, alpha={plain['alpha']:.5g}, beta={plain['beta']:.5g} "
-            f"({'converged' if start['converged'] else 'NOT CONVERGED'}, max |normalised gradient| "
-            f"{start['max_gradient']:.2g})"
-        )
-    else:
-        detail = f"{conv['method']}: {conv['message']}; max |normalised gradient| {conv['max_gradient']:.2g}"
-    if "n_at_best" in start:
-        detail += f"; {start['n_at_best']}/{start['n_refined']} refined starts reached the best objective"
-    lines.append(f"  convergence: {status} ({detail})")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------- plots
-
-
-def _figure(width, height, ncols):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise RunsError("plotting needs matplotlib (pip install matplotlib)") from None
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols)
-
-
-def _plot_fit(fit: ScalingFit, path):
-    from matplotlib import colormaps
-    from matplotlib.colors import LogNorm
-    from matplotlib.ticker import ScalarFormatter
-
-    N, D, loss = fit.data["N"], fit.data["D"], fit.data["loss"]
-    C = 6.0 * N * D
-    fig, (ax, ax2) = _figure(13, 5.2, 2)
-    cmap = colormaps["viridis"]
-    norm = LogNorm(vmin=N.min(), vmax=max(N.max(), N.min() * 1.0001))
-    held = np.zeros(len(N), dtype=bool)
-    if fit.holdout and "runs" in fit.holdout:
-        held_c = fit.holdout["held_min_compute"]
-        held = C >= held_c
-    ax.scatter(C[~held], loss[~held], c=N[~held], cmap=cmap, norm=norm, s=18, edgecolors="k", linewidths=0.3)
-    if held.any():
-        ax.scatter(C[held], loss[held], c=N[held], cmap=cmap, norm=norm, s=40, marker="D", edgecolors="r")
-    sizes = np.unique(N)
-    pick = sizes[np.unique(np.linspace(0, len(sizes) - 1, min(len(sizes), 7)).round().astype(int))]
-    d_line = np.geomspace(D.min(), D.max(), 200)
-    for n in pick:
-        ax.plot(6 * n * d_line, fit.predict(n, d_line), color=cmap(norm(n)), lw=1, alpha=0.8)
-    c_line = np.geomspace(C.min() / 2, C.max() * 10, 200)
-    ax.plot(c_line, fit.optimal_loss(c_line), "k--", lw=2, label="compute-optimal frontier")
-    if fit.holdout and "parameters" in fit.holdout:
-        q = fit.holdout["parameters"]
-        sub = ScalingFit(**q, delta=fit.delta, objective=0.0, n_runs=0, convergence={})
-        ax.plot(c_line, sub.optimal_loss(c_line), ":", color="0.4", lw=1.5, label="frontier without held-out runs")
-        ax.scatter([], [], marker="D", facecolors="none", edgecolors="r", label="held-out runs")
-    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOP)", ylabel="loss")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_title(
-        f"E={fit.E:.3g}  A={fit.A:.4g}  B={fit.B:.4g}  alpha={fit.alpha:.3f}  beta={fit.beta:.3f}", fontsize=10
-    )
-    ax.legend(fontsize=8, loc="upper right")
-    cbar = fig.colorbar(ax.collections[0], ax=ax)
-    cbar.set_label("model size N (lines: fit at iso-N)")
-
-    n_opt, d_opt = fit.compute_optimal(c_line)
-    ax2.plot(c_line, n_opt, "C0", lw=2, label=f"N_opt ~ C^{fit.a:.3f}")
-    ax2.plot(c_line, d_opt, "C1", lw=2, label=f"D_opt ~ C^{fit.b:.3f}")
-    if fit._samples is not None and len(fit._samples) > 2:
-        nat = _natural(fit._samples)
-        with np.errstate(all="ignore"):
-            G = (nat["alpha"] * nat["A"] / (nat["beta"] * nat["B"])) ** (1 / (nat["alpha"] + nat["beta"]))
-            Nb = G[:, None] * (c_line[None, :] / 6) ** nat["a"][:, None]
-            Db = c_line[None, :] / (6 * Nb)
-        for band, color in ((Nb, "C0"), (Db, "C1")):
-            ax2.fill_between(c_line, *np.nanpercentile(band, [2.5, 97.5], axis=0), color=color, alpha=0.2, lw=0)
-    ax2.scatter(C, N, s=8, color="C0", alpha=0.35, label="runs: N")
-    ax2.scatter(C, D, s=8, color="C1", alpha=0.35, label="runs: D")
-    ax2.set(xscale="log", yscale="log", xlabel="compute C (FLOP)", ylabel="parameters / tokens")
-    bands = fit._samples is not None and len(fit._samples) > 2
-    ax2.set_title("compute-optimal allocation" + (" (bands: bootstrap 95%)" if bands else ""), fontsize=10)
-    ax2.legend(fontsize=8)
-    fig.savefig(path, format="png", dpi=110)
-
-
 # ------------------------------------------------------------------------------------- joint ViT / LLM fit
 
 
@@ -1094,51 +685,38 @@ class JointFit:
             return None
         return tuple(self.bootstrap["intervals"][_level_key(level)][name])
 
+    @property
+    def group_labels(self) -> np.ndarray:
+        """Each run's LLM size: its index in `groups`."""
+        return _groups(self.data["llm"])
+
+    def loss_curve(self, g):
+        """The quadratic in u = log N_v through the runs of LLM size `g`, without the log D term (the curve the
+        plot draws): (mu, (c0, c1, c2)) for loss = c0 + c1 (u - mu) + c2 (u - mu)^2, mu the runs' mean u; None
+        with fewer than 3 ViT sizes or a singular fit."""
+        sel = self.group_labels == g
+        u = np.log(self.data["vit"][sel])
+        if len(np.unique(np.round(u, 9))) < 3:
+            return None
+        mu = u.mean()
+        fitted = _quadratic_minimum(u - mu, self.data["loss"][sel], None)
+        return None if fitted is None else (mu, fitted[1])
+
+    @property
+    def bootstrap_samples(self) -> dict | None:
+        """The lines of the bootstrap resamples: arrays k and c (None without a bootstrap)."""
+        return None if self._samples is None else {"k": self._samples[:, 0], "c": self._samples[:, 1]}
+
     def to_dict(self) -> dict:
-        return _jsonable(
-            {
-                "model": "per LLM size: loss = c0 + c1 u + c2 u^2 (+ c3 log D), u = log N_v; log N_v* = k log N_l + c",
-                "k": self.k,
-                "c": self.c,
-                "k_se": self.k_se,
-                "r2": self.r2,
-                "groups": self.groups,
-                "bootstrap": self.bootstrap,
-            }
-        )
+        return report.joint_to_dict(self)
 
     def summary(self) -> str:
-        lines = [
-            "Optimal ViT size per LLM size (quadratic in log N_v per LLM size), then log N_v* = k log N_l + c",
-            f"  {'llm_params':>12} {'runs':>5} {'vit range':>21} {'N_v*':>11}  bracketed",
-        ]
-        for g in self.groups:
-            rng_ = f"{g['vit_min']:.3g}..{g['vit_max']:.3g}"
-            lines.append(
-                f"  {g['llm_params']:>12.4g} {g['n_runs']:>5} {rng_:>21} {_fmt(g['vit_opt'], 4):>11}  "
-                f"{'yes' if g['bracketed'] else 'no (' + g['note'] + ')'}"
-            )
-        boot = self.bootstrap
-        row = f"  slope k = {self.k:.4f}"
-        if self.k_se is not None:
-            row += f" (OLS std err {self.k_se:.3g})"
-        if boot:
-            row += f", bootstrap std err {_fmt(boot['se']['k'], 3)}"
-            for lv, iv in boot["intervals"].items():
-                row += f", {lv}% [{_fmt(iv['k'][0], 4)}, {_fmt(iv['k'][1], 4)}]"
-        lines.append(row)
-        lines.append(
-            f"  intercept c = {self.c:.4f}: N_v* = {math.exp(self.c):.4g} * N_l^{self.k:.4f}"
-            + (f"; R^2 = {self.r2:.4f}" if self.r2 is not None else "")
-        )
-        if boot:
-            lines.append(f"  bootstrap: {boot['n_valid']}/{boot['n']} resamples gave a line")
-        return "\n".join(lines)
+        return report.format_joint(self)
 
     def plot(self, path):
         """Write a PNG: loss against ViT size per LLM size with the quadratics and their minima, and the
         log-log line of N_v* against N_l (bootstrap 95% band)."""
-        _plot_joint(self, path)
+        plots.plot_joint(self, path)
         return Path(path)
 
 
@@ -1175,7 +753,7 @@ def _line(x, y):
 
 def fit_joint(vit_params, llm_params, loss, D=None, *, bootstrap: int = 200, seed: int = 0, levels=LEVELS) -> JointFit:
     """NaViL's joint scaling: the loss-minimising ViT size for each LLM size and the fit log N_v* = k log N_l + c
-    (form and method: the module docstring). Needs >= 2 LLM sizes with a bracketed minimum."""
+    (form and method: docs/research/scaling.md). Needs >= 2 LLM sizes with a bracketed minimum."""
     with _one_blas_thread():
         return _fit_joint(vit_params, llm_params, loss, D, bootstrap, seed, levels)
 
@@ -1265,221 +843,3 @@ def _fit_joint(vit_params, llm_params, loss, D, bootstrap, seed, levels):
             }
         fit.bootstrap = boot
     return fit
-
-
-def _plot_joint(fit: JointFit, path):
-    from matplotlib import colormaps
-
-    vit, llm, loss = fit.data["vit"], fit.data["llm"], fit.data["loss"]
-    labels = _groups(llm)
-    fig, (ax, ax2) = _figure(12, 5, 2)
-    cmap = colormaps["plasma"]
-    n_groups = int(labels.max()) + 1
-    for g, info in enumerate(fit.groups):
-        sel = labels == g
-        color = cmap(0.85 * g / max(1, n_groups - 1))
-        ax.scatter(vit[sel], loss[sel], color=color, s=20, label=f"LLM {info['llm_params']:.3g}")
-        u = np.log(vit[sel])
-        if len(np.unique(np.round(u, 9))) >= 3:
-            mu = u.mean()
-            fitted = _quadratic_minimum(u - mu, loss[sel], None)
-            if fitted is not None:
-                coef = fitted[1]
-                uu = np.linspace(u.min(), u.max(), 100) - mu
-                ax.plot(np.exp(uu + mu), coef[0] + coef[1] * uu + coef[2] * uu * uu, color=color, lw=1)
-        if info["bracketed"]:
-            ustar = math.log(info["vit_opt"])
-            fitted = _quadratic_minimum(u - u.mean(), loss[sel], None)
-            if fitted is not None:
-                coef, du = fitted[1], ustar - u.mean()
-                ax.plot(info["vit_opt"], coef[0] + coef[1] * du + coef[2] * du * du, "*", color=color, ms=12, mec="k")
-    ax.set(xscale="log", xlabel="ViT parameters N_v", ylabel="loss")
-    ax.set_title("loss vs ViT size per LLM size (stars: minima)", fontsize=10)
-    ax.legend(fontsize=7)
-    bracketed = [g for g in fit.groups if g["bracketed"]]
-    xl = np.array([g["llm_params"] for g in bracketed])
-    yv = np.array([g["vit_opt"] for g in bracketed])
-    ax2.scatter(xl, yv, color="k", zorder=3, label="N_v* per LLM size")
-    x_line = np.geomspace(xl.min() / 1.5, xl.max() * 1.5, 100)
-    ax2.plot(x_line, fit.optimal_vit(x_line), "C3", label=f"N_v* = {math.exp(fit.c):.3g} N_l^{fit.k:.3f}")
-    if fit._samples is not None and len(fit._samples) > 2:
-        band = np.exp(fit._samples[:, 1:2]) * x_line[None, :] ** fit._samples[:, 0:1]
-        ax2.fill_between(x_line, *np.percentile(band, [2.5, 97.5], axis=0), color="C3", alpha=0.2, lw=0)
-    ax2.set(xscale="log", yscale="log", xlabel="LLM parameters N_l", ylabel="optimal ViT parameters N_v*")
-    ax2.set_title("optimal ViT size vs LLM size (band: bootstrap 95%)", fontsize=10)
-    ax2.legend(fontsize=8)
-    fig.savefig(path, format="png", dpi=110)
-
-
-# ----------------------------------------------------------------------------------------- command line
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def _count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def add_arguments(subparsers):
-    """Add `scaling fit` and `scaling joint` to an argparse subparsers object (`navil`'s commands); each sets
-    `handler=run` (call `args.handler(args)`, which returns the exit code and raises `RunsError` on bad input)."""
-    scaling = subparsers.add_parser(
-        "scaling",
-        help="fit scaling laws to training runs (Chinchilla L(N, D); NaViL's optimal ViT size vs LLM size)",
-        description="Scaling-law fits from a CSV of training runs (columns: N/params, D/tokens or C/flops, loss; "
-        "vit_params, llm_params for `joint`).",
-    )
-    _add_commands(scaling.add_subparsers(dest="scaling_command", metavar="{fit,joint}", required=True))
-    return scaling
-
-
-def _add_commands(which):
-    fit = which.add_parser(
-        "fit",
-        help="fit L(N, D) = E + A/N^alpha + B/D^beta (Huber on log loss, L-BFGS-B from a grid, bootstrap)",
-        description="Fit L(N, D) = E + A/N^alpha + B/D^beta as Hoffmann et al. / Epoch AI do: Huber loss (delta "
-        "1e-3) on log loss, L-BFGS-B from a grid of starts; bootstrap intervals, a hold-out extrapolation error "
-        "and the compute-optimal allocation.",
-    )
-    fit.add_argument("runs", metavar="RUNS.csv", help="the runs (columns N/params, D/tokens or C/flops, loss)")
-    fit.add_argument("--plot", metavar="OUT.png", help="write a PNG of the fit and the compute-optimal frontier")
-    fit.add_argument("--bootstrap", type=_count, default=200, metavar="N", help="bootstrap resamples (default 200)")
-    fit.add_argument(
-        "--holdout",
-        type=_fraction,
-        default=0.1,
-        metavar="FRACTION",
-        help="predict the largest-compute FRACTION of runs from a fit on the rest (default 0.1; 0: none)",
-    )
-    fit.add_argument("--delta", type=_positive, default=1e-3, help="Huber threshold on log loss (default 1e-3)")
-    fit.add_argument("--grid", choices=sorted(GRIDS), default="hoffmann", help="starting grid (default hoffmann)")
-    fit.add_argument(
-        "--estimate-scale",
-        action="store_true",
-        help="Epoch AI's headline estimate: Huber likelihood with a fitted scale (in effect least absolute deviations)",
-    )
-    fit.add_argument(
-        "--drop-highest-loss",
-        type=_count,
-        default=0,
-        metavar="K",
-        help="leave out the K highest-loss runs (Epoch drops 5 on the Chinchilla data)",
-    )
-    fit.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    fit.add_argument("--json", action="store_true", help="print the result as JSON")
-    fit.set_defaults(handler=run)
-
-    joint = which.add_parser(
-        "joint",
-        help="NaViL's optimal ViT size vs LLM size: log N_v* = k log N_l + c",
-        description="For each LLM size, the loss-minimising ViT size from a quadratic in log N_v; then the log-log "
-        "line log N_v* = k log N_l + c with bootstrap intervals.",
-    )
-    joint.add_argument("runs", metavar="RUNS.csv", help="the runs (columns vit_params, llm_params, loss; D optional)")
-    joint.add_argument("--plot", metavar="OUT.png", help="write a PNG of the per-LLM-size curves and the line")
-    joint.add_argument("--bootstrap", type=_count, default=200, metavar="N", help="bootstrap resamples (default 200)")
-    joint.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    joint.add_argument("--json", action="store_true", help="print the result as JSON")
-    joint.set_defaults(handler=run)
-
-
-def run(args) -> int:
-    """Run a parsed `scaling fit` / `scaling joint` command; prints the result, returns the exit code."""
-    try:
-        import scipy  # noqa: F401
-    except ImportError:
-        raise RunsError("the scaling fits need scipy (pip install 'navil-hf[research]')") from None
-    if args.scaling_command == "fit":
-        runs = read_runs(args.runs, kind="fit").drop_highest_loss(args.drop_highest_loss)
-        if len(runs) < MIN_RUNS:
-            raise RunsError(f"{runs.source}: {len(runs)} runs left; the fit needs at least {MIN_RUNS}")
-        result = fit_scaling_law(
-            runs.N,
-            runs.D,
-            runs.loss,
-            delta=args.delta,
-            grid=args.grid,
-            bootstrap=args.bootstrap,
-            seed=args.seed,
-            holdout=args.holdout or None,
-            estimate_scale=args.estimate_scale,
-        )
-    else:
-        runs = read_runs(args.runs, kind="joint")
-        result = fit_joint(
-            runs.vit_params, runs.llm_params, runs.loss, runs.D, bootstrap=args.bootstrap, seed=args.seed
-        )
-    if args.plot:
-        result.plot(args.plot)
-    if args.json:
-        out = result.to_dict()
-        if args.plot:
-            out["plot"] = str(args.plot)
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{runs.source}:")
-        print(result.summary())
-        if args.plot:
-            print(f"plot: {args.plot}")
-    if args.scaling_command == "fit" and not result.converged:
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def main(argv=None) -> int:
-    """`navil scaling ...` on its own (also `python -m navil_hf.research.scaling`): returns the exit code; bad
-    input ends with one line on stderr and exit code 2."""
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-    parser = Parser(
-        prog="navil scaling",
-        description="Scaling-law fits from a CSV of training runs (columns: N/params, D/tokens or C/flops, loss; "
-        "vit_params, llm_params for `joint`).",
-    )
-    _add_commands(parser.add_subparsers(dest="scaling_command", metavar="{fit,joint}", required=True))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    try:
-        return args.handler(args)
-    except (RunsError, ValueError) as e:
-        print(f"navil scaling {args.scaling_command}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def _one_line(error):
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from configuration_navil import NaViLConfig
 from image_processing_navil import NaViLImageProcessor
 from modeling_navil import NaViLForConditionalGeneration
+from navil_hf.cli import main as navil
 from navil_hf.conversion.original import convert_config
 from navil_hf.research.accounting import (
     FLOP_COMPONENTS,
@@ -25,7 +26,6 @@ from navil_hf.research.accounting import (
     count_flops,
     count_parameters,
     load_config,
-    main,
     parameter_inventory,
     summary,
 )
@@ -359,20 +359,20 @@ def test_cli(tmp_path, capsys):
     config = tiny_config()
     config.save_pretrained(tmp_path)
     argv = [str(tmp_path), "--image", "100x80", "--text-tokens", "20", "--training", "--trainable", "stage1"]
-    assert main([*argv, "--json"]) == 0
+    assert navil(["params", *argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     params = count_parameters(config, trainable="stage1")
     flops = count_flops(config, [(100, 80)], 20, training=True)
     assert out == {"parameters": params.to_dict(), "flops": flops.to_dict()}
-    assert main(argv) == 0
+    assert navil(["params", *argv]) == 0
     text = capsys.readouterr().out
     assert text.strip() == summary(config, [(100, 80)], 20, training=True, trainable="stage1").strip()
     for part in (*PARTS, *FLOP_COMPONENTS, *TOKEN_TYPES, "6ND"):
         assert part in text
-    assert main([str(tmp_path)]) == 0 and "FLOPs" not in capsys.readouterr().out  # parameters only
+    assert navil(["params", str(tmp_path)]) == 0 and "FLOPs" not in capsys.readouterr().out  # parameters only
 
     for bad in ([str(tmp_path / "nowhere")], [str(tmp_path), "--image", "100"], [str(tmp_path), "--lm-head", "x"]):
-        assert main(bad) == 2
+        assert navil(["params", *bad]) == 2
         assert "error" in capsys.readouterr().err.strip().splitlines()[-1]
 
 

@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("scipy", reason="the scaling fits need scipy (the `research` extra)")
 
+from navil_hf.cli import main as navil
 from navil_hf.research import scaling
 from navil_hf.research.scaling import RunsError, fit_joint, fit_scaling_law, read_runs
 
@@ -307,12 +308,12 @@ def test_cli_fit_prints_and_plots(tmp_path, capsys):
     N, D, loss = synthetic_runs()
     path = write_csv(tmp_path / "runs.csv", ["N", "tokens", "loss"], zip(N, D, loss))
     png = tmp_path / "fit.png"
-    assert scaling.main(["fit", str(path), "--plot", str(png), "--bootstrap", "50", "--grid", "coarse"]) == 0
+    assert navil(["scaling", "fit", str(path), "--plot", str(png), "--bootstrap", "50", "--grid", "coarse"]) == 0
     out = capsys.readouterr().out
     for fragment in ("alpha", "95% interval", "a = beta/(alpha+beta)", "hold-out:", "convergence: converged"):
         assert fragment in out, fragment
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    code = scaling.main(["fit", str(path), "--bootstrap", "0", "--holdout", "0", "--grid", "coarse", "--json"])
+    code = navil(["scaling", "fit", str(path), "--bootstrap", "0", "--holdout", "0", "--grid", "coarse", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["bootstrap"] is None and out["holdout"] is None and out["convergence"]["converged"]
@@ -322,7 +323,7 @@ def test_cli_joint_and_errors(tmp_path, capsys):
     vit, llm, loss = joint_runs()
     path = write_csv(tmp_path / "joint.csv", ["vit_params", "llm_params", "loss"], zip(vit, llm, loss))
     png = tmp_path / "joint.png"
-    assert scaling.main(["joint", str(path), "--plot", str(png), "--bootstrap", "20"]) == 0
+    assert navil(["scaling", "joint", str(path), "--plot", str(png), "--bootstrap", "20"]) == 0
     assert "slope k = " in capsys.readouterr().out and png.is_file()
     bad = write_csv(tmp_path / "bad.csv", ["N", "D"], [[1, 2]] * 5)
     for argv, fragment in (
@@ -331,22 +332,24 @@ def test_cli_joint_and_errors(tmp_path, capsys):
         (["fit", str(path)], "no data column"),
         (["fit", str(bad), "--holdout", "1.5"], "fraction in [0, 1)"),
     ):
-        assert scaling.main(argv) == 2
+        assert navil(["scaling", *argv]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err and "Traceback" not in err, err
 
 
-def test_add_arguments_wires_into_a_parent_parser(tmp_path, capsys):
-    """As `navil` would: its subparsers get `scaling`; `args.handler(args)` runs the command."""
+def test_the_command_module_wires_into_a_parent_parser(tmp_path, capsys):
+    """As `navil` does: the `scaling` subparser gets the command's options; `run(args)` runs the command."""
     import argparse
 
+    from navil_hf.commands import scaling as command
+
     parser = argparse.ArgumentParser(prog="navil")
-    scaling.add_arguments(parser.add_subparsers(dest="command", required=True))
+    command.add_arguments(parser.add_subparsers(dest="command", required=True).add_parser("scaling"))
     vit, llm, loss = joint_runs()
     path = write_csv(tmp_path / "joint.csv", ["vit_params", "llm_params", "loss"], zip(vit, llm, loss))
     args = parser.parse_args(["scaling", "joint", str(path), "--bootstrap", "0", "--json"])
-    assert args.handler(args) == 0
+    assert command.run(args) == 0
     assert json.loads(capsys.readouterr().out)["k"] == pytest.approx(K_TRUE, abs=0.05)
     args = parser.parse_args(["scaling", "fit", str(path)])
     with pytest.raises(RunsError, match="no data column"):
-        args.handler(args)
+        command.run(args)
