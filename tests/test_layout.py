@@ -104,7 +104,7 @@ def test_conversion_scripts_run_from_a_plain_checkout(tmp_path):
     """The top-level `conversion/` scripts are the `navil` subcommands they name."""
     for script, command in (
         ("convert_original_to_hf.py", "navil convert"),
-        ("convert_hf_to_original.py", "navil convert"),
+        ("convert_hf_to_original.py", "navil to-original"),
         ("init_from_llm.py", "navil init-from-llm"),
         ("push_to_hub.py", "navil push"),
     ):

@@ -4,6 +4,7 @@
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from navil_hf.cli import main as navil
+from navil_hf.commands.convert import DEPRECATION
 
 from conftest import REPO_ROOT, fixtures_dir
 
@@ -65,6 +67,19 @@ def test_help_exits_zero(capsys):
     assert code == 0 and "convert" in out and "chat" in out
 
 
+def test_help_lists_every_command(capsys):
+    from navil_hf.cli import COMMANDS, command_name
+
+    code, out, _ = run_main(capsys, ["--help"])
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()}
+    names = [command_name(module) for module in COMMANDS] + ["params", "scaling"]
+    assert code == 0 and listed >= set(names), (names, out)
+    assert len(names) == len(set(names)) and "to-original" in names
+    for name in names:
+        code, out, _ = run_main(capsys, [name, "--help"])
+        assert code == 0 and out.startswith(f"usage: navil {name} "), out[:200]
+
+
 def test_convert_input_errors(capsys, tmp_path):
     code, _, err = run_main(capsys, ["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")])
     assert_usage_error(code, err, "navil convert: error:", "is not a directory")
@@ -73,6 +88,56 @@ def test_convert_input_errors(capsys, tmp_path):
     assert_usage_error(code, err, "has no config.json")
     code, _, err = run_main(capsys, ["convert", str(tmp_path / "empty"), str(tmp_path / "missing" / "out")])
     assert_usage_error(code, err, "parent folder")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ to-original
+
+
+def folder_bytes(folder):
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}  # fmt: skip
+
+
+def test_to_original_equals_the_deprecated_spelling(capsys, tmp_path, converted):
+    new, old = tmp_path / "new", tmp_path / "old"
+    code, out, err = run_main(capsys, ["to-original", str(converted), str(new), "-q", "--max-shard-size", "200KB"])
+    assert code == 0 and err == "", err
+    assert f"wrote {new} in the original layout" in out
+    code, out_old, err = run_main(
+        capsys, ["convert", "--to-original", str(converted), str(old), "-q", "--max-shard-size", "200KB"]
+    )
+    assert code == 0 and err.splitlines() == [DEPRECATION], err
+    assert "navil convert --to-original is deprecated; use navil to-original" in DEPRECATION
+    untimed = functools.partial(re.sub, r" in [0-9.]+ s$", "", flags=re.MULTILINE)
+    assert untimed(out_old.replace(str(old), str(new))) == untimed(out)
+    written = folder_bytes(new)
+    assert len([name for name in written if name.endswith(".safetensors")]) > 1  # the shard size reached it
+    assert folder_bytes(old) == written
+
+
+def test_to_original_has_only_its_own_options(capsys, tmp_path, converted):
+    out = str(tmp_path / "out")
+    for flag in (["--fold-visual-output"], ["--push-to-hub", "a/b"], ["--private"], ["--revision", "x"],
+                 ["--dtype", "float16"], ["--trust-remote-code"]):  # fmt: skip
+        code, _, err = run_main(capsys, ["to-original", str(converted), out, *flag])
+        assert_usage_error(code, err, "unrecognized arguments", flag[0])
+    code, _, err = run_main(capsys, ["to-original", str(tmp_path / "nowhere"), out])
+    assert_usage_error(code, err, "navil to-original: error:", "is not a directory")
+    code, _, err = run_main(capsys, ["to-original", str(converted)])
+    assert_usage_error(code, err, "required: ORIGINAL_OUT")
+    assert not (tmp_path / "out").exists()
+
+
+def test_deprecated_to_original_keeps_its_refusals(capsys, tmp_path, converted):
+    argv = ["convert", "--to-original", str(converted), str(tmp_path / "out"), "--fold-visual-output", "--dtype",
+            "float16", "--trust-remote-code"]  # fmt: skip
+    code, _, err = run_main(capsys, argv)
+    deprecation, error = err.strip().splitlines()  # the deprecation line, then the one error line
+    assert deprecation == DEPRECATION
+    assert_usage_error(
+        code, error, "--fold-visual-output, --dtype, --trust-remote-code cannot be combined with --to-original"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -217,9 +282,9 @@ def test_sampling_options_reach_generation(converted, monkeypatch, capsys):
 def test_repetition_guard_stops_a_loop_only():
     import torch
 
-    from navil_hf.cli import GUARD_REPEATS, _RepetitionGuard
+    from navil_hf.commands.chat import GUARD_REPEATS, RepetitionGuard
 
-    guard = _RepetitionGuard()
+    guard = RepetitionGuard()
     looping = torch.tensor([[1, 2, 3] + [7, 8, 9] * GUARD_REPEATS])
     almost = torch.tensor([[1, 2, 3, 4, 5, 6] + [7, 8, 9] * (GUARD_REPEATS - 1)])
     assert guard(looping, None).tolist() == [True] and guard(almost, None).tolist() == [False]

@@ -1,5 +1,5 @@
-"""Back-conversion (`navil convert --to-original`): our config -> the original config.json (round trips
-field by field), and original -> `navil convert` -> `navil convert --to-original` -> every original tensor
+"""Back-conversion (`navil to-original`): our config -> the original config.json (round trips
+field by field), and original -> `navil convert` -> `navil to-original` -> every original tensor
 bit for bit, for both fixtures; the folded InternLM2 refusal and `--approximate`; errors."""
 
 import copy
@@ -177,11 +177,11 @@ def assert_same_tensors(got, expected):
 
 @pytest.fixture(scope="module", params=FIXTURES)
 def round_trip(request, tmp_path_factory):
-    """original -> navil convert -> navil convert --to-original -> navil convert again."""
+    """original -> navil convert -> navil to-original -> navil convert again."""
     name, root = request.param, tmp_path_factory.mktemp(request.param)
     ours, back, again = root / "hub", root / "original", root / "hub-again"
     navil_ok(["convert", str(checkpoint(name)), str(ours)])
-    navil_ok(["convert", "--to-original", str(ours), str(back)])
+    navil_ok(["to-original", str(ours), str(back)])
     navil_ok(["convert", str(back), str(again)])
     return dict(name=name, ours=ours, back=back, again=again)
 
@@ -229,7 +229,7 @@ def test_forward_conversion_of_the_back_converted_folder_is_identical(round_trip
 def test_back_conversion_reports_its_checks(tmp_path, capsys):
     ours = tmp_path / "hub"
     navil_ok(["convert", str(checkpoint("internlm2")), str(ours)])
-    assert navil(["convert", "--to-original", str(ours), str(tmp_path / "original"), "--quiet"]) == 0
+    assert navil(["to-original", str(ours), str(tmp_path / "original"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {tmp_path / 'original'} in the original layout (72 tensors from 80, float32)" in printed
     for check in ("original layout", "forward again", "config", "tokenizer"):
@@ -273,7 +273,7 @@ def folded(tmp_path_factory):
 
 def test_folded_folder_is_refused_without_approximate(folded, tmp_path, capsys):
     assert json.loads((folded / "config.json").read_text())["text_config"]["chain_visual_output"] is False
-    code = navil(["convert", "--to-original", str(folded), str(tmp_path / "original")])
+    code = navil(["to-original", str(folded), str(tmp_path / "original")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "folded" in err and "wo_ve cannot be recovered exactly" in err and "--approximate" in err
@@ -282,7 +282,7 @@ def test_folded_folder_is_refused_without_approximate(folded, tmp_path, capsys):
 
 def test_folded_folder_with_approximate(folded, tmp_path, capsys):
     back = tmp_path / "original"
-    assert navil(["convert", "--to-original", str(folded), str(back), "--approximate", "--quiet"]) == 0
+    assert navil(["to-original", str(folded), str(back), "--approximate", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "approximate: wo_ve recovered by least squares" in printed and "max-abs error" in printed
     for verify in (True, False):  # the error is measured either way
@@ -313,19 +313,21 @@ def assert_usage_error(capsys, argv, *fragments):
 def test_errors(tmp_path, capsys, round_trip):
     ours, out = str(round_trip["ours"]), str(tmp_path / "out")
     original = str(checkpoint("qwen3"))
-    assert_usage_error(capsys, ["convert", "--to-original", original, out], "already in the original layout")
+    assert_usage_error(capsys, ["to-original", original, out], "already in the original layout")
     empty = str(tmp_path)
-    assert_usage_error(capsys, ["convert", "--to-original", empty, out], "has no config.json", "not a converted")
-    assert_usage_error(capsys, ["convert", "--to-original", str(tmp_path / "nowhere"), out], "is not a directory")
-    assert_usage_error(capsys, ["convert", "--to-original", ours, str(round_trip["back"])], "already exists", "--force")
-    assert_usage_error(capsys, ["convert", "--to-original", ours, ours, "--force"], "is the source", "outside it")
+    assert_usage_error(capsys, ["to-original", empty, out], "has no config.json", "not a converted")
+    assert_usage_error(capsys, ["to-original", str(tmp_path / "nowhere"), out], "is not a directory")
+    assert_usage_error(capsys, ["to-original", ours, str(round_trip["back"])], "already exists", "--force")
+    assert_usage_error(capsys, ["to-original", ours, ours, "--force"], "is the source", "outside it")
     assert_usage_error(capsys, ["convert", str(checkpoint("qwen3")), out, "--approximate"], "--to-original only")
-    assert_usage_error(capsys, ["convert", "--to-original", ours, out, "--fold-visual-output", "--dtype", "float16"],
-                       "--fold-visual-output, --dtype cannot be combined with --to-original")  # fmt: skip
+    code = navil(["convert", "--to-original", ours, out, "--fold-visual-output", "--dtype", "float16"])  # deprecated
+    deprecation, error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and deprecation.startswith("navil convert --to-original is deprecated; use navil to-original")
+    assert "--fold-visual-output, --dtype cannot be combined with --to-original" in error
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(round_trip["ours"] / "config.json", no_weights)
-    assert_usage_error(capsys, ["convert", "--to-original", str(no_weights), out], "has no model.safetensors")
+    assert_usage_error(capsys, ["to-original", str(no_weights), out], "has no model.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -336,7 +338,7 @@ def test_a_model_without_visual_experts_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     capsys.readouterr()  # save_pretrained's progress bar
     assert_usage_error(
-        capsys, ["convert", "--to-original", str(folder), str(out)], "has no visual experts", "no layout for this model"
+        capsys, ["to-original", str(folder), str(out)], "has no visual experts", "no layout for this model"
     )
     assert not out.exists()
     with pytest.raises(ConversionError, match="visual_experts is false"):

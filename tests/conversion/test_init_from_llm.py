@@ -202,10 +202,10 @@ def test_back_conversion_of_built_models(tmp_path, capsys):
     """InternLM2- and Qwen3-based builds have an original layout; a Llama-based one does not, and says so."""
     for family in ("internlm2", "qwen3"):
         _, _, _, out = init(tmp_path, family)
-        assert navil(["convert", "--to-original", str(out), str(tmp_path / f"{family}-original"), "-q"]) == 0
+        assert navil(["to-original", str(out), str(tmp_path / f"{family}-original"), "-q"]) == 0
     _, _, _, out = init(tmp_path, "llama")
     capsys.readouterr()
-    assert navil(["convert", "--to-original", str(out), str(tmp_path / "llama-original"), "-q"]) == 2
+    assert navil(["to-original", str(out), str(tmp_path / "llama-original"), "-q"]) == 2
     assert "built by navil init-from-llm from a llama LLM" in capsys.readouterr().err
 
 
@@ -261,7 +261,7 @@ def test_early_fusion_without_visual_experts(tmp_path, family, capsys):
     """`--vision-preset none --no-visual-experts`: early fusion with no expert at all. Nothing is written for
     `*_ve`, the folder loads through AutoModel, text parity with the LLM holds, it chats about an image, and
     on a prompt with an image it computes what the experts build (experts = copies of the text weights)
-    computes; it has no original layout, so --to-original refuses it."""
+    computes; it has no original layout, so `navil to-original` refuses it."""
     from safetensors import safe_open
 
     source_dir, out = tmp_path / "llm", tmp_path / "early"
@@ -290,7 +290,7 @@ def test_early_fusion_without_visual_experts(tmp_path, family, capsys):
         )
 
     capsys.readouterr()
-    assert navil(["convert", "--to-original", str(out), str(tmp_path / "original"), "-q"]) == 2
+    assert navil(["to-original", str(out), str(tmp_path / "original"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "has no visual experts" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "original").exists()
