@@ -89,6 +89,35 @@ def test_vision_attention_backends_match_reference(backend):
     assert_fp_close(f"vision {backend} vs block-diagonal", out, ref)
 
 
+def test_flash_fallback_is_decided_in_one_place(monkeypatch):
+    """Both towers ask `flash_varlen_attention` for the flash kernel and run their per-segment sdpa when it
+    has none (here: CPU); the stand-in name comes from the same section."""
+    torch.manual_seed(0)
+    lengths = [16, 48, 4]
+    n, h, d = sum(lengths), 4, 8
+    segments = PackedSegments.from_lengths(torch.tensor(lengths).numpy(), "cpu")
+    q, k, v = (torch.randn(n, h, d) for _ in range(3))
+    asked = []
+    real = modeling_navil.flash_varlen_attention
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("causal", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_navil, "flash_varlen_attention", spy)
+    vision = modeling_navil.vision_attention_function("flash_attention_2")(q, k, v, segments, d**-0.5)
+    assert torch.equal(vision, modeling_navil.vision_sdpa_attention(q, k, v, segments, d**-0.5))
+    rows = [t.unflatten(0, (1, n)).transpose(1, 2) for t in (q, k, v)]  # [B, H, L, D]
+    text = modeling_navil.text_packed_attention("flash_attention_2", *rows, segments, d**-0.5)
+    assert torch.equal(text, modeling_navil.text_packed_attention("sdpa", *rows, segments, d**-0.5))
+    assert asked == [False, True]
+    monkeypatch.setattr(modeling_navil, "flash_attn_varlen_func", None)
+    assert modeling_navil.flash_stand_in_name("flash_attention_3") == "flash_attention_2"
+    assert modeling_navil.flash_stand_in_name("sdpa") is None
+    monkeypatch.setattr(modeling_navil, "flash_attn_varlen_func", lambda *args, **kwargs: None)
+    assert modeling_navil.flash_stand_in_name("flash_attention_2") is None  # flash-attn there: transformers decides
+
+
 def test_vision_sdpa_never_builds_a_full_mask(monkeypatch):
     """Every sdpa call sees at most one segment's keys: nothing of size patches^2."""
     seen = []
