@@ -62,7 +62,7 @@ from ..folders import (
     pickled_files,
     read_safetensors_header,
 )
-from ..hub import AUTO_MAP, CODE_MODULES
+from ..hub import AUTO_MAP, CODE_MODULES, tied_weight_keys
 
 CODE_FILES = tuple(f"{name}.py" for name in CODE_MODULES)
 CONFIG_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
@@ -276,9 +276,7 @@ def expected_weight_shapes(config):
 
     with torch.device("meta"):
         model = AutoModel.from_config(config, trust_remote_code=True)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
-    return shapes, tied
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}, tied_weight_keys(model)
 
 
 def safetensors_shapes(folder, shards):
