@@ -1,4 +1,5 @@
-"""Key maps between the original OpenGVLab NaViL checkpoint layout (SPEC §7) and ours, as data.
+"""Key maps between the original OpenGVLab NaViL checkpoint layout (SPEC §7) and ours, as data; also the
+maps `navil init-from-llm` uses from a plain LLM (`internlm2_decoder_keys` rooted there, `llm_decoder_keys`).
 
 A row is `(original, ours)` or `(original, ours, op)`:
 
@@ -7,7 +8,8 @@ A row is `(original, ours)` or `(original, ours, op)`:
   directions. The first original template is the one a key is matched against; further ones are extra
   inputs of the op.
 * `ours = None` means "drop" (derived buffers some checkpoints carry).
-* `op` names the tensor surgery (`surgery.py`); no op is a plain rename.
+* `op` names the tensor surgery (`surgery.py`) or `COPY` (one tensor to every target); no op is a plain
+  rename.
 
 InternLM2's visual output projection `wo_ve(wo(x))` has two variants of its rows: kept chained (a rename; our
 `text_config.chain_visual_output=True`, the default) or folded into one `o_proj_ve` (`--fold-visual-output`).
