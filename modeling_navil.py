@@ -250,17 +250,6 @@ def vision_eager_attention_with_weights(query, key, value, segments: PackedSegme
     return out, tuple(w for _, w in sorted(maps, key=lambda item: item[0]))
 
 
-def vision_flash_attention(query, key, value, segments: PackedSegments, scale: float) -> torch.Tensor:
-    """Varlen flash attention: flash-attn if installed, else torch's varlen kernel, else sdpa."""
-    if query.is_cuda and flash_attn_varlen_func is not None:
-        cu, m = segments.cu_seqlens, segments.max_seqlen
-        return flash_attn_varlen_func(query, key, value, cu, cu, m, m, softmax_scale=scale)
-    if query.is_cuda and torch_varlen_attn is not None and query.dtype in (torch.float16, torch.bfloat16):
-        cu, m = segments.cu_seqlens, segments.max_seqlen
-        return torch_varlen_attn(query, key, value, cu, cu, m, m, scale=scale)
-    return vision_sdpa_attention(query, key, value, segments, scale)
-
-
 # --------------------------------------------------------------------------------------------
 # Attention backends: the one place that decides what runs for `attn_implementation`
 # --------------------------------------------------------------------------------------------
@@ -280,6 +269,41 @@ def _is_flash(attn_implementation: str | None) -> bool:
 def flash_stand_in(attn_implementation: str | None) -> bool:
     """True when a flash backend is asked for and flash-attn is missing (torch kernels stand in)."""
     return _is_flash(attn_implementation) and flash_attn_varlen_func is None
+
+
+def flash_stand_in_name(attn_implementation: str | None) -> str | None:
+    """transformers refuses a flash backend when flash-attn is missing; ours has stand-ins. For such a
+    request, the name the model keeps (`flash_attention_2`; said once in the log), else None."""
+    if not flash_stand_in(attn_implementation):
+        return None
+    logger.warning_once(
+        "flash-attn is not installed: `flash_attention_2` runs torch's varlen attention (CUDA) in the "
+        "vision encoder and sdpa in the language model."
+    )
+    return "flash_attention_2"
+
+
+def flash_varlen_attention(query, key, value, segments: PackedSegments, scale: float, causal=False, dropout=0.0):
+    """A flash backend's varlen kernel over packed segments (q/k/v: [T, H or KV, D]): flash-attn's on CUDA
+    when installed, else torch's on CUDA in half precision without dropout. None when neither applies:
+    the caller runs its per-segment sdpa (or eager) instead. `causal` also lets k/v have fewer heads (GQA)."""
+    if not query.is_cuda:
+        return None
+    cu, m = segments.cu_seqlens, segments.max_seqlen
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(
+            query, key, value, cu, cu, m, m, dropout_p=dropout, softmax_scale=scale, causal=causal
+        )
+    if torch_varlen_attn is not None and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+        masking = {"window_size": (-1, 0), "enable_gqa": True} if causal else {}
+        return torch_varlen_attn(query, key, value, cu, cu, m, m, scale=scale, **masking)
+    return None
+
+
+def vision_flash_attention(query, key, value, segments: PackedSegments, scale: float) -> torch.Tensor:
+    """Varlen flash attention (`flash_varlen_attention`), else sdpa per segment."""
+    out = flash_varlen_attention(query, key, value, segments, scale)
+    return vision_sdpa_attention(query, key, value, segments, scale) if out is None else out
 
 
 VISION_ATTENTION_FUNCTIONS: dict[str, Callable] = {
@@ -353,13 +377,9 @@ def text_packed_attention(requested: str | None, query, key, value, segments: Pa
     batch, heads, length, dim = query.shape
     q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # [T, H or KV, D]
     implementation = requested or "sdpa"
-    if _is_flash(implementation) and q.is_cuda:
-        cu, m = segments.cu_seqlens, segments.max_seqlen
-        if flash_attn_varlen_func is not None:
-            out = flash_attn_varlen_func(q, k, v, cu, cu, m, m, dropout_p=dropout, softmax_scale=scaling, causal=True)
-            return out.unflatten(0, (batch, length))
-        if torch_varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
-            out = torch_varlen_attn(q, k, v, cu, cu, m, m, scale=scaling, window_size=(-1, 0), enable_gqa=True)
+    if _is_flash(implementation):
+        out = flash_varlen_attention(q, k, v, segments, scaling, causal=True, dropout=dropout)
+        if out is not None:
             return out.unflatten(0, (batch, length))
     if k.shape[1] != heads:  # GQA: the per-segment kernels take as many k/v heads as q heads
         k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
@@ -511,13 +531,9 @@ class NaViLPreTrainedModel(PreTrainedModel):
                 module.ls2.fill_(module.layer_scale_init)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
-        # transformers would refuse a flash backend without flash-attn; ours has stand-ins (above).
-        if flash_stand_in(attn_implementation):
-            logger.warning_once(
-                "flash-attn is not installed: `flash_attention_2` runs torch's varlen attention (CUDA) in the "
-                "vision encoder and sdpa in the language model."
-            )
-            return "flash_attention_2"
+        stand_in = flash_stand_in_name(attn_implementation)  # "Attention backends" above
+        if stand_in is not None:
+            return stand_in
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention, is_init_check=False):

@@ -60,13 +60,21 @@ def meta_model(config, dtype):
     return model.to(dtype).eval()
 
 
+def tied_weight_keys(model):
+    """Names of the weights `model` declares tied to another one (transformers' `all_tied_weights_keys`,
+    filled at `post_init` and empty unless the config ties them, e.g. `lm_head.weight` with
+    `tie_word_embeddings`): a saved folder leaves them out and loading ties them again."""
+    return set(model.all_tied_weights_keys)
+
+
 def write_weights(folder, weights, config, dtype, max_shard_size="5GB", verify=True, progress=False):
     """Write `weights` (our key layout, already in `dtype`; a lazy mapping is read one tensor at a time)
     as the model's safetensors shards in `folder`. The shard being filled is flushed before a tensor that
     would overflow it is read (sizes from the meta model), so one shard and one tensor are held; with
     `verify` each shard is read back bit for bit. A tied LM head is left out. Returns the tensor count."""
-    state = meta_model(config, dtype).state_dict()
-    keys = [k for k in weights.keys() if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    model = meta_model(config, dtype)
+    state, tied = model.state_dict(), tied_weight_keys(model)
+    keys = [k for k in weights.keys() if k not in tied]
     writer = ShardWriter(folder, max_shard_size, verify=verify)
     with progress_bar(progress, total=len(keys), desc="writing weights", unit="tensor") as bar:
         for key in keys:

@@ -27,7 +27,6 @@ transformers' `LlamaForCausalLM` on the unfused weights.
 
 import functools
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,14 @@ from ..folders import (
     transformers_progress_bars,
 )
 from ..hub import build_generation_config, meta_model, write_hub_folder, write_weights
-from .keymap import LazyWeights, cast_view, compile_table, internlm2_decoder_keys, plan_conversion, rule_view
+from .keymap import (
+    cast_view,
+    compile_table,
+    internlm2_decoder_keys,
+    llm_decoder_keys,
+    plan_conversion,
+    rule_view,
+)
 from .surgery import DTYPES, resolve_dtype
 from .tokenizer import load_tokenizer
 from .verify import check_offloaded_logits
@@ -436,43 +442,20 @@ def text_config_from(source):
     )
 
 
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_DERIVED = re.compile(r".*rotary_emb\.inv_freq")  # buffers some checkpoints carry
-_TEXT_PARTS = re.compile(r"self_attn\.(?:[qkvo]_proj|[qk]_norm)\.(?:weight|bias)|mlp\.(?:gate|up|down)_proj\.(?:weight|bias)|"
-                         r"(?:input|post_attention)_layernorm\.weight")  # fmt: skip
+@functools.cache
+def _decoder_rules(visual_experts):
+    return compile_table(llm_decoder_keys(visual_experts))
 
 
 def navil_text_state_dict(hf_state_dict, tie_word_embeddings, visual_experts=True):
-    """Hugging Face decoder tensors -> our text model's decoder layers and final norm, with every visual
-    expert a copy of its text twin: `{q,k,v,o}_proj` -> `{q,k,v,o}_proj_ve`, `{q,k}_norm` -> `{q,k}_norm_ve`,
-    `mlp` -> `mlp_ve` (none with `visual_experts=False`). A lazy view: each tensor is read from
-    `hf_state_dict` when looked up (the embedding and LM head are resized by `build_navil`)."""
-    out = LazyWeights()
-    for key in hf_state_dict.keys():
-        if _DERIVED.fullmatch(key) or key in ("model.embed_tokens.weight", "lm_head.weight"):
-            continue
-        read = functools.partial(hf_state_dict.__getitem__, key)
-        m = _HF_LAYER.fullmatch(key)
-        if m:
-            layer, part = m.groups()
-            if not _TEXT_PARTS.fullmatch(part):
-                raise ConversionError(f"unexpected decoder tensor {key}")
-            base = f"model.language_model.layers.{layer}."
-            out.add(base + part, read)
-            if not visual_experts:
-                continue
-            if part.startswith("mlp."):
-                out.add(base + "mlp_ve." + part[len("mlp.") :], read)
-            elif part.startswith("self_attn."):
-                module, _, kind = part[len("self_attn.") :].partition(".")
-                out.add(f"{base}self_attn.{module}_ve.{kind}", read)
-        elif key == "model.norm.weight":
-            out.add("model.language_model.norm.weight", read)
-        else:
-            raise ConversionError(f"unexpected tensor {key}")
+    """Hugging Face decoder tensors -> our text model's decoder layers and final norm through keymap's
+    `llm_decoder_keys` table (every visual expert a copy of its text twin; none with `visual_experts=False`).
+    A lazy view: each tensor is read from `hf_state_dict` when looked up (the embedding and LM head are
+    resized by `build_navil`). Every name is checked first (`KeyMismatchError` for one the table lacks)."""
+    plan = plan_conversion(hf_state_dict.keys(), _decoder_rules(visual_experts), layout="a Llama-named decoder")
     if not tie_word_embeddings and "lm_head.weight" not in hf_state_dict:
         raise ConversionError("the LLM has no lm_head.weight and does not tie its word embeddings")
-    return out
+    return rule_view(hf_state_dict, plan, None)
 
 
 def add_navil_tokens(tokenizer):

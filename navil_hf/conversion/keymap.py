@@ -1,4 +1,5 @@
-"""Key maps between the original OpenGVLab NaViL checkpoint layout (SPEC §7) and ours, as data.
+"""Key maps between the original OpenGVLab NaViL checkpoint layout (SPEC §7) and ours, as data; also the
+maps `navil init-from-llm` uses from a plain LLM (`internlm2_decoder_keys` rooted there, `llm_decoder_keys`).
 
 A row is `(original, ours)` or `(original, ours, op)`:
 
@@ -7,7 +8,8 @@ A row is `(original, ours)` or `(original, ours, op)`:
   directions. The first original template is the one a key is matched against; further ones are extra
   inputs of the op.
 * `ours = None` means "drop" (derived buffers some checkpoints carry).
-* `op` names the tensor surgery (`surgery.py`); no op is a plain rename.
+* `op` names the tensor surgery (`surgery.py`) or `COPY` (one tensor to every target); no op is a plain
+  rename.
 
 InternLM2's visual output projection `wo_ve(wo(x))` has two variants of its rows: kept chained (a rename; our
 `text_config.chain_visual_output=True`, the default) or folded into one `o_proj_ve` (`--fold-visual-output`).
@@ -37,12 +39,14 @@ PLACEHOLDERS = {
     "qk": r"q|k",
     "qkvo": r"q|k|v|o",
     "gate_up_down": r"gate|up|down",
+    "path": r".*",  # any leading module path (for buffers a checkpoint may carry anywhere)
 }
 
 RENAME = "rename"
 SPLIT_WQKV = "split_wqkv"  # wqkv -> (q, k, v)
 FOLD = "fold"  # (wo_ve.weight, wo.weight) -> o_proj_ve.weight = W_ve @ W
 FOLD_BIAS = "fold_bias"  # (wo_ve.bias, wo_ve.weight, wo.bias) -> o_proj_ve.bias = W_ve @ b + b_ve
+COPY = "copy"  # one tensor -> every target (a visual expert starting as its text twin)
 
 _V = "vision_model.encoder.layers.{n}"
 _OV = "model.vision_model.layers.{n}"
@@ -121,11 +125,38 @@ INTERNLM2_FOLDED_VISUAL_OUTPUT = (  # folded into one o_proj_ve = W_ve @ W (opt-
 )
 # fmt: on
 
+
+def llm_decoder_keys(visual_experts=True):
+    """A Hugging Face Llama-named decoder (Llama, Qwen2, Qwen3, InternLM2 after `internlm2_decoder_keys`) ->
+    our text model's decoder layers and final norm (`navil init-from-llm`). With `visual_experts` every
+    expert starts as a copy of its text twin: `{q,k,v,o}_proj` -> `..._proj_ve`, `{q,k}_norm` -> `..._norm_ve`,
+    `mlp` -> `mlp_ve`. The embedding and LM head are resized by init-from-llm itself, so dropped here."""
+    src, dst = "model.layers.{n}", _OL
+
+    def twins(part, expert_part):
+        if not visual_experts:
+            return (f"{src}.{part}", f"{dst}.{part}")
+        return (f"{src}.{part}", (f"{dst}.{part}", f"{dst}.{expert_part}"), COPY)
+
+    rows = (
+        twins("self_attn.{qkvo}_proj.{wb}",      "self_attn.{qkvo}_proj_ve.{wb}"),
+        twins("self_attn.{qk}_norm.{wb}",        "self_attn.{qk}_norm_ve.{wb}"),
+        twins("mlp.{gate_up_down}_proj.{wb}",    "mlp_ve.{gate_up_down}_proj.{wb}"),
+        (f"{src}.input_layernorm.weight",           f"{dst}.input_layernorm.weight"),
+        (f"{src}.post_attention_layernorm.weight",  f"{dst}.post_attention_layernorm.weight"),
+        ("model.norm.weight",                       "model.language_model.norm.weight"),
+        ("model.embed_tokens.weight",               None),
+        ("lm_head.weight",                          None),
+        ("{path}rotary_emb.inv_freq",               None),
+    )  # fmt: skip
+    return rows
+
+
 QWEN3 = "Qwen3VEForCausalLM"
 INTERNLM2 = "InternLM2VEForCausalLM"
 LLM_KEYS = {QWEN3: QWEN3_KEYS, INTERNLM2: INTERNLM2_KEYS + INTERNLM2_CHAINED_VISUAL_OUTPUT}
 FOLDED_LLM_KEYS = {INTERNLM2: INTERNLM2_KEYS + INTERNLM2_FOLDED_VISUAL_OUTPUT}  # fold_visual_output=True
-EXACT_OPS = (RENAME, SPLIT_WQKV)  # ops whose inverse reproduces the original bit for bit
+EXACT_OPS = (RENAME, SPLIT_WQKV, COPY)  # ops whose inverse reproduces the original bit for bit
 
 
 @functools.cache
@@ -199,6 +230,8 @@ def rules_for_config(llm_architecture, text_config):
 def _forward_op(rule, inputs, text_config):
     if rule.op == RENAME:
         return inputs
+    if rule.op == COPY:
+        return inputs * len(rule.targets)
     if rule.op == SPLIT_WQKV:
         heads = (text_config.num_attention_heads, text_config.num_key_value_heads, text_config.head_dim)
         return split_internlm2_wqkv(inputs[0], *heads)
@@ -212,7 +245,7 @@ def _forward_op(rule, inputs, text_config):
 
 
 def _inverse_op(rule, outputs, extra_inputs, text_config):
-    if rule.op == RENAME:
+    if rule.op in (RENAME, COPY):
         return outputs[0]
     if rule.op == SPLIT_WQKV:
         heads = (text_config.num_attention_heads, text_config.num_key_value_heads, text_config.head_dim)

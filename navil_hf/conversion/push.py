@@ -21,13 +21,14 @@ A hostile or broken Hub cannot make a push hang or lie about its outcome:
 - Every HTTP request of the push (API calls, LFS uploads, the check below) has a timeout (`timeout=`,
   else the `NAVIL_PUSH_TIMEOUT` environment variable, else `DEFAULT_TIMEOUT` seconds). huggingface_hub
   has none of its own for uploads (its client is created with `timeout=None`; `HF_HUB_ETAG_TIMEOUT` and
-  `HF_HUB_DOWNLOAD_TIMEOUT` only cover downloads), so for the duration of the push its shared client is
-  made by a wrapper of its client factory (`set_client_factory`) that gives each request without a
-  timeout this one. The limit is per network operation (connecting, each read, each write), not for a
-  whole upload, so large files are not cut off. A request that times out ends the push at once with a
-  `PushError` naming the timeout and the request (huggingface_hub's retries, meant for transient errors,
-  would multiply the wait on a Hub that hangs); HTTP errors and dropped connections are still retried
-  where huggingface_hub retries them. Uploads through Xet (`hf_xet`) do not use this client.
+  `HF_HUB_DOWNLOAD_TIMEOUT` only cover downloads), so for the duration of the push its shared client
+  (`get_session()`) gets a request hook that gives each request without a timeout this one
+  (`_request_timeout` says why there and what it cannot cover). The limit is per network operation
+  (connecting, each read, each write), not for a whole upload, so large files are not cut off. A request
+  that times out ends the push at once with a `PushError` naming the timeout and the request
+  (huggingface_hub's retries, meant for transient errors, would multiply the wait on a Hub that hangs);
+  HTTP errors and dropped connections are still retried where huggingface_hub retries them. Uploads
+  through Xet (`hf_xet`) do not use this client.
 - The commit carries a unique id (`navil-push-id: ...` in its description). When the commit request
   fails -- an error status, a dropped connection, a timeout -- the branch's history is read back and
   searched for that id, down to the commit the push was based on. A commit that was applied although
@@ -62,7 +63,7 @@ from ..folders import (
     pickled_files,
     read_safetensors_header,
 )
-from ..hub import AUTO_MAP, CODE_MODULES
+from ..hub import AUTO_MAP, CODE_MODULES, tied_weight_keys
 
 CODE_FILES = tuple(f"{name}.py" for name in CODE_MODULES)
 CONFIG_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
@@ -276,9 +277,7 @@ def expected_weight_shapes(config):
 
     with torch.device("meta"):
         model = AutoModel.from_config(config, trust_remote_code=True)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
-    return shapes, tied
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}, tied_weight_keys(model)
 
 
 def safetensors_shapes(folder, shards):
@@ -429,7 +428,7 @@ def push_folder(
                 parent_commit=info.sha,  # fail rather than overwrite a commit made since we looked
             )
         except Exception as e:  # whatever broke: re-raised at once unless the commit request went out
-            if not sent.commit:
+            if not sent.commit_maybe_sent:
                 raise  # it never did: nothing was committed
             failure = e
         if failure is not None:  # outside the except block: the PushError it may raise carries no traceback of e
@@ -482,6 +481,11 @@ class _Requests:
 
     def __init__(self):
         self.commit = False  # a commit request went out (it may or may not have been applied)
+        self.replaced = False  # huggingface_hub closed the client the hook is on: later requests go unseen
+
+    @property
+    def commit_maybe_sent(self):
+        return self.commit or self.replaced
 
     def saw(self, request):
         if request.method == "POST" and _COMMIT_PATH.search(request.url.path):
@@ -504,19 +508,28 @@ class _HubTimeout(Exception):
 
 @contextmanager
 def _request_timeout(timeout, sent):
-    """For the block, every request huggingface_hub makes through its shared HTTP client that has no timeout
-    of its own gets `timeout` seconds (per network operation), is reported to `sent`, and a timeout raises
-    `_HubTimeout` instead of being retried.
+    """For the block, every request made through huggingface_hub's shared HTTP client (the one its public
+    `get_session()` returns, made by whatever client factory is set) that has no timeout of its own gets
+    `timeout` seconds (per network operation), is reported to `sent`, and a timeout raises `_HubTimeout`
+    instead of being retried.
 
-    huggingface_hub passes `timeout=None` explicitly in some calls (`repo_info`, paginated listings), which
-    would override a client default, so the limit is set on each request, in a request hook. The client
-    factory in place before (the default one, or the user's) makes the client; the hook and the timeout
-    guard are added to it, and that factory is restored afterwards."""
-    from huggingface_hub.utils import _http, set_client_factory
+    huggingface_hub's public API sets no timeout for API calls and uploads (`HF_HUB_ETAG_TIMEOUT` and
+    `HF_HUB_DOWNLOAD_TIMEOUT` cover downloads only) and passes `timeout=None` explicitly in some calls
+    (`repo_info`, paginated listings), which would override a client default; `set_client_factory` can
+    replace the client factory but nothing public reads the one in place, so wrapping it would lose a
+    user's factory. So the shared client itself gets, through httpx's public client API, a request hook
+    that sets the limit on each request and a guarded `send`; both are taken off afterwards and the
+    factory is left alone. huggingface_hub replaces its shared client after a connection error during an
+    upload (`close_session`): the new client has no limit, and `sent.replaced` makes the push check the
+    outcome of its commit instead of assuming the commit request was never sent."""
+    from huggingface_hub import get_session
 
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+    client = get_session()
     timeout_error = _httpx().TimeoutException
     kinds = {"ConnectTimeout": "connect", "WriteTimeout": "write", "PoolTimeout": "pool"}
+    hooks = {name: list(functions) for name, functions in client.event_hooks.items()}
+    overridden = {name: vars(client)[name] for name in ("send", "close") if name in vars(client)}
+    send, close = client.send, client.close
 
     def hook(request):
         limits = request.extensions.get("timeout") or {}
@@ -525,28 +538,30 @@ def _request_timeout(timeout, sent):
         }
         sent.saw(request)
 
-    def factory():
-        client = previous()
-        hooks = client.event_hooks
-        client.event_hooks = {"request": [*hooks.get("request", []), hook], "response": hooks.get("response", [])}
-        send = client.send
+    def guarded_send(request, *args, **kwargs):
+        try:
+            return send(request, *args, **kwargs)
+        except timeout_error as e:
+            kind = kinds.get(type(e).__name__, "read")
+            seconds = (request.extensions.get("timeout") or {}).get(kind)
+            raise _HubTimeout(request, kind, seconds if isinstance(seconds, (int, float)) else timeout) from e
 
-        def guarded_send(request, *args, **kwargs):
-            try:
-                return send(request, *args, **kwargs)
-            except timeout_error as e:
-                kind = kinds.get(type(e).__name__, "read")
-                seconds = (request.extensions.get("timeout") or {}).get(kind)
-                raise _HubTimeout(request, kind, seconds if isinstance(seconds, (int, float)) else timeout) from e
+    def noted_close(*args, **kwargs):
+        sent.replaced = True
+        return close(*args, **kwargs)
 
-        client.send = guarded_send  # `request`, `get`, `post`, `stream` all go through `send`
-        return client
-
-    set_client_factory(factory)  # closes the current shared client: the next request gets one from `factory`
+    client.event_hooks = {**hooks, "request": [*hooks.get("request", []), hook]}
+    client.send = guarded_send  # `request`, `get`, `post`, `stream` all go through `send`
+    client.close = noted_close
     try:
         yield
     finally:
-        set_client_factory(previous)
+        client.event_hooks = hooks
+        for name in ("send", "close"):
+            if name in overridden:
+                setattr(client, name, overridden[name])
+            else:
+                delattr(client, name)
 
 
 def _commit_url(api, repo_id, oid):
@@ -631,10 +646,16 @@ def _chain(error, limit):
 
 
 def _httpx():
-    """The HTTP library huggingface_hub runs on (`httpx2` from its 2.x releases, `httpx` in 1.x)."""
-    from huggingface_hub.utils import _http
+    """The HTTP library huggingface_hub runs on (`httpx2` from its 2.x releases, which export it as
+    `huggingface_hub.utils.httpx`; `httpx` in 1.x)."""
+    from huggingface_hub import utils
 
-    return getattr(_http, "httpx2", None) or _http.httpx
+    try:
+        return utils.httpx
+    except AttributeError:  # huggingface_hub 1.x
+        import httpx
+
+        return httpx
 
 
 def _http_status(error):

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import VerificationError
 from ..folders import SafetensorsFolder, progress_bar, quiet_transformers, release_freed_memory
-from ..hub import meta_model
+from ..hub import meta_model, tied_weight_keys
 from .keymap import convert_tensor, iter_original_tensors, match_source, rules_for
 from .original import llm_architecture, lm_head_key
 from .tokenizer import check_tokenizer
@@ -27,10 +27,11 @@ def verify_streamed(folder, original, original_config, config, tokenizer, dtype,
 
 
 def check_written_matches_model(written, config):
-    """The written tensors are exactly the model's weights (a tied LM head left out), with its shapes."""
-    state = meta_model(config, torch.float32).state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    """The written tensors are exactly the model's weights (those it declares tied left out), with its shapes."""
+    model = meta_model(config, torch.float32)
+    state = model.state_dict()
+    for key in tied_weight_keys(model):
+        state.pop(key, None)
     missing = sorted(set(state) - set(written.keys()))
     unexpected = sorted(set(written.keys()) - set(state))
     if missing or unexpected:

@@ -42,7 +42,7 @@ from navil_hf.conversion.surgery import (
 from navil_hf.errors import ConversionError, VerificationError
 
 from conftest import FIXTURES, REPO_ROOT, checkpoint, copy_checkpoint, token_ids
-from tiny import full_size_original_config
+from tiny import full_size_original_config, tiny_config
 
 TOKEN_IDS = token_ids()
 
@@ -319,6 +319,17 @@ def test_tied_checkpoint_without_lm_head_is_accepted_on_meta():
     original["llm_config"]["tie_word_embeddings"] = False
     with pytest.raises(KeyMismatchError, match=r"missing keys \(1\): language_model\.lm_head\.weight"):
         check_original_state_dict(shapes, original)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_weights_are_what_the_model_declares(tied):
+    """One rule for the weights a folder leaves out (writing, verifying, the push check), read from the model
+    on the meta device: the LM head when the config ties it, nothing otherwise."""
+    from navil_hf.hub import meta_model, tied_weight_keys
+
+    config = tiny_config(tie_word_embeddings=tied)
+    assert config.tie_word_embeddings is tied
+    assert tied_weight_keys(meta_model(config, torch.float32)) == ({"lm_head.weight"} if tied else set())
 
 
 def test_shape_check_lists_missing_unexpected_and_misshapen_keys():

@@ -14,7 +14,15 @@ from transformers import AutoModel, AutoProcessor
 
 from configuration_navil import SPECIAL_TOKENS
 from navil_hf.cli import main as navil
-from navil_hf.conversion.init_llm import TEXT_PARITY_TOLERANCE, VISION_PRESETS, vision_preset_parameters
+from navil_hf.conversion import check_folder
+from navil_hf.conversion.init_llm import (
+    TEXT_PARITY_TOLERANCE,
+    VISION_PRESETS,
+    navil_text_state_dict,
+    vision_preset_parameters,
+)
+from navil_hf.conversion.keymap import KeyMismatchError
+from navil_hf.errors import ConversionError
 
 from llm_sources import make_tokenizer, write_hf_llm, write_internlm2_llm
 from tiny import assert_fp_close
@@ -95,6 +103,7 @@ def test_tokens_embeddings_and_chat_template(tmp_path):
     assert new and all(torch.allclose(embed[i], mean, atol=1e-6) for i in new)
     assert torch.equal(model.model.special_token_embedding.weight, embed[ids])
     assert model.lm_head.weight.data_ptr() == embed.data_ptr()  # tied like the source
+    assert check_folder(out) == []  # the push check reads the tied LM head from the model, as writing did
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     # The source template, extended: images become <image> placeholders in the LLM's own format.
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi"}]}]
@@ -294,3 +303,40 @@ def test_early_fusion_without_visual_experts(tmp_path, family, capsys):
     err = capsys.readouterr().err
     assert "has no visual experts" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "original").exists()
+
+
+DECODER_LAYER = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.bias", "self_attn.o_proj.weight", "self_attn.q_norm.weight",
+    "mlp.gate_proj.weight", "mlp.down_proj.bias", "input_layernorm.weight", "post_attention_layernorm.weight",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("visual_experts", [True, False])
+def test_decoder_key_map_is_keymaps_table(visual_experts):
+    """keymap's `llm_decoder_keys` on names alone: text weights renamed, visual experts copies of their text
+    twins, embedding/LM head/rotary buffers left to the rest of init-from-llm, anything else refused."""
+    tensors = {f"model.layers.1.{part}": torch.full((2,), float(i)) for i, part in enumerate(DECODER_LAYER)}
+    tensors |= {"model.norm.weight": torch.ones(2), "model.embed_tokens.weight": torch.ones(3, 2)}
+    tensors |= {"lm_head.weight": torch.ones(3, 2), "model.layers.1.self_attn.rotary_emb.inv_freq": torch.ones(1)}
+    view = navil_text_state_dict(tensors, tie_word_embeddings=False, visual_experts=visual_experts)
+    ours = "model.language_model.layers.1."
+    expected = {ours + part: f"model.layers.1.{part}" for part in DECODER_LAYER}
+    if visual_experts:
+        expected |= {
+            ours + "self_attn.q_proj_ve.weight": "model.layers.1.self_attn.q_proj.weight",
+            ours + "self_attn.k_proj_ve.bias": "model.layers.1.self_attn.k_proj.bias",
+            ours + "self_attn.o_proj_ve.weight": "model.layers.1.self_attn.o_proj.weight",
+            ours + "self_attn.q_norm_ve.weight": "model.layers.1.self_attn.q_norm.weight",
+            ours + "mlp_ve.gate_proj.weight": "model.layers.1.mlp.gate_proj.weight",
+            ours + "mlp_ve.down_proj.bias": "model.layers.1.mlp.down_proj.bias",
+        }
+    expected["model.language_model.norm.weight"] = "model.norm.weight"
+    assert sorted(view.keys()) == sorted(expected)
+    for key, source in expected.items():
+        assert view[key] is tensors[source], key
+    with pytest.raises(KeyMismatchError, match="model.layers.1.self_attn.wqkv.weight"):
+        navil_text_state_dict({**tensors, "model.layers.1.self_attn.wqkv.weight": torch.ones(1)}, False)
+    tensors.pop("lm_head.weight")
+    with pytest.raises(ConversionError, match="no lm_head.weight"):
+        navil_text_state_dict(tensors, tie_word_embeddings=False)
+    assert "model.language_model.norm.weight" in navil_text_state_dict(tensors, tie_word_embeddings=True)

@@ -422,6 +422,31 @@ def test_hub_that_never_answers_times_out(hub, folder, hanging):
     assert _http._GLOBAL_CLIENT_FACTORY is factory  # huggingface_hub's client factory is restored
 
 
+def test_timeout_applies_to_a_users_client_factory_and_leaves_it_in_place(hub, folder):
+    """The limit is put on the shared client huggingface_hub's factory made (here a user's own, set with the
+    public `set_client_factory`) for the push only: the factory stays, and so does the client, as it was."""
+    from huggingface_hub import get_session, set_client_factory
+    from huggingface_hub.utils import _http, httpx
+
+    made = []
+
+    def users_factory():
+        made.append(httpx.Client(follow_redirects=True, timeout=None))
+        return made[-1]
+
+    previous = _http._GLOBAL_CLIENT_FACTORY
+    set_client_factory(users_factory)
+    try:
+        hub.fail_commit("hang", apply=True)
+        result = push_folder(folder, "owner/navil-tiny", progress=False, timeout=HANG_TIMEOUT)
+        assert "although the Hub did not answer within the 2 s timeout" in result.warning  # seen and limited
+        assert len(made) == 1 and get_session() is made[0] and _http._GLOBAL_CLIENT_FACTORY is users_factory
+        assert made[0].event_hooks == {"request": [], "response": []}  # the push's hook is gone
+        assert "send" not in vars(made[0]) and "close" not in vars(made[0]) and not made[0].is_closed
+    finally:
+        set_client_factory(previous)
+
+
 @pytest.mark.parametrize("apply", [True, False])
 def test_commit_that_is_never_answered_is_checked(hub, folder, apply):
     hub.fail_commit("hang", apply=apply)
@@ -515,3 +540,17 @@ def test_installed_hub_modules_are_the_code_files_folders_carry():
     from conftest import REPO_ROOT
 
     assert sorted(CODE_MODULES) == sorted(path.stem for path in REPO_ROOT.glob("*_navil.py"))
+
+
+def test_a_client_replaced_during_the_push_makes_its_commit_checked():
+    """huggingface_hub closes its shared client after a connection error in an upload and makes a new one,
+    which the push's hook is not on: a commit request may then go unseen, so its outcome is checked."""
+    from huggingface_hub import close_session
+
+    from navil_hf.conversion.push import _request_timeout, _Requests
+
+    sent = _Requests()
+    with _request_timeout(1.0, sent):
+        assert not sent.commit_maybe_sent
+        close_session()
+    assert sent.replaced and sent.commit_maybe_sent and not sent.commit

@@ -1,6 +1,7 @@
 """Equivalence tests of the model: backends, routing, cache, batching, save/load, errors."""
 
 import tempfile
+import types
 
 import pytest
 import torch
@@ -87,6 +88,64 @@ def test_vision_attention_backends_match_reference(backend):
     ref = _block_diagonal_reference(q, k, v, segments.cu_seqlens.tolist(), d**-0.5)
     out = VISION_ATTENTION_FUNCTIONS[backend](q, k, v, segments, d**-0.5)
     assert_fp_close(f"vision {backend} vs block-diagonal", out, ref)
+
+
+def test_flash_fallback_is_decided_in_one_place(monkeypatch):
+    """Both towers ask `flash_varlen_attention` for the flash kernel and run their per-segment sdpa when it
+    has none (here: CPU); the stand-in name comes from the same section."""
+    torch.manual_seed(0)
+    lengths = [16, 48, 4]
+    n, h, d = sum(lengths), 4, 8
+    segments = PackedSegments.from_lengths(torch.tensor(lengths).numpy(), "cpu")
+    q, k, v = (torch.randn(n, h, d) for _ in range(3))
+    asked = []
+    real = modeling_navil.flash_varlen_attention
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("causal", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_navil, "flash_varlen_attention", spy)
+    vision = modeling_navil.vision_attention_function("flash_attention_2")(q, k, v, segments, d**-0.5)
+    assert torch.equal(vision, modeling_navil.vision_sdpa_attention(q, k, v, segments, d**-0.5))
+    rows = [t.unflatten(0, (1, n)).transpose(1, 2) for t in (q, k, v)]  # [B, H, L, D]
+    text = modeling_navil.text_packed_attention("flash_attention_2", *rows, segments, d**-0.5)
+    assert torch.equal(text, modeling_navil.text_packed_attention("sdpa", *rows, segments, d**-0.5))
+    assert asked == [False, True]
+    monkeypatch.setattr(modeling_navil, "flash_attn_varlen_func", None)
+    assert modeling_navil.flash_stand_in_name("flash_attention_3") == "flash_attention_2"
+    assert modeling_navil.flash_stand_in_name("sdpa") is None
+    monkeypatch.setattr(modeling_navil, "flash_attn_varlen_func", lambda *args, **kwargs: None)
+    assert modeling_navil.flash_stand_in_name("flash_attention_2") is None  # flash-attn there: transformers decides
+
+
+def test_flash_varlen_kernels_get_each_towers_arguments(monkeypatch):
+    """What `flash_varlen_attention` hands each CUDA kernel (the kernels stubbed: this runs on CPU): flash-attn
+    when installed (causal and dropout as asked), else torch's varlen kernel in half precision without dropout
+    (causal: the lower-left window and GQA), else nothing."""
+    segments = PackedSegments.from_lengths(torch.tensor([3, 5]).numpy(), "cpu")
+    cu, m = segments.cu_seqlens, segments.max_seqlen
+    calls = []
+    monkeypatch.setattr(modeling_navil, "flash_attn_varlen_func", lambda *args, **kw: calls.append((args, kw)) or "fa")
+    monkeypatch.setattr(modeling_navil, "torch_varlen_attn", lambda *args, **kw: calls.append((args, kw)) or "torch")
+    cuda = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert modeling_navil.flash_varlen_attention(cuda, "k", "v", segments, 0.5) == "fa"
+    assert modeling_navil.flash_varlen_attention(cuda, "k", "v", segments, 0.5, causal=True, dropout=0.1) == "fa"
+    monkeypatch.setattr(modeling_navil, "flash_attn_varlen_func", None)
+    assert modeling_navil.flash_varlen_attention(cuda, "k", "v", segments, 0.5) == "torch"
+    assert modeling_navil.flash_varlen_attention(cuda, "k", "v", segments, 0.5, causal=True) == "torch"
+    assert modeling_navil.flash_varlen_attention(cuda, "k", "v", segments, 0.5, causal=True, dropout=0.1) is None
+    assert modeling_navil.flash_varlen_attention(types.SimpleNamespace(is_cuda=True, dtype=torch.float32), "k", "v",
+                                                 segments, 0.5) is None  # fmt: skip
+    assert modeling_navil.flash_varlen_attention(types.SimpleNamespace(is_cuda=False), "k", "v", segments, 0.5) is None
+    for args, _ in calls:  # packed q/k/v, then the segments' offsets and longest length for queries and keys
+        assert args[:3] == (cuda, "k", "v") and args[3] is cu and args[4] is cu and args[5:] == (m, m)
+    assert [kw for _, kw in calls] == [
+        {"dropout_p": 0.0, "softmax_scale": 0.5, "causal": False},
+        {"dropout_p": 0.1, "softmax_scale": 0.5, "causal": True},
+        {"scale": 0.5},
+        {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True},
+    ]
 
 
 def test_vision_sdpa_never_builds_a_full_mask(monkeypatch):
