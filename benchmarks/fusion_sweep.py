@@ -2,7 +2,7 @@
 
 Builds tiny NaViLs from scratch (random init) at a few sizes in two variants and trains each briefly with
 `navil train`'s own code (packed rows, transformers' Trainer) on the synthetic shapes task
-(`navil_hf.training.shapes`, format v2: every shape at least one merged 32-px token):
+(`navil_hf.tasks.shapes`, format v2: every shape at least one merged 32-px token):
 
 * `late`: a small ViT (its blocks sized per size, `SIZES`) -> 2x2 merge -> MLP connector -> the LLM (NaViL);
   its blocks' LayerScale starts at `VISION_LAYER_SCALE` (0.1, `vision_config.initializer_factor`, as
@@ -360,7 +360,7 @@ def blind_loss(test_samples, test_records, train_records) -> dict:
     from collections import Counter, defaultdict
 
     from navil_hf.training.collate import IGNORE_INDEX
-    from navil_hf.training.shapes import ANSWERS
+    from navil_hf.tasks.shapes import ANSWERS
 
     per_question = defaultdict(Counter)
     for record in train_records:
@@ -377,7 +377,7 @@ def blind_loss(test_samples, test_records, train_records) -> dict:
 def accuracy(model, processor, records, base_dir, batch=32):
     """Exact-match accuracy of greedy `batch_chat` answers (`shapes.chat_answers`, `shapes.score`), as
     learn_shapes measures it: overall and `acc_KIND`."""
-    from navil_hf.training.shapes import chat_answers, flat_score, score
+    from navil_hf.tasks.shapes import chat_answers, flat_score, score
 
     return flat_score(score(chat_answers(model, processor, records, base_dir, batch), records))
 
@@ -418,7 +418,7 @@ def _run_one(spec, shared, sink):
     import torch
     from transformers import TrainerCallback
 
-    from navil_hf.training.shapes import read_jsonl
+    from navil_hf.tasks.shapes import read_jsonl
     from navil_hf.training.train import load_model, load_processor, parse_config, train
 
     started = time.perf_counter()
@@ -706,7 +706,7 @@ def append_csv(path, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    from navil_hf.training.shapes import (
+    from navil_hf.tasks.shapes import (
         KINDS,
         blind_accuracy,
         chance_accuracy,

@@ -2,7 +2,7 @@
 
 The demo model (SmolLM2-135M-Instruct + a fresh, untrained vision encoder, built by `navil init-from-llm`;
 `navil chat` without --model uses it) cannot see at first. This script generates the shapes task
-(`navil_hf.training.shapes`: colored circles, squares and triangles on varied backgrounds, every shape at
+(`navil_hf.tasks.shapes`: colored circles, squares and triangles on varied backgrounds, every shape at
 least one merged token; questions about color, shape, count and position; a held-out test split), trains
 the model with `navil train`'s own code (packed batches, Trainer; `RECIPE`: NaViL's stage 1 -- vision
 encoder, connector, special tokens and visual experts train, the LLM's text weights stay frozen --, the
@@ -169,7 +169,7 @@ def main(argv=None):
     from transformers import TrainerCallback
 
     from navil_hf.training.data import ConversationDataset, SampleEncoder
-    from navil_hf.training.shapes import (
+    from navil_hf.tasks.shapes import (
         chat_answers,
         flat_score,
         make_shapes_dataset,

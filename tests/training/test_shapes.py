@@ -1,4 +1,4 @@
-"""The synthetic shapes VQA task (`navil_hf.training.shapes`): deterministic generation, records that agree
+"""The synthetic shapes VQA task (`navil_hf.tasks.shapes`): deterministic generation, records that agree
 with the drawn pixels, disjoint splits, the baselines and the scorer, and the command line."""
 
 import hashlib
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from navil_hf.training import shapes
-from navil_hf.training.shapes import (
+from navil_hf.tasks import shapes
+from navil_hf.tasks.shapes import (
     ANSWERS,
     KINDS,
     PALETTE,
@@ -226,7 +226,7 @@ def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
 
 def test_module_entry_point(tmp_path):
     out = tmp_path / "data"
-    args = [sys.executable, "-m", "navil_hf.training.shapes", str(out), "--train", "4", "--test", "4", "--json"]
+    args = [sys.executable, "-m", "navil_hf.tasks.shapes", str(out), "--train", "4", "--test", "4", "--json"]
     done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["records"] == {"train": 4, "test": 4}

@@ -4,7 +4,7 @@ It proves that training teaches a small NaViL to *see*: every answer depends on 
 balanced given the question, so a model that reads only the text scores no better than the blind baseline
 (`blind_accuracy`, about 1/3 overall), and a model that looks can reach 100%.
 
-    python -m navil_hf.training.shapes OUT_DIR [--train N] [--test N] [--seed S] [--force]
+    python -m navil_hf.tasks.shapes OUT_DIR [--train N] [--test N] [--seed S] [--force]
 
 writes
 
@@ -603,7 +603,7 @@ def _count(text):
 
 def build_parser():
     parser = _Parser(
-        prog="python -m navil_hf.training.shapes",
+        prog="python -m navil_hf.tasks.shapes",
         description="Write the synthetic shapes VQA dataset (images/, train.jsonl, test.jsonl, meta.json) "
         "and print its summary.",
     )
