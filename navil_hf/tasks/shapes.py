@@ -516,29 +516,6 @@ def is_correct(prediction, answer) -> bool:
     return " ".join(words) == answer or first == answer
 
 
-def chat_answers(model, processor, records, base_dir, batch: int = 32, max_new_tokens: int = 6) -> list[str]:
-    """Greedy `model.batch_chat` answers to `records`' questions about their images (paths relative to
-    `base_dir`), `batch` records per call, without gradients; the model's training mode is restored."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    answers = []
-    with torch.no_grad():
-        for start in range(0, len(records), batch):
-            chunk = records[start : start + batch]
-            questions = [r["messages"][0]["content"][1]["text"] for r in chunk]
-            images = [[Image.open(Path(base_dir) / r["messages"][0]["content"][0]["path"])] for r in chunk]
-            answers += model.batch_chat(
-                processor,
-                questions,
-                images=images,
-                generation_config=dict(max_new_tokens=max_new_tokens, do_sample=False),
-            )
-    model.train(was_training)
-    return answers
-
-
 def score(predictions, records) -> dict:
     """Exact-match accuracy of `predictions` (strings, one per record, in order; or a dict from record
     index to string, a missing one counting as wrong) overall and per kind:
