@@ -67,7 +67,9 @@ def test_learn_shapes_quick_run(tmp_path, capsys):
     """The learning proof's recipe end to end for a few steps (the shapes task, `navil train`, held-out
     first-token curve, exact match through `batch_chat` of the saved folder) on a converted fixture."""
     from navil_hf.conversion import convert_checkpoint
+    from navil_hf.tasks.heldout import chat_answers
     from navil_hf.tasks.shapes import flat_score, read_jsonl, score
+    from navil_hf.training.train import load_model, load_processor
 
     from conftest import fixtures_dir
 
@@ -75,11 +77,15 @@ def test_learn_shapes_quick_run(tmp_path, capsys):
     convert_checkpoint(fixtures_dir() / "original-qwen3-tiny" / "checkpoint", hub, progress=False)
     summary = _script("learn_shapes").main(["--quick", "--model", str(hub), "--workdir", str(tmp_path / "work")])
     assert [a["step"] for a in summary["accuracy"]] == [1, 3]
-    # every curve point scores the whole held-out split, each kind in it; the exact match reported is the
-    # score of the answers saved, against the held-out records in order
-    test = read_jsonl(tmp_path / "work" / "shapes" / "test.jsonl")
+    # every curve point scores the whole held-out split, each kind in it; the answers are the trained folder's
+    # greedy answers to the held-out questions in order (the untrained model's differ), and the exact match
+    # reported is their score
+    data = tmp_path / "work" / "shapes"
+    test = read_jsonl(data / "test.jsonl")
     kinds = {f"acc_{r['kind']}" for r in test}
     assert all({k for k in a if k.startswith("acc_")} == kinds for a in summary["accuracy"])
+    trained = load_model(summary["trained_model"])
+    assert chat_answers(trained, load_processor(hub), test, data, batch=8) == summary["answers"]
     assert summary["exact_match"] == flat_score(score(summary["answers"], test))
     assert len(summary["answers"]) == 8 and isinstance(summary["bf16"], bool)
     assert summary["precision"].startswith("bf16: " if summary["bf16"] else "float32: ")
