@@ -4,17 +4,32 @@ Teacher-forced, one packed forward per `batch` samples without gradients: `heldo
 of the assistant tokens) and `first_token_accuracy` (is the most likely token after the prompt the answer's
 first one?); generated: `chat_answers` (greedy `model.batch_chat`) and `exact_match` (their score, overall
 and per kind). `blind_loss` is the loss to beat: that of a model that reads only the question. Every
-measurement restores the model's training mode. `benchmarks/learn_shapes.py` and the fusion sweep
-(`navil_hf.research.fusion`) measure with these.
+measurement runs the model in eval mode without gradients (`evaluating`) and restores its training mode.
+`benchmarks/learn_shapes.py` and the fusion sweep (`navil_hf.research.fusion`) measure with these.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from navil_hf.tasks.shapes import ANSWERS, flat_score, score
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """`model` in eval mode without gradients; its training mode is restored after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def encode_records(processor, path, count=None) -> list[dict]:
@@ -43,19 +58,15 @@ def loss_batches(samples, batch):
 def heldout_loss(model, batches):
     """(nats per assistant token, nats per record): teacher-forced cross-entropy of the assistant tokens of
     `loss_batches`."""
-    import torch
     import torch.nn.functional as F
 
-    was_training = model.training
-    model.eval()
     total, tokens, records = 0.0, 0, 0
-    with torch.no_grad():
+    with evaluating(model):
         for row, positions, targets, n in batches:
             logits = model(**row, logits_to_keep=positions, use_cache=False).logits[0].float()
             total += float(F.cross_entropy(logits, targets, reduction="sum"))
             tokens += len(targets)
             records += n
-    model.train(was_training)
     return total / tokens, total / records
 
 
@@ -67,10 +78,8 @@ def first_token_accuracy(model, samples, records, batch):
 
     from navil_hf.training.collate import IGNORE_INDEX, PackedCollator
 
-    was_training = model.training
-    model.eval()
     hits = []
-    with torch.no_grad():
+    with evaluating(model):
         for start in range(0, len(samples), batch):
             chunk = samples[start : start + batch]
             packed = PackedCollator()(chunk)
@@ -84,7 +93,6 @@ def first_token_accuracy(model, samples, records, batch):
             positions = torch.tensor([p for p, _ in firsts])
             predicted = model(**packed, logits_to_keep=positions).logits[0].argmax(-1)
             hits += [int(p) == target for p, (_, target) in zip(predicted, firsts)]
-    model.train(was_training)
     per_kind = {}
     for hit, record in zip(hits, records):
         per_kind.setdefault(record["kind"], []).append(hit)
@@ -97,13 +105,10 @@ def first_token_accuracy(model, samples, records, batch):
 def chat_answers(model, processor, records, base_dir, batch: int = 32, max_new_tokens: int = 6) -> list[str]:
     """Greedy `model.batch_chat` answers to `records`' questions about their images (paths relative to
     `base_dir`), `batch` records per call, without gradients."""
-    import torch
     from PIL import Image
 
-    was_training = model.training
-    model.eval()
     answers = []
-    with torch.no_grad():
+    with evaluating(model):
         for start in range(0, len(records), batch):
             chunk = records[start : start + batch]
             questions = [r["messages"][0]["content"][1]["text"] for r in chunk]
@@ -114,7 +119,6 @@ def chat_answers(model, processor, records, base_dir, batch: int = 32, max_new_t
                 images=images,
                 generation_config=dict(max_new_tokens=max_new_tokens, do_sample=False),
             )
-    model.train(was_training)
     return answers
 
 
