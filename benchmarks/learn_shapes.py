@@ -2,7 +2,7 @@
 
 The demo model (SmolLM2-135M-Instruct + a fresh, untrained vision encoder, built by `navil init-from-llm`;
 `navil chat` without --model uses it) cannot see at first. This script generates the shapes task
-(`navil_hf.training.shapes`: colored circles, squares and triangles on varied backgrounds, every shape at
+(`navil_hf.tasks.shapes`: colored circles, squares and triangles on varied backgrounds, every shape at
 least one merged token; questions about color, shape, count and position; a held-out test split), trains
 the model with `navil train`'s own code (packed batches, Trainer; `RECIPE`: NaViL's stage 1 -- vision
 encoder, connector, special tokens and visual experts train, the LLM's text weights stay frozen --, the
@@ -77,41 +77,6 @@ def parse_args(argv=None):
     return args
 
 
-def first_token_accuracy(model, samples, records, batch):
-    """Teacher-forced: does the model's most likely next token after the prompt equal the answer's first
-    token? (Exact match's cheap stand-in for the curve: one packed forward per `batch` samples, no
-    generation.) Overall and per kind, as `shapes.score` returns them."""
-    import torch
-
-    from navil_hf.training.collate import IGNORE_INDEX, PackedCollator
-
-    was_training = model.training
-    model.eval()
-    hits = []
-    with torch.no_grad():
-        for start in range(0, len(samples), batch):
-            chunk = samples[start : start + batch]
-            packed = PackedCollator()(chunk)
-            packed.pop("labels")
-            firsts, offset = [], 0
-            for sample in chunk:
-                labels = torch.as_tensor(sample["labels"])
-                first = int((labels != IGNORE_INDEX).nonzero()[0])
-                firsts.append((offset + first - 1, int(labels[first])))
-                offset += len(labels)
-            positions = torch.tensor([p for p, _ in firsts])
-            predicted = model(**packed, logits_to_keep=positions).logits[0].argmax(-1)
-            hits += [int(p) == target for p, (_, target) in zip(predicted, firsts)]
-    model.train(was_training)
-    per_kind = {}
-    for hit, record in zip(hits, records):
-        per_kind.setdefault(record["kind"], []).append(hit)
-    return {
-        "accuracy": sum(hits) / len(hits),
-        "per_kind": {k: {"accuracy": sum(v) / len(v)} for k, v in per_kind.items()},
-    }
-
-
 def build_model(args, workdir):
     """The model to train: `--model`, else the demo model, else (`--vision-preset`) a NaViL built from the
     demo's SmolLM2 with that encoder, as the demo is built."""
@@ -168,14 +133,8 @@ def main(argv=None):
     import torch
     from transformers import TrainerCallback
 
-    from navil_hf.training.data import ConversationDataset, SampleEncoder
-    from navil_hf.training.shapes import (
-        chat_answers,
-        flat_score,
-        make_shapes_dataset,
-        read_jsonl,
-        score,
-    )
+    from navil_hf.tasks.heldout import chat_answers, encode_records, first_token_accuracy
+    from navil_hf.tasks.shapes import flat_score, make_shapes_dataset, read_jsonl, score
     from navil_hf.training.train import load_model, load_processor, parse_config, train
 
     workdir = Path(args.workdir or Path(_common.ROOT).parent / "learn-shapes")
@@ -188,8 +147,7 @@ def main(argv=None):
     baselines = {"chance": task["chance"]["overall"], "blind": task["blind"]["overall"]}
     model_dir = build_model(args, workdir)
     processor = load_processor(model_dir)
-    test_set = ConversationDataset(data / "test.jsonl", SampleEncoder(processor))
-    test_samples = [test_set[i] for i in range(len(test_set))]
+    test_samples = encode_records(processor, data / "test.jsonl")
     bf16, precision = choose_precision(args, model_dir, test_samples[: args.batch])
     print(f"precision {precision}", flush=True)
     curve, accuracy = [], []

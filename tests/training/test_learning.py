@@ -2,7 +2,7 @@
 
 A tiny NaViL (a tiny random Qwen3 through `navil init-from-llm --vision-preset none`: early fusion, the
 16-px patches' embedding -> 2x2 merge -> connector -> LLM) is trained with `navil train`'s own code (packed
-rows, the Trainer) on color questions of the shapes task (`navil_hf.training.shapes`: one shape, 60-85% of
+rows, the Trainer) on color questions of the shapes task (`navil_hf.tasks.shapes`: one shape, 60-85% of
 the short side, on square, tall and wide images with varied backgrounds), one thread, fixed seed (about a
 minute). On held-out images it must name the asked-about
 shape's color far above chance (1/6), and given another image with the same question its answer must follow
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from navil_hf.cli import main as navil
+from navil_hf.tasks.shapes import ANSWERS, make_shapes_dataset, read_jsonl
 from navil_hf.training.collate import IGNORE_INDEX, PackedCollator
 from navil_hf.training.data import SampleEncoder, parse_record
-from navil_hf.training.shapes import ANSWERS, make_shapes_dataset, read_jsonl
 from navil_hf.training.train import load_model, load_processor, parse_config, train
 
 from llm_sources import write_hf_llm

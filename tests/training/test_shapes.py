@@ -1,5 +1,6 @@
-"""The synthetic shapes VQA task (`navil_hf.training.shapes`): deterministic generation, records that agree
-with the drawn pixels, disjoint splits, the baselines and the scorer, and the command line."""
+"""The synthetic shapes VQA task (`navil_hf.tasks.shapes`): deterministic generation, records that agree
+with the drawn pixels, disjoint splits, the baselines and the scorer, and the command line; and the held-out
+measurements (`navil_hf.tasks.heldout`) on stand-in models."""
 
 import hashlib
 import json
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from navil_hf.training import shapes
-from navil_hf.training.shapes import (
+from navil_hf.tasks import shapes
+from navil_hf.tasks.shapes import (
     ANSWERS,
     KINDS,
     PALETTE,
@@ -226,9 +227,70 @@ def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
 
 def test_module_entry_point(tmp_path):
     out = tmp_path / "data"
-    args = [sys.executable, "-m", "navil_hf.training.shapes", str(out), "--train", "4", "--test", "4", "--json"]
+    args = [sys.executable, "-m", "navil_hf.tasks.shapes", str(out), "--train", "4", "--test", "4", "--json"]
     done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["records"] == {"train": 4, "test": 4}
     again = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and not again.stdout
+
+
+# ------------------------------------------------------------------------- held-out measurements (heldout.py)
+
+
+class _Reader:
+    """A stand-in model that reads the packed row: at position t it predicts the token at t + `shift` (1: the
+    next token, a model that knows every answer; 0: the token at t itself), with `logit` over a vocabulary
+    of `vocab` (0 elsewhere)."""
+
+    training = False
+
+    def __init__(self, shift, vocab=16, logit=10.0):
+        self.shift, self.vocab, self.logit = shift, vocab, logit
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, input_ids, logits_to_keep, **kwargs):
+        import torch
+
+        ids = input_ids[0, logits_to_keep + self.shift]
+        logits = torch.zeros(len(logits_to_keep), self.vocab)
+        logits[torch.arange(len(ids)), ids] = self.logit
+        return type("Output", (), {"logits": logits[None]})
+
+
+def _sample(prompt, answer):
+    """A text sample as `SampleEncoder` makes one: the prompt's labels ignored, the answer's kept."""
+    import torch
+
+    from navil_hf.training.collate import IGNORE_INDEX
+
+    ids = torch.tensor(prompt + answer)
+    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer)
+    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": torch.zeros_like(ids)}
+
+
+def test_first_token_accuracy_and_heldout_loss_read_the_answer_positions():
+    """A model that predicts the next token gets every first answer token right and the least loss; one that
+    predicts the current token (an off-by-one in the positions) gets them wrong; a uniform one has loss
+    log(vocab) per answer token. Packed three to a row, so the offsets of later samples count too."""
+    import math
+
+    from navil_hf.tasks.heldout import first_token_accuracy, heldout_loss, loss_batches
+
+    samples = [_sample([1, 2, 3], [7, 8]), _sample([4, 5], [9]), _sample([1, 6, 2, 3], [10, 11, 12]),
+               _sample([2, 3], [13, 14])]  # fmt: skip
+    records = [record("color", "red"), record("count", "2"), record("color", "blue"), record("shape", "circle")]
+    right = first_token_accuracy(_Reader(shift=1), samples, records, batch=3)
+    assert right == {"accuracy": 1.0, "per_kind": {k: {"accuracy": 1.0} for k in ("color", "count", "shape")}}
+    assert first_token_accuracy(_Reader(shift=0), samples, records, batch=3)["accuracy"] == 0.0
+    batches = loss_batches(samples, 3)
+    assert [n for *_, n in batches] == [3, 1] and sum(len(targets) for _, _, targets, _ in batches) == 8
+    per_token, per_record = heldout_loss(_Reader(shift=1), batches)
+    best = -math.log(math.exp(10) / (math.exp(10) + 15))  # the right token at logit 10, 15 others at 0
+    assert per_token == pytest.approx(best, rel=1e-4) and per_record == pytest.approx(best * 8 / 4, rel=1e-4)
+    assert heldout_loss(_Reader(shift=1, logit=0.0), batches)[0] == pytest.approx(math.log(16))  # uniform

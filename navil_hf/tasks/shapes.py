@@ -4,7 +4,7 @@ It proves that training teaches a small NaViL to *see*: every answer depends on 
 balanced given the question, so a model that reads only the text scores no better than the blind baseline
 (`blind_accuracy`, about 1/3 overall), and a model that looks can reach 100%.
 
-    python -m navil_hf.training.shapes OUT_DIR [--train N] [--test N] [--seed S] [--force]
+    python -m navil_hf.tasks.shapes OUT_DIR [--train N] [--test N] [--seed S] [--force]
 
 writes
 
@@ -516,29 +516,6 @@ def is_correct(prediction, answer) -> bool:
     return " ".join(words) == answer or first == answer
 
 
-def chat_answers(model, processor, records, base_dir, batch: int = 32, max_new_tokens: int = 6) -> list[str]:
-    """Greedy `model.batch_chat` answers to `records`' questions about their images (paths relative to
-    `base_dir`), `batch` records per call, without gradients; the model's training mode is restored."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    answers = []
-    with torch.no_grad():
-        for start in range(0, len(records), batch):
-            chunk = records[start : start + batch]
-            questions = [r["messages"][0]["content"][1]["text"] for r in chunk]
-            images = [[Image.open(Path(base_dir) / r["messages"][0]["content"][0]["path"])] for r in chunk]
-            answers += model.batch_chat(
-                processor,
-                questions,
-                images=images,
-                generation_config=dict(max_new_tokens=max_new_tokens, do_sample=False),
-            )
-    model.train(was_training)
-    return answers
-
-
 def score(predictions, records) -> dict:
     """Exact-match accuracy of `predictions` (strings, one per record, in order; or a dict from record
     index to string, a missing one counting as wrong) overall and per kind:
@@ -603,7 +580,7 @@ def _count(text):
 
 def build_parser():
     parser = _Parser(
-        prog="python -m navil_hf.training.shapes",
+        prog="python -m navil_hf.tasks.shapes",
         description="Write the synthetic shapes VQA dataset (images/, train.jsonl, test.jsonl, meta.json) "
         "and print its summary.",
     )

@@ -1,0 +1,223 @@
+"""The fusion sweep's runs on disk, their fits and plot.
+
+A sweep (`benchmarks/fusion_sweep.py`) writes every eval point to `runs.csv` as it is measured
+(`append_csv`; `CSV_COLUMNS`) and each finished run to `runs/NAME/result.json` (`navil_hf.research.fusion`).
+`finished_runs` and `saved_runs` read them back for `--resume` and `--refit`; `fit_variant` fits one
+variant's CSV through `navil_hf.research.scaling` (`read_runs`, `fit_scaling_law`: the file and reader
+`navil scaling fit` uses); `plot_sweep` draws the comparison of the variants.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from navil_hf.errors import UsageError, one_line
+from navil_hf.tasks.heldout import exact_match
+
+CSV_COLUMNS = ("name", "variant", "size", "N", "D", "loss", "stage", "step", "samples", "loss_per_answer", "lr",
+               "n_vision", "n_connector", "n_llm", "n_total", "seconds")  # fmt: skip
+
+
+NUMERIC = {"N": int, "D": int, "step": int, "samples": int, "n_vision": int, "n_connector": int, "n_llm": int,
+           "n_total": int, "loss": float, "loss_per_answer": float, "seconds": float, "lr": float}  # fmt: skip
+
+
+def read_rows(path) -> dict[str, list[dict]]:
+    """The eval points of a runs.csv, per run name, typed (a first sweep's file has no `stage`: mixed)."""
+    if not Path(path).is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    runs = {}
+    for row in table:
+        typed = {k: NUMERIC[k](float(v)) if k in NUMERIC and v not in (None, "") else v for k, v in row.items()}
+        typed.setdefault("stage", "mixed")
+        runs.setdefault(row["name"], []).append(typed)
+    return runs
+
+
+def finished_runs(workdir, specs) -> dict[str, dict]:
+    """The runs of `specs` that finished in `workdir` (runs/NAME/result.json), by name; each must match its
+    spec's settings (steps, color steps, color task, learning rate: UsageError if not)."""
+    done = {}
+    for spec in specs:
+        path = Path(workdir) / "runs" / spec["name"] / "result.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        for key in ("steps", "color_steps", "color_task", "lr"):
+            if key in result and result[key] != spec[key]:
+                raise UsageError(f"{path}: {key} {result[key]} where this sweep has {spec[key]}; use the same settings "
+                                 "(or another --workdir)")  # fmt: skip
+        done[spec["name"]] = result
+    return done
+
+
+def saved_runs(workdir, specs, data, test_records, acc_records):
+    """The runs of an earlier sweep in `workdir`: runs.json as the training wrote it at its end; else (a sweep
+    that stopped, or is still going) each finished run's runs/NAME/result.json and, for the others, their
+    points so far from runs.csv (`finished`: False, no accuracy), or with a trained model but no result.json
+    (a first-version sweep stopped while fitting) its accuracy measured again on `acc_records` of `test_records`
+    (images under `data`). Returns (runs, seconds); UsageError when `workdir` holds no runs."""
+    runs_file = workdir / "runs.json"
+    if runs_file.is_file():
+        saved = json.loads(runs_file.read_text())
+        return saved["runs"], saved.get("seconds")
+    from navil_hf.training.train import load_model, load_processor
+
+    done = finished_runs(workdir, specs)
+    table = read_rows(workdir / "runs.csv")
+    if not done and not table:
+        raise UsageError(f"--refit: {workdir} has no runs.json, result.json or runs.csv (run the sweep first)")
+    results = []
+    for spec in specs:
+        if spec["name"] in done:
+            results.append(done[spec["name"]])
+            print(f"{spec['name']}: finished, {len(done[spec['name']]['rows'])} points (its result.json)")
+            continue
+        rows = table.get(spec["name"])
+        if not rows:
+            continue
+        params = {"N": rows[0]["N"], **{k: rows[0][k] for k in ("n_vision", "n_connector", "n_llm", "n_total")}}
+        run = {**spec, "params": params, "rows": rows, "final": {}, "after_color": {}, "loss_step0": float("nan"),
+               "seconds_per_step": None, "finished": False}  # fmt: skip
+        model_dir = workdir / "runs" / spec["name"] / "model"
+        if (model_dir / "config.json").is_file() and "color" not in {r["stage"] for r in rows}:
+            run["final"] = exact_match(load_model(model_dir), load_processor(model_dir), test_records[:acc_records],
+                                       data)  # fmt: skip
+            run.update(finished=True, trained_model=str(model_dir), rebuilt_from_csv=True)
+            print(f"{spec['name']}: {len(rows)} points from runs.csv, accuracy {run['final']['accuracy']:.3f} "
+                  "measured again")  # fmt: skip
+        else:
+            print(f"{spec['name']}: not finished, {len(rows)} points so far (to step {rows[-1]['step']} of "
+                  f"{spec['steps']}) from runs.csv")  # fmt: skip
+        results.append(run)
+    seconds = None
+    sweep = workdir / "sweep.json"
+    if sweep.is_file() and (workdir / "runs.csv").is_file():  # the sweep's start to its last point
+        seconds = round((workdir / "runs.csv").stat().st_mtime - json.loads(sweep.read_text())["started"], 1)
+    return results, seconds
+
+
+def fit_variant(path, bootstrap, seed):
+    """`fit_scaling_law` on the runs of one variant's CSV `path` (read by `read_runs`, as `navil scaling fit`
+    reads it; 10% held out from 10 rows on): (the fit, its dict and summary), or (None, {"skipped": why})."""
+    try:
+        from navil_hf.research.scaling import fit_scaling_law, read_runs
+
+        runs = read_runs(path)
+        fit = fit_scaling_law(runs.N, runs.D, runs.loss, bootstrap=bootstrap, seed=seed,
+                              holdout=0.1 if len(runs) >= 10 else None)  # fmt: skip
+    except (ImportError, ValueError) as e:  # RunsError (a UsageError) for too few or bad rows; no scipy
+        return None, {"skipped": f"no fit: {one_line(e)}"}
+    return fit, {**fit.to_dict(), "summary": fit.summary()}
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_csv(path, rows):
+    """Append `rows` to the CSV `path` (its header first when the file is new or empty), flushed at once."""
+    path = Path(path)
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def minutes(seconds) -> str:
+    return "time not recorded" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def plot_sweep(summary, fits, path):
+    """The comparison PNG of a sweep's `summary` (results.json): loss against D per run with each variant's
+    fitted curves (`fits`: {variant: ScalingFit}), and final accuracy against N with the baselines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'navil-hf[research]')")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    runs = summary["runs"]
+    sizes = sorted(
+        {r["size_name"] for r in runs}, key=lambda s: min(r["params"]["N"] for r in runs if r["size_name"] == s)
+    )
+    colors = {s: plt.get_cmap("viridis")(0.85 * i / max(1, len(sizes) - 1)) for i, s in enumerate(sizes)}
+    styles = {"late": ("o", "-"), "early": ("s", "--")}
+    switch = None
+    for r in runs:
+        if not r["rows"]:
+            continue
+        marker, line = styles[r["variant"]]
+        color = colors[r["size_name"]]
+        fill = color if r["variant"] == "late" else "none"
+        mixed = [p for p in r["rows"] if p.get("stage", "mixed") == "mixed"]
+        early_points = [p for p in r["rows"] if p.get("stage") == "color"]
+        if early_points:
+            switch = early_points[-1]["D"]
+            left.plot([p["D"] for p in early_points], [p["loss"] for p in early_points], marker, color=color, ms=4,
+                      ls="none", mfc=fill, alpha=0.35)  # fmt: skip
+        unfinished = "" if r.get("finished", True) else ", unfinished"
+        left.plot([p["D"] for p in mixed], [p["loss"] for p in mixed], marker, color=color, ms=5, ls="none", mfc=fill,
+                  label=f"{r['variant']} {r['size_name']} (N={r['params']['N'] / 1e6:.2f}M, lr {r.get('lr', 0):.2g}"
+                  f"{unfinished})")  # fmt: skip
+        if r["variant"] in fits and mixed:
+            D = np.array([p["D"] for p in mixed], dtype=float)
+            d_line = np.geomspace(D.min(), D.max(), 100)
+            left.plot(d_line, fits[r["variant"]].predict(r["params"]["N"], d_line), line, color=color, lw=1)
+    if switch is not None:
+        left.axvline(switch, color="gray", lw=0.6, ls="-.", label="end of the color stage (first run)")
+    blind = summary["baselines"]["blind_loss"]["per_token"]
+    left.axhline(blind, color="gray", ls=":", lw=1, label=f"blind (question only) {blind:.3f}")
+    left.set(
+        xscale="log", yscale="log", xlabel="D: LLM tokens trained on (color stage included)",
+        ylabel="held-out loss, all kinds (nats / assistant token)",
+    )  # fmt: skip
+    left.set_title("points: measured (faded: color stage, not fitted); lines: L(N, D) fit per variant on the mixed "
+                   "stage (solid late, dashed early)", fontsize=8)  # fmt: skip
+    left.legend(fontsize=7)
+    for variant in ("late", "early"):
+        chosen = [r for r in runs if r["variant"] == variant and r.get("final")]
+        if not chosen:
+            continue
+        marker, line = styles[variant]
+        chosen.sort(key=lambda r: r["params"]["N"])
+        N = [r["params"]["N"] for r in chosen]
+        for key, label, lw, ms, shade in (("accuracy", "all questions", 1.6, 6, 0), ("acc_color", "color", 0.8, 3, 1),
+                                          ("acc_shape", "shape", 0.8, 3, 2), ("acc_count", "count", 0.8, 3, 3),
+                                          ("acc_position", "position", 0.8, 3, 4)):  # fmt: skip
+            right.plot(N, [r["final"].get(key, float("nan")) for r in chosen], marker + line, lw=lw, ms=ms,
+                       color=plt.get_cmap("tab10")(shade), mfc="none" if variant == "early" else None,
+                       label=f"{variant}: {label}")  # fmt: skip
+    base = summary["baselines"]
+    for name, style, label in (("chance", ":", "chance"), ("blind", "-.", "blind")):
+        right.axhline(base[name], color="gray", ls=style, lw=1, label=f"{label} (all) {base[name]:.2f}")
+    if "blind_color" in base:
+        right.axhline(base["blind_color"], color=plt.get_cmap("tab10")(1), ls=(0, (1, 3)), lw=1,
+                      label=f"blind (color) {base['blind_color']:.2f}")  # fmt: skip
+    right.set(xscale="log", xlabel="N: non-embedding parameters", ylabel="held-out exact match", ylim=(0, 1.02))
+    right.set_title("accuracy at the end of each run (greedy batch_chat; solid markers late, hollow early)", fontsize=8)
+    right.legend(fontsize=6, ncol=2)
+    settings = summary["settings"]
+    lr = f"lr {settings['lr']:g}" + (" x sqrt(64 / width)" if settings.get("lr_scaling") == "sqrt" else "")
+    fig.suptitle(f"late vs early fusion on the shapes task: {settings.get('steps', '?')} steps of {settings['batch']} "
+                 f"({settings.get('color_steps', 0)} on {settings.get('color_task', 'all')} color questions first), "
+                 f"{lr} constant, token order {settings.get('token_order', 'window')}, ViT LayerScale {summary.get('vision_layer_scale', 1.0)}, "
+                 f"visual experts {'on' if summary['visual_experts'] else 'off'}, {minutes(summary['seconds'])}"
+                 + (f"; unfinished: {', '.join(summary['unfinished'])}" if summary.get("unfinished") else ""),
+                 fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
