@@ -212,15 +212,14 @@ def main(argv=None):
 
 
 def _plot(summary, path):
-    try:
-        import matplotlib
+    from navil_hf.research.plots import figure
+    from navil_hf.research.runs import RunsError
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    try:
+        fig, (left, right) = figure(10, 3.8, 2, layout=None)
+    except RunsError as e:
+        print(f"no plot: {e}")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [p["step"] for p in summary["curve"]]
     left.plot(steps, [p["loss"] for p in summary["curve"]], lw=1)
     left.set(xlabel="step", ylabel="training loss (answer tokens)", title="Training loss", yscale="log")
@@ -240,7 +239,6 @@ def _plot(summary, path):
                  f"{summary['train_seconds'] / 60:.0f} min on {summary['threads']} CPU threads", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

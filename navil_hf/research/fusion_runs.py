@@ -140,21 +140,23 @@ def minutes(seconds) -> str:
 def plot_sweep(summary, fits, path):
     """The comparison PNG of a sweep's `summary` (results.json): loss against D per run with each variant's
     fitted curves (`fits`: {variant: ScalingFit}), and final accuracy against N with the baselines."""
-    try:
-        import matplotlib
+    import numpy as np
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'navil-hf[research]')")
+    from .plots import figure
+    from .runs import RunsError
+
+    try:
+        fig, (left, right) = figure(13, 5, 2, layout=None)
+    except RunsError as e:
+        print(f"no plot: {e}")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    from matplotlib import colormaps
+
     runs = summary["runs"]
     sizes = sorted(
         {r["size_name"] for r in runs}, key=lambda s: min(r["params"]["N"] for r in runs if r["size_name"] == s)
     )
-    colors = {s: plt.get_cmap("viridis")(0.85 * i / max(1, len(sizes) - 1)) for i, s in enumerate(sizes)}
+    colors = {s: colormaps["viridis"](0.85 * i / max(1, len(sizes) - 1)) for i, s in enumerate(sizes)}
     styles = {"late": ("o", "-"), "early": ("s", "--")}
     switch = None
     for r in runs:
@@ -199,13 +201,13 @@ def plot_sweep(summary, fits, path):
                                           ("acc_shape", "shape", 0.8, 3, 2), ("acc_count", "count", 0.8, 3, 3),
                                           ("acc_position", "position", 0.8, 3, 4)):  # fmt: skip
             right.plot(N, [r["final"].get(key, float("nan")) for r in chosen], marker + line, lw=lw, ms=ms,
-                       color=plt.get_cmap("tab10")(shade), mfc="none" if variant == "early" else None,
+                       color=colormaps["tab10"](shade), mfc="none" if variant == "early" else None,
                        label=f"{variant}: {label}")  # fmt: skip
     base = summary["baselines"]
     for name, style, label in (("chance", ":", "chance"), ("blind", "-.", "blind")):
         right.axhline(base[name], color="gray", ls=style, lw=1, label=f"{label} (all) {base[name]:.2f}")
     if "blind_color" in base:
-        right.axhline(base["blind_color"], color=plt.get_cmap("tab10")(1), ls=(0, (1, 3)), lw=1,
+        right.axhline(base["blind_color"], color=colormaps["tab10"](1), ls=(0, (1, 3)), lw=1,
                       label=f"blind (color) {base['blind_color']:.2f}")  # fmt: skip
     right.set(xscale="log", xlabel="N: non-embedding parameters", ylabel="held-out exact match", ylim=(0, 1.02))
     right.set_title("accuracy at the end of each run (greedy batch_chat; solid markers late, hollow early)", fontsize=8)
@@ -220,4 +222,3 @@ def plot_sweep(summary, fits, path):
                  fontsize=8)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -11,13 +11,15 @@ import numpy as np
 from .runs import RunsError
 
 
-def _figure(width, height, ncols):
+def figure(width, height, ncols, layout="constrained"):
+    """(figure, axes) of `ncols` side-by-side plots, drawn off-screen (Agg) without pyplot's global state;
+    without matplotlib, a `RunsError` that says how to install it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise RunsError("plotting needs matplotlib (pip install matplotlib)") from None
-    fig = Figure(figsize=(width, height), layout="constrained")
+        raise RunsError("plotting needs matplotlib (pip install 'navil-hf[research]')") from None
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols)
 
@@ -32,7 +34,7 @@ def plot_fit(fit, path):
 
     N, D, loss = fit.data["N"], fit.data["D"], fit.data["loss"]
     C = 6.0 * N * D
-    fig, (ax, ax2) = _figure(13, 5.2, 2)
+    fig, (ax, ax2) = figure(13, 5.2, 2)
     cmap = colormaps["viridis"]
     norm = LogNorm(vmin=N.min(), vmax=max(N.max(), N.min() * 1.0001))
     held = np.zeros(len(N), dtype=bool)
@@ -90,7 +92,7 @@ def plot_joint(fit, path):
 
     vit, loss = fit.data["vit"], fit.data["loss"]
     labels = fit.group_labels
-    fig, (ax, ax2) = _figure(12, 5, 2)
+    fig, (ax, ax2) = figure(12, 5, 2)
     cmap = colormaps["plasma"]
     n_groups = int(labels.max()) + 1
     for g, info in enumerate(fit.groups):
