@@ -1,5 +1,6 @@
 """Shared test helpers: the repository root on `sys.path` (the Hub files import each other as
-top-level modules there) and the location of the parity fixtures."""
+top-level modules there), the location of the parity fixtures and the check of a user mistake
+(`assert_usage_error`, `usage_error`)."""
 
 import os
 import shutil
@@ -47,6 +48,28 @@ def fixtures_path() -> Path:
     if not path.is_dir():
         pytest.fail(f"parity fixtures not found at {path} (set NAVIL_FIXTURES)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# User mistakes: every command reports one as exit code 2 and one line on stderr, no traceback.
+
+
+def assert_usage_error(code, err, *fragments) -> str:
+    """Assert that exit code `code` and stderr `err` are a usage error whose line holds every fragment;
+    returns the line."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def usage_error(capsys, argv, *fragments) -> str:
+    """Run `navil ARGV` in this process and `assert_usage_error` on its exit code and stderr; returns the line."""
+    from navil_hf.cli import main as navil
+
+    code = navil([str(arg) for arg in argv])
+    return assert_usage_error(code, capsys.readouterr().err, *fragments)
 
 
 # Markers that transformers' test mixins (tests/model/test_transformers_*.py) and its testing_utils decorators put

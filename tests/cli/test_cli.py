@@ -12,7 +12,7 @@ import pytest
 
 from navil_hf.cli import main as navil
 
-from conftest import REPO_ROOT, fixtures_dir
+from conftest import REPO_ROOT, assert_usage_error, fixtures_dir
 
 QWEN3 = "original-qwen3-tiny"
 
@@ -28,15 +28,6 @@ def run_main(capsys, argv):
     code = navil(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_usage_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from configuration_navil import SPECIAL_TOKENS
 from navil_hf.cli import main as navil
 from navil_hf.conversion.init_llm import TEXT_PARITY_TOLERANCE, VISION_PRESETS, vision_preset_parameters
 
+from conftest import usage_error
 from llm_sources import make_tokenizer, write_hf_llm, write_internlm2_llm
 from tiny import assert_fp_close
 
@@ -133,10 +134,7 @@ def test_presets_are_listed_with_parameter_counts(capsys):
 
 def test_errors(tmp_path, capsys):
     def error(*argv):
-        code = navil(["init-from-llm", *map(str, argv), "-q"])
-        err = capsys.readouterr().err
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-        return err
+        return usage_error(capsys, ["init-from-llm", *argv, "-q"])
 
     assert "no such folder or .gguf file" in error(tmp_path / "nowhere", tmp_path / "out")
     (tmp_path / "gpt2").mkdir()
