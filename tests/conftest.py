@@ -1,7 +1,10 @@
 """Shared test helpers: the repository root on `sys.path` (the Hub files import each other as
-top-level modules there), the location of the parity fixtures and the check of a user mistake
+top-level modules there), the location of the parity fixtures, the fixture checkpoints converted once per
+session (`converted_folder`, `qwen3_folder`, `internlm2_folder`) and the check of a user mistake
 (`assert_usage_error`, `usage_error`)."""
 
+import contextlib
+import io
 import os
 import shutil
 import sys
@@ -48,6 +51,52 @@ def fixtures_path() -> Path:
     if not path.is_dir():
         pytest.fail(f"parity fixtures not found at {path} (set NAVIL_FIXTURES)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Converted fixture folders, built once per session. Tests only read them: a test that changes a folder
+# works on a copy (`shutil.copytree`); the session checks at its end that none was changed.
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def converted_folder(tmp_path_factory):
+    """`converted_folder(name, *flags)`: fixture `name`'s checkpoint (`qwen3` or `internlm2`) converted as a
+    user converts it, `navil convert ORIGINAL OUT --quiet [flags]` (e.g. `--fold-visual-output`), once per
+    session and set of flags."""
+    from navil_hf.cli import main as navil
+
+    folders = {}
+
+    def build(name, *flags):
+        key = (name, *flags)
+        if key not in folders:
+            out = tmp_path_factory.mktemp(f"converted-{name}") / f"navil-{name}-tiny"
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                code = navil(["--debug", "convert", str(checkpoint(name)), str(out), "--quiet", *flags])
+            assert code == 0, f"navil convert {name} {' '.join(flags)}: exit {code}\n{printed.getvalue()}"
+            folders[key] = out, _listing(out)
+        return folders[key][0]
+
+    yield build
+    changed = [str(out) for out, listing in folders.values() if _listing(out) != listing]
+    assert not changed, f"a test changed the session's converted folders {changed}: copy a folder to change it"
+
+
+@pytest.fixture(scope="session")
+def qwen3_folder(converted_folder) -> Path:
+    """The Qwen3 fixture converted with the defaults (read only)."""
+    return converted_folder("qwen3")
+
+
+@pytest.fixture(scope="session")
+def internlm2_folder(converted_folder) -> Path:
+    """The InternLM2 fixture converted with the defaults (read only)."""
+    return converted_folder("internlm2")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,10 +18,8 @@ QWEN3 = "original-qwen3-tiny"
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "navil-qwen3-tiny"
-    assert navil(["convert", str(fixtures_dir() / QWEN3 / "checkpoint"), str(out), "--quiet"]) == 0
-    return out
+def converted(qwen3_folder):
+    return qwen3_folder
 
 
 def run_main(capsys, argv):

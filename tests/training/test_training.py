@@ -4,6 +4,7 @@ the presets say, merges LoRA, writes a Hub folder that loads and chats; user mis
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from navil_hf.cli import main
-from navil_hf.conversion import convert_checkpoint
 from navil_hf.training.data import ConversationDataset, DataError, SampleEncoder, parse_record
 from navil_hf.training.parts import PARTS, parameter_part, resolve_parts
 from navil_hf.training.train import ConfigError, load_config, load_processor, parse_config, train
@@ -33,10 +33,10 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, qwen3_folder):
     root = tmp_path_factory.mktemp("train")
     source = fixtures_dir() / "original-qwen3-tiny"
-    convert_checkpoint(source / "checkpoint", root / "hub", progress=False)
+    shutil.copytree(qwen3_folder, root / "hub")
     (root / "data" / "img").mkdir(parents=True)
     Image.open(source / "image0.png").convert("RGB").resize((48, 32)).save(root / "data" / "img" / "a.png")
     Image.open(source / "image1.png").convert("RGB").resize((32, 64)).save(root / "data" / "img" / "b.png")
