@@ -1,7 +1,7 @@
 """Shared test helpers: the repository root on `sys.path` (the Hub files import each other as
 top-level modules there), the location of the parity fixtures, the fixture checkpoints converted once per
-session (`converted_folder`, `qwen3_folder`, `internlm2_folder`) and the check of a user mistake
-(`assert_usage_error`, `usage_error`)."""
+session (`converted_folder`, `qwen3_folder`, `internlm2_folder`), the check of a user mistake
+(`assert_usage_error`, `usage_error`) and the `slow` marker."""
 
 import contextlib
 import io
@@ -126,10 +126,15 @@ def usage_error(capsys, argv, *fragments) -> str:
 HF_MARKERS = (
     "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test",
     "is_agent_test", "is_expert_parallel_test", "is_fsdp_test", "is_pipeline_test", "is_staging_test",
-    "is_tensor_parallel_test", "is_training_test", "order", "slow",
+    "is_tensor_parallel_test", "is_training_test", "order",
 )  # fmt: skip
 
 
 def pytest_configure(config):
     for marker in HF_MARKERS:
         config.addinivalue_line("markers", f"{marker}: set by transformers' test mixins")
+    config.addinivalue_line(
+        "markers",
+        "slow: an end-to-end run (training, torchrun, the demo model's download and build, refresh, learning); "
+        '`pytest -m "not slow"` leaves them out, CI runs them (transformers\' mixins mark theirs too)',
+    )

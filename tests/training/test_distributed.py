@@ -32,9 +32,12 @@ from safetensors.torch import load_file
 
 from conftest import fixtures_dir
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.slow,  # torchrun runs
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+    ),
+]
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "distributed_train.py"
 RUN_TIMEOUT = 240  # seconds per run (one takes 15-40 s on 2 cores); a hang is killed then
