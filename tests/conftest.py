@@ -1,6 +1,10 @@
 """Shared test helpers: the repository root on `sys.path` (the Hub files import each other as
-top-level modules there) and the location of the parity fixtures."""
+top-level modules there), the location of the parity fixtures, the fixture checkpoints converted once per
+session (`converted_folder`, `qwen3_folder`, `internlm2_folder`), the check of a user mistake
+(`assert_usage_error`, `usage_error`) and the `slow` marker."""
 
+import contextlib
+import io
 import os
 import shutil
 import sys
@@ -49,15 +53,88 @@ def fixtures_path() -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------------
+# Converted fixture folders, built once per session. Tests only read them: a test that changes a folder
+# works on a copy (`shutil.copytree`); the session checks at its end that none was changed.
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def converted_folder(tmp_path_factory):
+    """`converted_folder(name, *flags)`: fixture `name`'s checkpoint (`qwen3` or `internlm2`) converted as a
+    user converts it, `navil convert ORIGINAL OUT --quiet [flags]` (e.g. `--fold-visual-output`), once per
+    session and set of flags."""
+    from navil_hf.cli import main as navil
+
+    folders = {}
+
+    def build(name, *flags):
+        key = (name, *flags)
+        if key not in folders:
+            out = tmp_path_factory.mktemp(f"converted-{name}") / f"navil-{name}-tiny"
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                code = navil(["--debug", "convert", str(checkpoint(name)), str(out), "--quiet", *flags])
+            assert code == 0, f"navil convert {name} {' '.join(flags)}: exit {code}\n{printed.getvalue()}"
+            folders[key] = out, _listing(out)
+        return folders[key][0]
+
+    yield build
+    changed = [str(out) for out, listing in folders.values() if _listing(out) != listing]
+    assert not changed, f"a test changed the session's converted folders {changed}: copy a folder to change it"
+
+
+@pytest.fixture(scope="session")
+def qwen3_folder(converted_folder) -> Path:
+    """The Qwen3 fixture converted with the defaults (read only)."""
+    return converted_folder("qwen3")
+
+
+@pytest.fixture(scope="session")
+def internlm2_folder(converted_folder) -> Path:
+    """The InternLM2 fixture converted with the defaults (read only)."""
+    return converted_folder("internlm2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# User mistakes: every command reports one as exit code 2 and one line on stderr, no traceback.
+
+
+def assert_usage_error(code, err, *fragments) -> str:
+    """Assert that exit code `code` and stderr `err` are a usage error whose line holds every fragment;
+    returns the line."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def usage_error(capsys, argv, *fragments) -> str:
+    """Run `navil ARGV` in this process and `assert_usage_error` on its exit code and stderr; returns the line."""
+    from navil_hf.cli import main as navil
+
+    code = navil([str(arg) for arg in argv])
+    return assert_usage_error(code, capsys.readouterr().err, *fragments)
+
+
 # Markers that transformers' test mixins (tests/model/test_transformers_*.py) and its testing_utils decorators put
 # on their tests; registered so pytest does not warn about them.
 HF_MARKERS = (
     "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test",
     "is_agent_test", "is_expert_parallel_test", "is_fsdp_test", "is_pipeline_test", "is_staging_test",
-    "is_tensor_parallel_test", "is_training_test", "order", "slow",
+    "is_tensor_parallel_test", "is_training_test", "order",
 )  # fmt: skip
 
 
 def pytest_configure(config):
     for marker in HF_MARKERS:
         config.addinivalue_line("markers", f"{marker}: set by transformers' test mixins")
+    config.addinivalue_line(
+        "markers",
+        "slow: an end-to-end run (training, torchrun, the demo model's download and build, refresh, learning); "
+        '`pytest -m "not slow"` leaves them out, CI runs them (transformers\' mixins mark theirs too)',
+    )

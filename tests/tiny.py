@@ -10,7 +10,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from configuration_navil import NaViLConfig  # noqa: E402
+from configuration_navil import (  # noqa: E402
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_FRAME_BREAK_TOKEN,
+    IMAGE_LINE_BREAK_TOKEN,
+    IMAGE_START_TOKEN,
+    SPECIAL_TOKENS,
+    NaViLConfig,
+)
 from modeling_navil import NaViLForConditionalGeneration  # noqa: E402
 from navil_hf.hub import AUTO_MAP, code_files  # noqa: E402
 
@@ -27,10 +35,17 @@ def tiny_config(
     norm_type="rms_norm",
     qk_normalization=False,
     special_token_table="prompt",
+    vocab=None,
+    template="qwen3-chat",
     **text,
 ):
+    """The tiny NaViLConfig; keywords not named here override `text_config` entries. `vocab` (a tokenizer's
+    token -> id map) gives the vocabulary size and the special and image token ids; without it, those of the
+    tiny vocabulary above."""
+    ids = dict(zip(SPECIAL_TOKENS, SPECIAL_IDS)) if vocab is None else vocab
+    vocab_size = VOCAB if vocab is None else len(vocab)
     text_config = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512, qk_norm=qk_norm,
     )  # fmt: skip
     text_config.update(text)
@@ -42,12 +57,13 @@ def tiny_config(
     return NaViLConfig(
         vision_config=vision_config,
         text_config=text_config,
-        special_token_ids=SPECIAL_IDS,
-        image_token_id=IMG_CONTEXT,
-        image_start_token_id=IMG_START,
-        image_end_token_id=IMG_END,
-        image_line_break_token_id=LINE_BREAK,
-        image_frame_break_token_id=FRAME_BREAK,
+        special_token_ids=[ids[t] for t in SPECIAL_TOKENS],
+        image_token_id=ids[IMAGE_CONTEXT_TOKEN],
+        image_start_token_id=ids[IMAGE_START_TOKEN],
+        image_end_token_id=ids[IMAGE_END_TOKEN],
+        image_line_break_token_id=ids[IMAGE_LINE_BREAK_TOKEN],
+        image_frame_break_token_id=ids[IMAGE_FRAME_BREAK_TOKEN],
+        template=template,
         min_dynamic_patch=4,
         max_dynamic_patch=64,
         special_token_table=special_token_table,
@@ -96,7 +112,8 @@ def multimodal_inputs(grids, text_before=(20, 21, 22), text_after=(30, 31, 32, 3
 
 
 def write_hub_folder(model, out_dir):
-    """save_pretrained + the four code files + auto_map: what a Hub folder carries (no tokenizer)."""
+    """save_pretrained + the seven code files (`navil_hf.hub.CODE_MODULES`) + auto_map: what a Hub folder carries
+    (no tokenizer)."""
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(out_dir)
     for path in code_files():

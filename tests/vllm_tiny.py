@@ -1,8 +1,9 @@
 """Tiny converted NaViL folders for the vLLM tests (tests/serving/test_vllm.py), one per LLM family.
 
-vLLM's CPU attention takes head sizes 64 and 128 only, so these use head_dim 64 (tests/tiny.py's models
-have 16). The tokenizer is the fixtures' byte-level BPE one (it carries NaViL's 12 special tokens and the
-ChatML tokens); the folder is written by `write_hub_folder`, as `navil convert` writes real checkpoints.
+The config is tests/tiny.py's with the fixtures' vocabulary and head_dim 64: vLLM's CPU attention takes head
+sizes 64 and 128 only (tiny.py's models have 16). The tokenizer is the fixtures' byte-level BPE one (it carries
+NaViL's 12 special tokens and the ChatML tokens); the folder is written by `write_hub_folder`, as `navil
+convert` writes real checkpoints.
 
 `build_folder(family, out_dir)`: family `qwen3` (per-head q/k RMSNorm, `o_proj_ve(x)`) or `internlm2`
 (no q/k norm, chained `o_proj_ve(o_proj(x))`, SPEC §8.2); `visual_experts=False` builds either without visual
@@ -21,42 +22,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-FIXTURES = os.environ.get("NAVIL_FIXTURES", "/work/shared/fixtures")
-TOKENIZER_DIR = {
-    "qwen3": os.path.join(FIXTURES, "original-qwen3-tiny", "checkpoint"),
-    "internlm2": os.path.join(FIXTURES, "original-internlm2-tiny", "checkpoint"),
-}
+from conftest import checkpoint  # noqa: E402
+from tiny import tiny_config  # noqa: E402
+
 BOX_BIAS = 2.0
 
 
 def tiny_navil_config(family, vocab, special_token_table="prompt", visual_experts=True):
-    from configuration_navil import SPECIAL_TOKENS, NaViLConfig
-
+    """tests/tiny.py's config with the fixtures' vocabulary and a larger text model of head_dim 64."""
     qwen3 = family == "qwen3"
-    text_config = dict(
-        vocab_size=len(vocab), hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=64, rope_theta=1e6 if qwen3 else 1e4, max_position_embeddings=2048,
-        qk_norm=qwen3, chain_visual_output=not qwen3 and visual_experts, rms_norm_eps=1e-6,
-        visual_experts=visual_experts,
+    return tiny_config(
+        vocab=vocab, template="qwen3-chat" if qwen3 else "internlm2-chat", special_token_table=special_token_table,
+        qk_norm=qwen3, hidden_size=128, intermediate_size=192, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=64, rope_theta=1e6 if qwen3 else 1e4, max_position_embeddings=2048,
+        chain_visual_output=not qwen3 and visual_experts, rms_norm_eps=1e-6, visual_experts=visual_experts,
     )  # fmt: skip
-    vision_config = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        fullatt_block_indexes=[1], window_size=4, norm_type="rms_norm",
-    )  # fmt: skip
-    return NaViLConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        special_token_ids=[vocab[t] for t in SPECIAL_TOKENS],
-        image_token_id=vocab["<IMG_CONTEXT>"],
-        image_start_token_id=vocab["<img>"],
-        image_end_token_id=vocab["</img>"],
-        image_line_break_token_id=vocab["<IMG_LINE_BREAK>"],
-        image_frame_break_token_id=vocab["<IMG_FRAME_BREAK>"],
-        template="qwen3-chat" if qwen3 else "internlm2-chat",
-        min_dynamic_patch=4,
-        max_dynamic_patch=64,
-        special_token_table=special_token_table,
-    )
 
 
 def build_folder(family, out_dir, seed=0, special_token_table="prompt", visual_experts=True):
@@ -66,7 +46,7 @@ def build_folder(family, out_dir, seed=0, special_token_table="prompt", visual_e
     from modeling_navil import NaViLForConditionalGeneration
     from navil_hf.hub import write_hub_folder
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR[family])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint(family))
     vocab = tokenizer.get_vocab()
     config = tiny_navil_config(family, vocab, special_token_table, visual_experts)
     torch.manual_seed(seed)

@@ -14,31 +14,20 @@ import pytest
 from navil_hf.cli import main as navil
 from navil_hf.commands.convert import DEPRECATION
 
-from conftest import REPO_ROOT, fixtures_dir
+from conftest import REPO_ROOT, assert_usage_error, fixtures_dir
 
 QWEN3 = "original-qwen3-tiny"
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "navil-qwen3-tiny"
-    assert navil(["convert", str(fixtures_dir() / QWEN3 / "checkpoint"), str(out), "--quiet"]) == 0
-    return out
+def converted(qwen3_folder):
+    return qwen3_folder
 
 
 def run_main(capsys, argv):
     code = navil(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_usage_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,7 @@ def run(capfd, argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_first_chat_builds_the_demo_model_then_reuses_it(first_run, capfd):
     code, out, err = run(capfd, ["chat", QUESTION])
     assert code == 0, err
@@ -85,6 +86,7 @@ def test_first_chat_builds_the_demo_model_then_reuses_it(first_run, capfd):
     assert again == out  # greedy, same cached model
 
 
+@pytest.mark.slow
 def test_demo_model_takes_images(first_run, capfd, tmp_path):
     from PIL import Image
 

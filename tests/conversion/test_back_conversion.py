@@ -28,7 +28,7 @@ from navil_hf.conversion.original import (
 )
 from navil_hf.errors import ConversionError, VerificationError
 
-from conftest import FIXTURES, checkpoint, token_ids
+from conftest import FIXTURES, checkpoint, token_ids, usage_error
 from tiny import tiny_config, tiny_model, write_hub_folder
 
 TOKEN_IDS = token_ids()
@@ -273,9 +273,7 @@ def folded(tmp_path_factory):
 
 def test_folded_folder_is_refused_without_approximate(folded, tmp_path, capsys):
     assert json.loads((folded / "config.json").read_text())["text_config"]["chain_visual_output"] is False
-    code = navil(["to-original", str(folded), str(tmp_path / "original")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    err = usage_error(capsys, ["to-original", str(folded), str(tmp_path / "original")])
     assert "folded" in err and "wo_ve cannot be recovered exactly" in err and "--approximate" in err
     assert not (tmp_path / "original").exists()
 
@@ -302,24 +300,16 @@ def test_folded_folder_with_approximate(folded, tmp_path, capsys):
 # Errors (exit code 2, one line, nothing written)
 
 
-def assert_usage_error(capsys, argv, *fragments):
-    code = navil(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-
-
 def test_errors(tmp_path, capsys, round_trip):
     ours, out = str(round_trip["ours"]), str(tmp_path / "out")
     original = str(checkpoint("qwen3"))
-    assert_usage_error(capsys, ["to-original", original, out], "already in the original layout")
+    usage_error(capsys, ["to-original", original, out], "already in the original layout")
     empty = str(tmp_path)
-    assert_usage_error(capsys, ["to-original", empty, out], "has no config.json", "not a converted")
-    assert_usage_error(capsys, ["to-original", str(tmp_path / "nowhere"), out], "is not a directory")
-    assert_usage_error(capsys, ["to-original", ours, str(round_trip["back"])], "already exists", "--force")
-    assert_usage_error(capsys, ["to-original", ours, ours, "--force"], "is the source", "outside it")
-    assert_usage_error(capsys, ["convert", str(checkpoint("qwen3")), out, "--approximate"], "--to-original only")
+    usage_error(capsys, ["to-original", empty, out], "has no config.json", "not a converted")
+    usage_error(capsys, ["to-original", str(tmp_path / "nowhere"), out], "is not a directory")
+    usage_error(capsys, ["to-original", ours, str(round_trip["back"])], "already exists", "--force")
+    usage_error(capsys, ["to-original", ours, ours, "--force"], "is the source", "outside it")
+    usage_error(capsys, ["convert", str(checkpoint("qwen3")), out, "--approximate"], "--to-original only")
     code = navil(["convert", "--to-original", ours, out, "--fold-visual-output", "--dtype", "float16"])  # deprecated
     deprecation, error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and deprecation.startswith("navil convert --to-original is deprecated; use navil to-original")
@@ -327,7 +317,7 @@ def test_errors(tmp_path, capsys, round_trip):
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(round_trip["ours"] / "config.json", no_weights)
-    assert_usage_error(capsys, ["to-original", str(no_weights), out], "has no model.safetensors")
+    usage_error(capsys, ["to-original", str(no_weights), out], "has no model.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -337,9 +327,7 @@ def test_a_model_without_visual_experts_is_refused(tmp_path, capsys):
     folder = write_hub_folder(tiny_model(visual_experts=False), tmp_path / "no-experts")
     out = tmp_path / "out"
     capsys.readouterr()  # save_pretrained's progress bar
-    assert_usage_error(
-        capsys, ["to-original", str(folder), str(out)], "has no visual experts", "no layout for this model"
-    )
+    usage_error(capsys, ["to-original", str(folder), str(out)], "has no visual experts", "no layout for this model")
     assert not out.exists()
     with pytest.raises(ConversionError, match="visual_experts is false"):
         to_original_config(tiny_config(visual_experts=False))

@@ -18,7 +18,7 @@ from navil_hf.cli import main as navil
 from navil_hf.folders import clean_stale_temporaries, publish
 from navil_hf.hub import only_our_code
 
-from conftest import checkpoint, copy_checkpoint
+from conftest import checkpoint, copy_checkpoint, usage_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,14 +27,6 @@ def edit_json(path, edit):
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
-
-
-def usage_error(capsys, *argv):
-    """Run `navil ARGV`: it must fail with exit 2 and exactly one line on stderr; returns that line."""
-    code = navil([*map(str, argv)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (code, err)
-    return err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,9 +90,9 @@ def test_force_never_touches_the_source(tmp_path, capsys):
     source = copy_checkpoint("qwen3", parent / "ckpt")
     (parent / "notes.txt").write_text("mine")
     before = sorted(p.name for p in source.iterdir())
-    assert "is the source" in usage_error(capsys, "convert", "--force", source, source)
-    assert "contains the source" in usage_error(capsys, "convert", "--force", source, parent)
-    assert "lies inside the source" in usage_error(capsys, "convert", "--force", source, source / "out")
+    assert "is the source" in usage_error(capsys, ["convert", "--force", source, source])
+    assert "contains the source" in usage_error(capsys, ["convert", "--force", source, parent])
+    assert "lies inside the source" in usage_error(capsys, ["convert", "--force", source, source / "out"])
     assert sorted(p.name for p in source.iterdir()) == before and (parent / "notes.txt").read_text() == "mine"
 
 
@@ -108,7 +100,7 @@ def test_force_refuses_a_folder_that_is_not_ours(tmp_path, capsys):
     mine = tmp_path / "documents"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    err = usage_error(capsys, "convert", "--force", checkpoint("qwen3"), mine)
+    err = usage_error(capsys, ["convert", "--force", checkpoint("qwen3"), mine])
     assert "not a folder this command writes" in err and "will not delete it" in err
     assert (mine / "thesis.tex").read_text() == "years of work"
     # An empty folder and a NaViL folder are replaced.
@@ -123,14 +115,14 @@ def test_unwritable_parent_and_full_disk_are_one_line(tmp_path, capsys, monkeypa
     # (Tests run as root here, where chmod cannot make a folder unwritable: the check is what is tested.)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
-    assert "cannot write in" in usage_error(capsys, "convert", checkpoint("qwen3"), tmp_path / "out")
+    assert "cannot write in" in usage_error(capsys, ["convert", checkpoint("qwen3"), tmp_path / "out"])
     monkeypatch.setattr(os, "access", real_access)
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
     monkeypatch.setattr("navil_hf.hub.Path.write_text", full)
-    err = usage_error(capsys, "convert", "-q", checkpoint("qwen3"), tmp_path / "out")
+    err = usage_error(capsys, ["convert", "-q", checkpoint("qwen3"), tmp_path / "out"])
     assert "No space left on device" in err and "README.md" in err
     assert [p.name for p in tmp_path.iterdir()] == []
 
@@ -259,7 +251,7 @@ def test_shard_index_entries_must_name_files_inside_the_checkpoint(tmp_path, cap
     for entry in ("../outside/x.safetensors", str(outside / "x.safetensors"), "/etc/passwd", "../../../../etc/passwd"):
         index = {"metadata": {}, "weight_map": {key: entry for key in tensors}}
         (source / "model.safetensors.index.json").write_text(json.dumps(index))
-        err = usage_error(capsys, "convert", source, tmp_path / "out")
+        err = usage_error(capsys, ["convert", source, tmp_path / "out"])
         assert "model.safetensors.index.json" in err and "inside the folder" in err, err
 
 
@@ -313,7 +305,7 @@ def test_broken_checkpoints_end_in_one_line(tmp_path, capsys, case):
     damage, fragment = _one_line_cases()[case]
     source = copy_checkpoint("qwen3", tmp_path / "ckpt")
     damage(source)
-    err = usage_error(capsys, "convert", "-q", source, tmp_path / "out")
+    err = usage_error(capsys, ["convert", "-q", source, tmp_path / "out"])
     assert fragment in err, err
     assert not (tmp_path / "out").exists()
 
@@ -325,12 +317,12 @@ def test_non_finite_weights_are_named(tmp_path, capsys, bad):
     key = sorted(tensors)[3]
     tensors[key].view(-1)[0] = bad
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
-    err = usage_error(capsys, "convert", "-q", source, tmp_path / "out")
+    err = usage_error(capsys, ["convert", "-q", source, tmp_path / "out"])
     assert key in err and "NaN or infinite" in err, err
 
 
 def test_chat_on_an_unconverted_checkpoint_says_convert_it(capsys):
-    err = usage_error(capsys, "chat", "--model", checkpoint("qwen3"), "hi")
+    err = usage_error(capsys, ["chat", "--model", checkpoint("qwen3"), "hi"])
     assert "original NaViL checkpoint" in err and "navil convert" in err
 
 
@@ -339,7 +331,7 @@ def test_a_converted_folder_whose_token_ids_exceed_the_vocabulary_is_refused(tmp
     assert navil(["convert", "--no-verify", "-q", str(checkpoint("qwen3")), str(out)]) == 0
     vocab = json.loads((out / "config.json").read_text())["text_config"]["vocab_size"]
     edit_json(out / "config.json", lambda c: c.update(image_token_id=vocab + 5))
-    err = usage_error(capsys, "chat", "--model", out, "hi")
+    err = usage_error(capsys, ["chat", "--model", out, "hi"])
     assert "image_token_id" in err and "outside the vocabulary" in err
 
 
@@ -363,16 +355,16 @@ def test_init_from_llm_option_mistakes_fail_before_loading(tmp_path, capsys, mon
     source = tmp_path / "llm"
     source.mkdir()
     out = tmp_path / "out"
-    err = usage_error(capsys, "init-from-llm", source, out, "--min-dynamic-patch", 9, "--max-dynamic-patch", 4)
+    err = usage_error(capsys, ["init-from-llm", source, out, "--min-dynamic-patch", 9, "--max-dynamic-patch", 4])
     assert "--min-dynamic-patch (9) is larger than --max-dynamic-patch (4)" in err
-    err = usage_error(capsys, "init-from-llm", source, out, "--chat-template", "no-such-template")
+    err = usage_error(capsys, ["init-from-llm", source, out, "--chat-template", "no-such-template"])
     assert "no such file nor template name" in err
-    assert "unknown vision preset" in usage_error(capsys, "init-from-llm", source, out, "--vision-preset", "huge")
+    assert "unknown vision preset" in usage_error(capsys, ["init-from-llm", source, out, "--vision-preset", "huge"])
 
 
 @pytest.mark.parametrize("content", [b"not a gguf at all", b"GGUF" + b"\x00" * 60])
 def test_a_broken_gguf_is_one_line(tmp_path, capsys, content):
     path = tmp_path / "model.gguf"
     path.write_bytes(content)
-    err = usage_error(capsys, "init-from-llm", path, tmp_path / "out", "-q")
+    err = usage_error(capsys, ["init-from-llm", path, tmp_path / "out", "-q"])
     assert "model.gguf" in err and "GGUF" in err

@@ -24,6 +24,7 @@ from navil_hf.conversion.init_llm import (
 from navil_hf.conversion.keymap import KeyMismatchError
 from navil_hf.errors import ConversionError
 
+from conftest import usage_error
 from llm_sources import make_tokenizer, write_hf_llm, write_internlm2_llm
 from tiny import assert_fp_close
 
@@ -142,10 +143,7 @@ def test_presets_are_listed_with_parameter_counts(capsys):
 
 def test_errors(tmp_path, capsys):
     def error(*argv):
-        code = navil(["init-from-llm", *map(str, argv), "-q"])
-        err = capsys.readouterr().err
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-        return err
+        return usage_error(capsys, ["init-from-llm", *argv, "-q"])
 
     assert "no such folder or .gguf file" in error(tmp_path / "nowhere", tmp_path / "out")
     (tmp_path / "gpt2").mkdir()

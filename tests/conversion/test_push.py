@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from navil_hf.cli import main as navil
-from navil_hf.conversion import check_folder, convert_checkpoint, push_folder
+from navil_hf.conversion import check_folder, push_folder
 from navil_hf.conversion.push import folder_files
 from navil_hf.errors import ConversionError, PushError
 
@@ -28,10 +28,8 @@ JUNK = (".git/config", ".git/objects/ab/cdef", "__pycache__/modeling_navil.cpyth
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("push") / "navil-qwen3-tiny"
-    convert_checkpoint(QWEN3, out, verify=False)
-    return out
+def converted(qwen3_folder):
+    return qwen3_folder
 
 
 @pytest.fixture(scope="module")

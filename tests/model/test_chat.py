@@ -10,18 +10,14 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from navil_hf.conversion import convert_checkpoint
-
 from conftest import fixtures_dir
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    source = fixtures_dir() / "original-qwen3-tiny"
-    out = tmp_path_factory.mktemp("chat") / "hub"
-    convert_checkpoint(source / "checkpoint", out, progress=False)
+def chat_model(qwen3_folder):
+    source, out = fixtures_dir() / "original-qwen3-tiny", qwen3_folder
     model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     # Small images keep the prompts short: PIL images of two shapes and a numpy HWC array.

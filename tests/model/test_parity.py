@@ -10,8 +10,6 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
-from navil_hf.cli import main as navil
-
 from conftest import fixtures_dir
 from tiny import FP_ULPS, assert_fp_close
 
@@ -22,10 +20,9 @@ FIXTURE_ULPS = 4 * FP_ULPS  # logits against the fixtures, computed elsewhere (t
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
-def converted(request, tmp_path_factory):
+def converted(request, converted_folder):
     source = fixtures_dir() / request.param
-    out = tmp_path_factory.mktemp(request.param) / "hub"
-    assert navil(["convert", str(source / "checkpoint"), str(out)]) in (0, None)
+    out = converted_folder(request.param.split("-")[1])  # original-<family>-tiny
     expected = json.loads((source / "expected.json").read_text())
     tensors = load_file(source / "expected.safetensors")
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
@@ -171,12 +168,11 @@ INTERNLM2 = "original-internlm2-tiny"
 
 
 @pytest.fixture(scope="module")
-def chained_and_folded(tmp_path_factory):
+def chained_and_folded(converted_folder):
     source = fixtures_dir() / INTERNLM2
     models = {}
     for form, flags in (("chained", []), ("folded", ["--fold-visual-output"])):
-        out = tmp_path_factory.mktemp(form) / "hub"
-        assert navil(["convert", str(source / "checkpoint"), str(out), "--quiet", *flags]) == 0
+        out = converted_folder("internlm2", *flags)
         models[form] = AutoModel.from_pretrained(out, trust_remote_code=True, attn_implementation="eager").eval()
     assert models["chained"].config.text_config.chain_visual_output is True
     assert models["folded"].config.text_config.chain_visual_output is False

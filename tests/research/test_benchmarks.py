@@ -63,18 +63,14 @@ def test_gpu_script_without_cuda_says_so():
 
 
 @pytest.mark.slow
-def test_learn_shapes_quick_run(tmp_path, capsys):
+def test_learn_shapes_quick_run(tmp_path, capsys, qwen3_folder):
     """The learning proof's recipe end to end for a few steps (the shapes task, `navil train`, held-out
     first-token curve, exact match through `batch_chat` of the saved folder) on a converted fixture."""
-    from navil_hf.conversion import convert_checkpoint
     from navil_hf.tasks.heldout import chat_answers
     from navil_hf.tasks.shapes import flat_score, read_jsonl, score
     from navil_hf.training.train import load_model, load_processor
 
-    from conftest import fixtures_dir
-
-    hub = tmp_path / "hub"
-    convert_checkpoint(fixtures_dir() / "original-qwen3-tiny" / "checkpoint", hub, progress=False)
+    hub = qwen3_folder
     summary = _script("learn_shapes").main(["--quick", "--model", str(hub), "--workdir", str(tmp_path / "work")])
     assert [a["step"] for a in summary["accuracy"]] == [1, 3]
     # every curve point scores the whole held-out split, each kind in it; the answers are the trained folder's
@@ -98,7 +94,7 @@ def test_learn_shapes_quick_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch):
+def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch, qwen3_folder):
     """The late- vs early-fusion sweep end to end for a few steps: tiny from-scratch models of both variants
     (the fixture's tokenizer; raster token order, the ViT's LayerScale at 0.1), the color-first curriculum
     (color-stage points in runs.csv, only the mixed stage's in the CSV files `navil scaling fit` reads, D
@@ -109,18 +105,14 @@ def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch):
     import json
     import math
 
-    from navil_hf.conversion import convert_checkpoint
     from navil_hf.conversion.init_llm import VISION_LAYER_SCALE
     from navil_hf.research import fusion
     from navil_hf.research.fusion_runs import fit_variant, write_csv
     from navil_hf.research.scaling import read_runs
     from navil_hf.tasks.shapes import read_jsonl
 
-    from conftest import fixtures_dir
-
     sweep = _script("fusion_sweep")
-    hub = tmp_path / "hub"
-    convert_checkpoint(fixtures_dir() / "original-qwen3-tiny" / "checkpoint", hub, progress=False)
+    hub = qwen3_folder
     work = tmp_path / "work"
     quick = ["--quick", "--tokenizer", str(hub), "--workdir", str(work)]
     summary = sweep.main(quick)

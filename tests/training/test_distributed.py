@@ -30,13 +30,14 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from navil_hf.conversion import convert_checkpoint
-
 from conftest import fixtures_dir
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.slow,  # torchrun runs
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+    ),
+]
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "distributed_train.py"
 RUN_TIMEOUT = 240  # seconds per run (one takes 15-40 s on 2 cores); a hang is killed then
@@ -60,10 +61,10 @@ IMAGES = ["a.png", "b.png", "c.png", "a.png", "b.png", None, "c.png", "a.png"]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, qwen3_folder):
     root = tmp_path_factory.mktemp("distributed")
     source = fixtures_dir() / "original-qwen3-tiny"
-    convert_checkpoint(source / "checkpoint", root / "hub", progress=False)
+    shutil.copytree(qwen3_folder, root / "hub")
     images = root / "data" / "img"
     images.mkdir(parents=True)
     Image.open(source / "image0.png").convert("RGB").resize((48, 32)).save(images / "a.png")

@@ -4,6 +4,7 @@ the presets say, merges LoRA, writes a Hub folder that loads and chats; user mis
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from navil_hf.cli import main
-from navil_hf.conversion import convert_checkpoint
 from navil_hf.training.data import ConversationDataset, DataError, SampleEncoder, parse_record
 from navil_hf.training.parts import PARTS, parameter_part, resolve_parts
 from navil_hf.training.train import ConfigError, load_config, load_processor, parse_config, train
@@ -33,10 +33,10 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, qwen3_folder):
     root = tmp_path_factory.mktemp("train")
     source = fixtures_dir() / "original-qwen3-tiny"
-    convert_checkpoint(source / "checkpoint", root / "hub", progress=False)
+    shutil.copytree(qwen3_folder, root / "hub")
     (root / "data" / "img").mkdir(parents=True)
     Image.open(source / "image0.png").convert("RGB").resize((48, 32)).save(root / "data" / "img" / "a.png")
     Image.open(source / "image1.png").convert("RGB").resize((32, 64)).save(root / "data" / "img" / "b.png")
@@ -172,6 +172,7 @@ def _weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_cli_trains_a_hub_folder_that_chats(workdir, capsys):
     config = workdir / "cli.yaml"
     config.write_text(yaml.safe_dump(_config(workdir, "cli-run")))
@@ -208,6 +209,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(workdir):
     straight = train(parse_config(_config(workdir, "straight")), force=True)
     with pytest.raises(_Killed):
@@ -232,6 +234,7 @@ class _Die(TrainerCallback):
             raise _Killed("killed after the first checkpoint")
 
 
+@pytest.mark.slow
 def test_stage1_trains_only_the_vision_side(workdir):
     raw = _config(workdir, "stage1", train="stage1", training={"gradient_checkpointing": True})
     result = train(parse_config(raw), force=True)
@@ -241,6 +244,7 @@ def test_stage1_trains_only_the_vision_side(workdir):
     assert result.trainable["text"] == 0 and result.trainable["visual_experts"] > 0
 
 
+@pytest.mark.slow
 def test_learning_rates_per_part(workdir):
     """`learning_rates` gives parts their own rate: a part at 0 does not move while the others (at
     training.learning_rate) do, and the optimizer's groups carry the rates, split by part."""
@@ -260,6 +264,7 @@ def test_learning_rates_per_part(workdir):
     assert seen["rates"] == [0.0, raw["training"]["learning_rate"], 5e-3]
 
 
+@pytest.mark.slow
 def test_bf16_trains_on_cpu(workdir):
     """`training.bf16` without a GPU is CPU autocast (transformers refuses it unless told use_cpu)."""
     result = train(parse_config(_config(workdir, "bf16", training={"bf16": True, "max_steps": 2})), force=True)
@@ -268,6 +273,7 @@ def test_bf16_trains_on_cpu(workdir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_image_settings_are_trained_with_and_saved(workdir):
     """`data.images` is what the samples were encoded with and what the trained folder's processor
     keeps: loaded back (ours and through AutoProcessor), it encodes an image as training did, not as the
@@ -301,6 +307,7 @@ def test_image_settings_are_trained_with_and_saved(workdir):
         assert sample["image_grid_thw"].tolist() == trained["image_grid_thw"].tolist()
 
 
+@pytest.mark.slow
 def test_lora_is_merged_into_the_hub_folder(workdir):
     lora = {"r": 4, "alpha": 8, "parts": ["text"]}
     result = train(parse_config(_config(workdir, "lora", train=["connector"], lora=lora)), force=True)
