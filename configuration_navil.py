@@ -255,7 +255,7 @@ class NaViLConfig(PretrainedConfig):
             generation what it saw in training).
         original_config_extras: keys of the original OpenGVLab config.json that this config does not
             represent (e.g. `force_image_size`, `ps_version`), kept verbatim by `navil convert` so that
-            `navil convert --to-original` writes them back; nested like the original (top-level keys,
+            `navil to-original` writes them back; nested like the original (top-level keys,
             `vision_config`, `llm_config`). Not used by the model.
     """
 

@@ -31,8 +31,8 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 def code_files():
-    """Paths of the Hub code files (the four of API.md, `compat_navil.py` and `chat_navil.py`), located through the
-    imported modules."""
+    """Paths of the Hub code files (`CODE_MODULES`: the four of API.md, `compat_navil.py`, `chat_navil.py`
+    and `tokenization_navil.py`), located through the imported modules."""
     import importlib
 
     return [Path(importlib.import_module(name).__file__) for name in CODE_MODULES]
@@ -333,7 +333,7 @@ def model_card(config, *, source=None, license=None, dtype=None, verified=True):
     if not text.qk_norm and getattr(text, "chain_visual_output", False):
         fold = (
             "\nFor this InternLM2-based model the chained output projection of visual tokens, `wo_ve(wo(x))`, is\n"
-            "kept as in the original (`o_proj_ve(o_proj(x))`), so `navil convert --to-original` gives back the\n"
+            "kept as in the original (`o_proj_ve(o_proj(x))`), so `navil to-original` gives back the\n"
             "original weights bit for bit.\n"
         )
     elif not text.qk_norm:

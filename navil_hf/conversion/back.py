@@ -1,4 +1,4 @@
-"""`navil convert --to-original`: a converted NaViL folder -> the original OpenGVLab layout (SPEC §7), for
+"""`navil to-original`: a converted NaViL folder -> the original OpenGVLab layout (SPEC §7), for
 people who keep training with the original code.
 
 Written: `config.json` (`to_original_config`: model_type `navil_chat`, `vision_config`, `llm_config`, the
@@ -7,7 +7,7 @@ under the original names (`keymap.iter_original_tensors`; the folder's dtype; sh
 `max_shard_size`), the tokenizer files and a short README. The original code files are not ours to ship.
 
 Every step is exact (renames, the InternLM2 wqkv merge, the chained InternLM2 `o_proj_ve` -> `wo_ve`), so
-original -> `navil convert` -> `navil convert --to-original` gives back every original tensor bit for bit.
+original -> `navil convert` -> `navil to-original` gives back every original tensor bit for bit.
 The one exception is a folder written with `--fold-visual-output`: its `o_proj_ve = W_ve @ W` has no exact
 inverse, so it is refused unless `approximate=True` (`--approximate`), which recovers `wo_ve` by least
 squares and reports the max-abs error of the refolded product.
@@ -219,7 +219,7 @@ def original_readme(converted_dir, original_config):
     llm = original_config["llm_config"]["architectures"][0]
     return f"""# NaViL checkpoint in the original OpenGVLab layout
 
-Written by `navil convert --to-original` from the converted folder `{Path(converted_dir).resolve().name}`:
+Written by `navil to-original` from the converted folder `{Path(converted_dir).resolve().name}`:
 `config.json` (model_type `{ORIGINAL_MODEL_TYPE}`, language model `{llm}`), the weights under the original
 tensor names, and the tokenizer.
 

@@ -9,7 +9,7 @@ and only then published under the output's name (atomically). On any failure not
 
 InternLM2's visual tokens get the chained output projection `wo_ve(wo(x))` (SPEC §8.2). By default it is
 kept chained (`text_config.chain_visual_output=True`, `wo_ve` renamed to a hidden->hidden `o_proj_ve`), so
-the conversion is exact both ways and `navil convert --to-original` (`back.py`) reproduces the original
+the conversion is exact both ways and `navil to-original` (`back.py`) reproduces the original
 bit for bit. `--fold-visual-output` (inference-only deployments) stores one `o_proj_ve = W_ve @ W` instead
 (float64 product; one matmul less per visual token); a folded folder cannot be converted back exactly.
 

@@ -583,7 +583,7 @@ def build_navil(
     if source.family == "internlm2" and visual_experts:
         # NaViL-2B's InternLM2 layout: visual tokens get o_proj_ve(o_proj(x)) (SPEC §8.2). With o_proj_ve
         # the identity the visual path starts equal to the text path, and the folder converts back to
-        # the original layout (`navil convert --to-original`).
+        # the original layout (`navil to-original`).
         text_kwargs["chain_visual_output"] = True
         hidden = text_kwargs["hidden_size"]
         for key in [k for k in text_state.keys() if k.endswith("self_attn.o_proj_ve.weight")]:
@@ -699,7 +699,7 @@ def init_from_llm(
     `visual_experts=False`: no visual experts (every token through the text weights).
     `vision_layer_scale`: the starting value of the fresh encoder blocks' LayerScale (`VISION_LAYER_SCALE`).
     `token_order="raster"`: visual tokens reach the LLM in the prompt's row order (`vision_config.token_order`;
-    the original's window order is the default, and the only one `navil convert --to-original` writes)."""
+    the original's window order is the default, and the only one `navil to-original` writes)."""
     with transformers_progress_bars(progress):
         return _init_from_llm(
             src, out_dir, vision_preset, dtype, force, verify, progress, seed, chat_template, min_dynamic_patch,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from navil_hf.cli import main as navil
-from navil_hf.conversion import convert_checkpoint, push_folder
+from navil_hf.conversion import push_folder
 from navil_hf.conversion.refresh import CODE_FILES, compat_tested_range
 from navil_hf.hub import code_files
 
@@ -27,10 +27,8 @@ OLD_RANGE = ("5.10.0", "5.12.0")
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("refresh") / "navil-tiny-new"
-    convert_checkpoint(QWEN3, out, verify=False, progress=False)
-    return out
+def converted(qwen3_folder):
+    return qwen3_folder
 
 
 def make_old(converted, dest, modeling=None, compat=None):

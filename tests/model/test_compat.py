@@ -74,7 +74,7 @@ def test_unknown_rope_type_is_named():
         compat_navil.rope_inv_freq(config, "cpu")
 
 
-def test_hub_kernels_on_or_off_compute_the_same_on_cpu(tmp_path, monkeypatch):
+def test_hub_kernels_on_or_off_compute_the_same_on_cpu(monkeypatch, qwen3_folder):
     """transformers 5.25 turns hub kernels on by default (`from_pretrained(use_kernels=None)`): they would
     replace NaViL's GELU (vision) and SiLU (LLM) activations, on CUDA/ROCm/XPU only. On CPU a converted
     folder loads without touching the network and computes the same logits and greedy tokens with kernels
@@ -85,13 +85,10 @@ def test_hub_kernels_on_or_off_compute_the_same_on_cpu(tmp_path, monkeypatch):
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
 
-    from navil_hf.conversion import convert_checkpoint
-
     from conftest import fixtures_dir
 
     source = fixtures_dir() / "original-qwen3-tiny"
-    folder = tmp_path / "hub"
-    convert_checkpoint(source / "checkpoint", folder, progress=False)
+    folder = qwen3_folder
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     image = Image.open(source / "image0.png").convert("RGB").resize((48, 32))
     prompt = processor.apply_chat_template(

@@ -197,13 +197,11 @@ def _no_experts_hub(source, out):
     return out
 
 
-def test_navil_train_runs_without_experts(tmp_path):
-    from navil_hf.conversion import convert_checkpoint
+def test_navil_train_runs_without_experts(tmp_path, qwen3_folder):
     from navil_hf.training.train import parse_config, train
 
     source = fixtures_dir() / "original-qwen3-tiny"
-    convert_checkpoint(source / "checkpoint", tmp_path / "converted", progress=False)
-    hub = _no_experts_hub(tmp_path / "converted", tmp_path / "hub")
+    hub = _no_experts_hub(qwen3_folder, tmp_path / "hub")
     (tmp_path / "data").mkdir()
     image = tmp_path / "data" / "a.png"
     Image.open(source / "image0.png").convert("RGB").resize((48, 32)).save(image)
