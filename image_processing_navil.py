@@ -655,9 +655,10 @@ class NaViLImageProcessor(BaseImageProcessor):
         self.do_normalize = s["do_normalize"]
         self.max_input_pixels = s["max_input_pixels"]
 
-    def _settings(self, overrides=None):
+    def resolve_settings(self, overrides=None):
         """This processor's settings with a call's `overrides` (`NaViLImagesKwargs` keys) applied and
-        checked (`check_settings`); `None` values mean "the processor's own"."""
+        checked (`check_settings`); `None` values mean "the processor's own". A dict of every call setting
+        (`max_dynamic_patch` alone sets `max_pixels`, ...); unknown keys are a TypeError."""
         overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
         unknown = sorted(set(overrides) - set(_CALL_SETTINGS))
         if unknown:
@@ -671,9 +672,11 @@ class NaViLImageProcessor(BaseImageProcessor):
             settings["max_pixels"] = _positive_int("max_dynamic_patch", overrides["max_dynamic_patch"]) * p2
         return check_settings(settings)
 
+    _settings = resolve_settings  # the name older callers use
+
     def pyramid(self, height, width, **overrides):
         """`scale_pyramid` with this processor's settings (or a call's `overrides`)."""
-        return self._pyramid(height, width, self._settings(overrides))
+        return self._pyramid(height, width, self.resolve_settings(overrides))
 
     def _pyramid(self, height, width, s):
         return scale_pyramid(
@@ -691,7 +694,7 @@ class NaViLImageProcessor(BaseImageProcessor):
     def num_image_tokens(self, height, width, **overrides):
         """Prompt tokens one image of this size expands to (see module-level `num_image_tokens`), with
         this processor's settings (or a call's `overrides`)."""
-        s = self._settings(overrides)
+        s = self.resolve_settings(overrides)
         return num_image_tokens(
             height, width, s["min_pixels"], s["max_pixels"], s["scale_downsample_ratio"],
             self.patch_size, self.merge_size, s["multi_scale"],
@@ -723,7 +726,7 @@ class NaViLImageProcessor(BaseImageProcessor):
         `kwargs` override this processor's settings for this call (`NaViLImagesKwargs`; `None` keeps
         the processor's own); any other argument is a `TypeError`.
         """
-        settings = self._settings(kwargs)
+        settings = self.resolve_settings(kwargs)
         rgb_images = [load_rgb_image(image, settings["max_input_pixels"]) for image in flatten_images(images)]
         if not rgb_images:
             raise ValueError("no images given")

@@ -436,8 +436,13 @@ class NaViLProcessor(ProcessorMixin):
         * otherwise (between 1 and n-1, or more than n not at the start): ValueError.
 
         Each `<image>` then expands into its image's tokens (`image_tokens`, SPEC.md §3). The prompt text
-        is `render_conversation`; transformers' `apply_chat_template` renders the same template, taking
-        the text of content items as user text and string contents as prompt text in the original format.
+        is `render_conversation`.
+
+        For transformers users: `apply_chat_template(messages, tokenize=True, return_dict=True)` gives the same
+        inputs for conversations of content items (it takes a string `content` as prompt text in the
+        original format, `<image>` there a placeholder); this method also takes string turns with their
+        images, the original placement rule and already processed images, which `model.chat` and training
+        need.
         """
         batched = isinstance(conversation, (list, tuple)) and bool(conversation)
         batched = batched and isinstance(conversation[0], (list, tuple))
