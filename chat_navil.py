@@ -238,8 +238,9 @@ class NaViLChatMixin:
             generation_config: a dict or `GenerationConfig`; greedy decoding by default.
             system_message: overrides the checkpoint's default system message for every sample.
 
-        User text is text, as in `chat` (`processor.encode_conversation`). Returns one answer per question. Greedy answers equal `chat`
-        called question by question; the context check and the `max_new_tokens` cap use the longest prompt.
+        User text is text, as in `chat` (`processor.encode_conversation`). Returns one answer per question.
+        Greedy answers equal `chat` called question by question; the context check and the `max_new_tokens`
+        cap use the longest prompt.
         """
         if isinstance(questions, str) or not questions:
             raise ValueError("batch_chat() needs a non-empty list of questions")

@@ -401,9 +401,9 @@ class NaViLProcessor(ProcessorMixin):
                 A message is `{"role": "system" | "user" | "assistant", "content": ..., "images": [...]}`:
                 * `content` a string: user text with its own `images` (user messages only; optional),
                   placed by `image_placement` (below);
-                * `content` a list of transformers content items: `{"type": "text", "text": ...}` (the texts
-                  joined) and `{"type": "image", "image" | "path" | "url": ...}`, whose images go ahead of
-                  the text (`<image>\\n` each), as `apply_chat_template` renders them.
+                * `content` a list of transformers content items: `{"type": "text", "text": ...}` and
+                  `{"type": "image", "image" | "path" | "url": ...}`, rendered by `apply_chat_template` (the
+                  images go ahead of the text, `<image>\\n` each); text items alone may take the message's `images`.
                 Images: `PIL.Image`, file paths, numpy/torch HWC uint8 arrays (see `__call__`). A leading
                 system message overrides the chat template's default one (empty: none).
             add_generation_prompt: end with the assistant turn's opening, for generation.
@@ -474,23 +474,21 @@ class NaViLProcessor(ProcessorMixin):
             if own and message.get("role") != "user":
                 raise ValueError(f"message {i}: images are allowed in user messages only")
             if isinstance(content, str):
-                text = self.user_text(content, len(own), original_form)
+                content = self.user_text(content, len(own), original_form)
             elif isinstance(content, (list, tuple)):
-                texts, items = _content_items(content, i)
+                items = _image_items(content, i)
                 if own and items:
                     raise ValueError(f"message {i}: give its images as image items or as 'images', not both")
                 own = own or items
-                text = IMAGE_PREFIX * len(own) + self.literal_text("".join(texts))
+                if own and not items:
+                    content = [{"type": "image"} for _ in own] + list(content)
             else:
                 raise TypeError(f"message {i}: content must be a string or a list of items, got {content!r}")
             images += own
-            messages.append({**{k: v for k, v in message.items() if k != "images"}, "content": text})
+            messages.append({**{k: v for k, v in message.items() if k != "images"}, "content": content})
+        # String contents are placed and marked above; `apply_chat_template` marks the text items.
         prompt = self.apply_chat_template(
-            messages,
-            chat_template=chat_template,
-            sanitize_control_tokens=False,  # every string above is already placed and marked
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
+            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
         )
         return prompt, images
 
@@ -853,18 +851,16 @@ class NaViLProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-def _content_items(content, index):
-    """(texts, images) of a list of transformers content items (message `index`, for errors)."""
-    texts, images = [], []
+def _image_items(content, index):
+    """The images of a list of transformers content items (message `index`, for errors)."""
+    images = []
     for item in content:
         kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "text" and isinstance(item.get("text"), str):
-            texts.append(item["text"])
-        elif kind == "image":
+        if kind == "image":
             images.append(next((item[key] for key in ("image", "path", "url") if key in item), None))
-        else:
+        elif kind != "text" or not isinstance(item.get("text"), str):
             raise ValueError(f"message {index}: unsupported content item {item!r} (text and image items only)")
-    return texts, images
+    return images
 
 
 def _as_text_list(text):

@@ -686,6 +686,8 @@ def test_encode_conversation_places_images_by_the_rule():
     assert ids("<image>\nsee <image>", [one]) == expected(f"<image>\nsee {literal}", [one])  # n first, then text
     items = [{"type": "image", "image": one}, {"type": "text", "text": "q"}]
     assert processor.encode_conversation([{"role": "user", "content": items}], True)["input_ids"] == ids("q", [one])
+    text_items = [{"role": "user", "content": items[1:], "images": [one]}]
+    assert processor.encode_conversation(text_items, True)["input_ids"] == ids("q", [one])
     with pytest.raises(ValueError, match="1 images given but the prompt has 2 <image> placeholders"):
         ids("a <image> b <image>", [one])
     assert ids("a <image> b <image>", [one], original_form=True) == expected(f"a <image> b {literal}", [one])
