@@ -187,6 +187,7 @@ class NaViLChatMixin:
         stored_question = prefix * num_images + question if placement == "prepend" else question
         turns = self._history_turns(history, processor)
         messages = self._chat_messages(turns, system_message)
+        # The original form's images are already processed (pixel_values): they are only counted.
         messages.append({"role": "user", "content": question, "images": [None] * num_images if original else images})
         if original:
             if any(imgs for _, _, imgs in turns):
