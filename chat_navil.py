@@ -2,19 +2,13 @@
 
 `NaViLChatMixin` is a base of `NaViLForConditionalGeneration`; it needs only what every transformers
 generative model has (`generate`, `config`, `generation_config`, `device`, `dtype`) and the processor.
-It builds prompts with the processor's chat template (history, system message, the original call form
-with `pixel_values`), streams through transformers' `TextIteratorStreamer` on a thread, and answers
-batches with left padding. `stream=True` returns a `ChatStream`: an iterator of text pieces that, once
-it ends, holds the whole `response` and, with `return_history=True`, the new `history`.
-
-User text is text. Every string a user supplies -- the question, the system message, both sides of
-every history turn -- goes through the processor's `literal_text`: the control tokens typed in it
-(`<image>`, `<IMG_CONTEXT>`, `<img>`, `<|im_start|>`, `<|im_end|>`, every added token of the tokenizer)
-are tokenised as ordinary text, never as their token ids. Images are placed only by `images=` (or the
-original form's `pixel_values`); a typed `<image>` marks where they go only under the rule in
-`NaViLChatMixin.chat` (the original's `<image>` placeholders keep working), and is literal text
-otherwise. A prompt that does not fit the model's context (`text_config.max_position_embeddings`) is
-refused before generating; `max_new_tokens` beyond what fits is capped, with one logged warning.
+It turns the question, history and system message into a conversation and gets the model inputs from
+the processor's `encode_conversation` (the one path: image placement and the user-text-is-text rule are
+stated there), streams through transformers' `TextIteratorStreamer` on a thread, and answers batches
+with left padding. `stream=True` returns a `ChatStream`: an iterator of text pieces that, once it ends,
+holds the whole `response` and, with `return_history=True`, the new `history`. A prompt that does not
+fit the model's context (`text_config.max_position_embeddings`) is refused before generating;
+`max_new_tokens` beyond what fits is capped, with one logged warning.
 """
 
 from __future__ import annotations
@@ -28,9 +22,6 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
-# What the original prepends per image when the question has no placeholder.
-IMAGE_PREFIX = IMAGE_PLACEHOLDER + "\n"
 CHAT_SIGNATURE = (
     "model.chat(processor, question, images=None, history=None, return_history=False, generation_config=None, "
     "stream=False, system_message=None)"
@@ -73,41 +64,6 @@ def _call_kwargs(generate_kwargs: dict) -> dict:
     """Take the `generate` arguments that are objects (stopping criteria, logits processors...) out of
     `generate_kwargs`, which then holds generation settings only."""
     return {key: generate_kwargs.pop(key) for key in GENERATE_CALL_KWARGS if key in generate_kwargs}
-
-
-def _image_placement(question: str, num_images: int, original: bool = False) -> str | None:
-    """Where a turn's `num_images` images go (the rule `NaViLChatMixin.chat` documents): `"inline"` -- the
-    question's first `num_images` `<image>` are the placeholders, any further ones literal text (all of
-    them when there are no images) --, `"prepend"` -- the question has no `<image>`: one placeholder per
-    image goes in front, as the original does --, or None when the question's `<image>` cannot be matched
-    with the images."""
-    count = question.count(IMAGE_PLACEHOLDER)
-    if num_images == 0 or count == num_images:
-        return "inline"
-    if count == 0:
-        return "prepend"
-    if count > num_images and (original or question.startswith(IMAGE_PREFIX * num_images)):
-        return "inline"
-    return None
-
-
-def _placed_question(processor, question: str, num_images: int, placement: str) -> tuple[str, str]:
-    """(the question as the history keeps it, its prompt text): the placeholders chosen by `placement`
-    stay placeholders, and everything else is user text, marked literal by `processor.literal_text`.
-    The history's form gives the same placement again in a later turn."""
-    if placement == "prepend":
-        return IMAGE_PREFIX * num_images + question, IMAGE_PREFIX * num_images + processor.literal_text(question)
-    parts = question.split(IMAGE_PLACEHOLDER, num_images) if num_images else [question]
-    return question, IMAGE_PLACEHOLDER.join(processor.literal_text(part) for part in parts)
-
-
-def _mismatch(num_images: int, question: str) -> str:
-    count = question.count(IMAGE_PLACEHOLDER)
-    return (
-        f"{num_images} images given but the prompt has {count} {IMAGE_PLACEHOLDER} placeholders; write one "
-        f"{IMAGE_PLACEHOLDER} per image, none (the images go first), or the {num_images} placeholders first, "
-        f"then literal {IMAGE_PLACEHOLDER} text"
-    )
 
 
 class ChatStream:
@@ -167,20 +123,10 @@ class NaViLChatMixin:
         filled when it ends. History turns are `(question, answer, images)`; `(question, answer)` pairs
         (the original's format) are text-only turns.
 
-        User text is text: the question, the system message and both sides of every history turn are
-        passed through `processor.literal_text`, so control tokens typed there (`<|im_start|>`,
-        `<|im_end|>`, `<IMG_CONTEXT>`, `<img>`, every added token) tokenise as ordinary text and never
-        forge a turn, an image slot or a visual-expert token. Images come only from `images=` (or
-        `pixel_values`); `<image>` typed in a question marks where they go as follows, for a turn with
-        n images (any other `<image>` is literal text):
-
-        * n = 0 (text only): every `<image>` is literal text.
-        * no `<image>` in the question: the n images go first (`<image>\\n` each), as the original does.
-        * exactly n `<image>`: they are the placeholders, in order.
-        * more than n: the first n are placeholders when the question starts with them (`<image>\\n` x n,
-          the form to use for literal `<image>` text alongside images); in the original form the first n
-          wherever they are, as the original replaces them.
-        * otherwise (between 1 and n-1, or more than n not at the start): ValueError.
+        User text is text and images are placed as `processor.encode_conversation` states (the question,
+        the system message and both sides of every history turn are user text; images come only from
+        `images=` or `pixel_values`, placed by the question's `<image>` under that rule -- the original
+        form's rule for `pixel_values`).
 
         `(question, answer)` history pairs are the original's text-only history: a question that starts
         with `<image>` there lost its images (ValueError); elsewhere `<image>` is literal. Turns returned
@@ -236,26 +182,24 @@ class NaViLChatMixin:
             num_images = len(num_scales)
         else:
             num_images = len(images)
-        placement = _image_placement(question, num_images, original=original)
-        if placement is None:
-            raise ValueError(_mismatch(num_images, question))
-        stored_question, prompt_question = _placed_question(processor, question, num_images, placement)
+        placement = processor.image_placement(question, num_images, original_form=original)
+        prefix = processor.image_token + "\n"
+        stored_question = prefix * num_images + question if placement == "prepend" else question
         turns = self._history_turns(history, processor)
-        prompt = self._chat_prompt(processor, prompt_question, turns, system_message)
-        history_images = [img for _, _, imgs, _, _ in turns for img in imgs]
-
+        messages = self._chat_messages(turns, system_message)
+        # The original form's images are already processed (pixel_values): they are only counted.
+        messages.append({"role": "user", "content": question, "images": [None] * num_images if original else images})
         if original:
-            if history_images:
+            if any(imgs for _, _, imgs in turns):
                 raise ValueError("the original pixel_values= form cannot be combined with history that has images")
-            inputs = processor.from_image_layout(
-                prompt, image_grid_thw=grid, num_scales=num_scales, return_tensors="pt"
-            )
+            layout = dict(image_grid_thw=grid, num_scales=num_scales, original_form=True)
+            inputs = processor.encode_conversation(messages, True, return_tensors="pt", **layout)
             inputs["pixel_values"] = pixel_values
             inputs["image_grid_thw"] = grid
         else:
-            all_images = history_images + images
-            inputs = processor(text=[prompt], images=[all_images] if all_images else None, return_tensors="pt")
+            inputs = processor.encode_conversation(messages, True, return_tensors="pt")
         if verbose:
+            prompt, _ = processor.render_conversation(messages, True, original_form=original)
             print(processor.strip_literal_marks(prompt))
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
@@ -267,7 +211,7 @@ class NaViLChatMixin:
         self._fit_context(prompt_length, config)
 
         def finish(response: str):
-            new_history = [(q, a, imgs) for q, a, imgs, _, _ in turns] + [(stored_question, response, images)]
+            new_history = [*turns, (stored_question, response, images)]
             return (response, new_history) if return_history else response
 
         if stream:
@@ -295,8 +239,9 @@ class NaViLChatMixin:
             generation_config: a dict or `GenerationConfig`; greedy decoding by default.
             system_message: overrides the checkpoint's default system message for every sample.
 
-        User text is text, as in `chat`. Returns one answer per question. Greedy answers equal `chat`
-        called question by question; the context check and the `max_new_tokens` cap use the longest prompt.
+        User text is text, as in `chat` (`processor.encode_conversation`). Returns one answer per question.
+        Greedy answers equal `chat` called question by question; the context check and the `max_new_tokens`
+        cap use the longest prompt.
         """
         if isinstance(questions, str) or not questions:
             raise ValueError("batch_chat() needs a non-empty list of questions")
@@ -309,15 +254,16 @@ class NaViLChatMixin:
         if len(images) != len(questions):
             raise ValueError(f"batch_chat() got {len(questions)} questions but {len(images)} image lists")
         processor = self._as_processor(processor)
-        prompts = []
+        conversations = []
         for i, (question, sample) in enumerate(zip(questions, images)):
-            placement = _image_placement(question, len(sample))
-            if placement is None:
-                raise ValueError(f"sample {i}: {_mismatch(len(sample), question)}")
-            _, prompt_question = _placed_question(processor, question, len(sample), placement)
-            prompts.append(self._chat_prompt(processor, prompt_question, [], system_message))
-        inputs = processor(
-            text=prompts, images=images if any(images) else None, padding=True, padding_side="left", return_tensors="pt"
+            try:
+                processor.image_placement(question, len(sample))
+            except ValueError as error:
+                raise ValueError(f"sample {i}: {error}") from None
+            user = {"role": "user", "content": question, "images": sample}
+            conversations.append([*self._chat_messages([], system_message), user])
+        inputs = processor.encode_conversation(
+            conversations, True, padding=True, padding_side="left", return_tensors="pt"
         ).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -336,18 +282,19 @@ class NaViLChatMixin:
         return list(images) if isinstance(images, (list, tuple)) else [images]
 
     @staticmethod
-    def _chat_prompt(processor, question: str, turns, system_message: str | None) -> str:
-        """The prompt (with literal marks) for `question` (already placed and marked) after `turns`."""
+    def _chat_messages(turns, system_message: str | None) -> list[dict]:
+        """The conversation before the new question, as `processor.encode_conversation` takes it."""
         messages = []
         if system_message is not None:
             if not isinstance(system_message, str):
                 raise TypeError(f"system_message must be a string, got {type(system_message).__name__}")
-            messages.append({"role": "system", "content": processor.literal_text(system_message)})
-        for _, _, _, old_question, old_answer in turns:
-            messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
-        messages.append({"role": "user", "content": question})
-        # String contents are taken as they are: every user string here is already placed and marked.
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            messages.append({"role": "system", "content": system_message})
+        for question, answer, images in turns:
+            messages += [
+                {"role": "user", "content": question, "images": images},
+                {"role": "assistant", "content": answer},
+            ]
+        return messages
 
     def _fit_context(self, prompt_length: int, config: GenerationConfig):
         """Refuse a prompt that does not fit the context (`text_config.max_position_embeddings`) and cap
@@ -402,11 +349,11 @@ class NaViLChatMixin:
 
     def _as_processor(self, processor_or_tokenizer):
         """The processor to use: the one given, a `NaViLProcessor` built on a tokenizer (`for_config`), or
-        -- for a processor without user-text marking (`literal_text`: an older NaViL processor file,
+        -- for a processor without `encode_conversation` (an older NaViL processor file,
         another class) -- a `NaViLProcessor` with its image processor, tokenizer and chat template."""
         if hasattr(processor_or_tokenizer, "image_processor"):
             processor = processor_or_tokenizer
-            if hasattr(processor, "literal_text"):
+            if hasattr(processor, "encode_conversation"):
                 return processor
             return _processor_class()(
                 image_processor=processor.image_processor,
@@ -428,9 +375,9 @@ class NaViLChatMixin:
         return grid, [int(s) for s in (num_scales.tolist() if torch.is_tensor(num_scales) else num_scales)]
 
     @staticmethod
-    def _history_turns(history, processor) -> list[tuple[str, str, list, str, str]]:
-        """`(question, answer, images, question's prompt text, answer's prompt text)` per history turn:
-        the images placed by `chat`'s rule, everything else marked literal."""
+    def _history_turns(history, processor) -> list[tuple[str, str, list]]:
+        """`(question, answer, images)` per history turn, checked: the images can be placed by the
+        processor's rule (`image_placement`)."""
         turns = []
         for i, turn in enumerate(history or []):
             if isinstance(turn, (str, bytes)) or len(turn) not in (2, 3):
@@ -438,21 +385,19 @@ class NaViLChatMixin:
             question, answer = turn[0], turn[1]
             if not isinstance(question, str) or not isinstance(answer, str):
                 raise TypeError(f"history turn {i}: question and answer must be strings")
-            if len(turn) == 2:  # the original's (question, answer): text only
-                images, placement = [], "inline"
-                if question.lstrip().startswith(IMAGE_PLACEHOLDER):
-                    placement = None
-            else:
-                images = NaViLChatMixin._image_list(turn[2])
-                placement = _image_placement(question, len(images))
-            if placement is None:
+            placeholder = processor.image_token
+            images = [] if len(turn) == 2 else NaViLChatMixin._image_list(turn[2])
+            try:
+                if len(turn) == 2 and question.lstrip().startswith(placeholder):  # the original's text-only pairs
+                    raise ValueError("a (question, answer) pair is text only")
+                processor.image_placement(question, len(images))
+            except ValueError:
                 raise ValueError(
-                    f"history turn {i} has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders but "
+                    f"history turn {i} has {question.count(placeholder)} {placeholder} placeholders but "
                     f"{len(images)} images; pass the history returned by chat(..., return_history=True), whose turns "
                     "are (question, answer, images)"
-                )
-            _, prompt_question = _placed_question(processor, question, len(images), placement)
-            turns.append((question, answer, images, prompt_question, processor.literal_text(answer)))
+                ) from None
+            turns.append((question, answer, images))
         return turns
 
     def _chat_generation_config(self, processor, generation_config, **overrides) -> GenerationConfig:

@@ -36,7 +36,9 @@ Settings are checked when the processor is built and when a call overrides them 
 the setting and what it may be), so no accepted setting can put NaN or inf into `pixel_values`.
 
 The shape math (`smart_resize`, `scale_pyramid`, `image_token_layout`, `num_image_tokens`, ...) is
-pure module-level code so a serving engine can count tokens without building the processor.
+pure module-level code so a serving engine can count tokens without building the processor;
+`image_tokens` is the one statement of an image's token layout (SPEC §3) that the processor's text,
+vLLM's ids and every count use.
 """
 
 import math
@@ -49,6 +51,23 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
+
+try:
+    from .configuration_navil import (
+        IMAGE_CONTEXT_TOKEN,
+        IMAGE_END_TOKEN,
+        IMAGE_FRAME_BREAK_TOKEN,
+        IMAGE_LINE_BREAK_TOKEN,
+        IMAGE_START_TOKEN,
+    )
+except ImportError:  # imported as a top-level module (tests, scripts next to the file)
+    from configuration_navil import (
+        IMAGE_CONTEXT_TOKEN,
+        IMAGE_END_TOKEN,
+        IMAGE_FRAME_BREAK_TOKEN,
+        IMAGE_LINE_BREAK_TOKEN,
+        IMAGE_START_TOKEN,
+    )
 
 MAX_ASPECT_RATIO = 200
 PARALLEL_MIN_PATCHES = 2048  # below this (about a 720x720 image) thread start-up costs more than it saves
@@ -129,26 +148,58 @@ def image_token_layout(
     return [(grid_h // merge_size, grid_w // merge_size) for _, _, grid_h, grid_w in scales]
 
 
+# The five tokens of SPEC §3's layout, in `image_tokens`' order: start, context, line break, frame break, end.
+IMAGE_LAYOUT_TOKENS = (
+    IMAGE_START_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_LINE_BREAK_TOKEN, IMAGE_FRAME_BREAK_TOKEN, IMAGE_END_TOKEN,
+)  # fmt: skip
+
+
+def image_tokens(grids, merge_size=2, tokens=IMAGE_LAYOUT_TOKENS):
+    """The tokens one image occupies in the prompt (SPEC §3), the one statement of that layout: `<img>`;
+    per scale (`grids`: the image's `image_grid_thw` rows `(t, grid_h, grid_w)`, smallest first)
+    `grid_h / merge_size` rows of `<IMG_CONTEXT>` x `grid_w / merge_size` + `<IMG_LINE_BREAK>`, then
+    `<IMG_FRAME_BREAK>`; finally `</img>`.
+
+    `tokens` are the five in the order of `IMAGE_LAYOUT_TOKENS` (start, context, line break, frame
+    break, end): the token strings by default (`"".join(...)` is the prompt text), or their ids (the
+    `input_ids`); `len(...)` is the count."""
+    start, context, line_break, frame_break, end = tokens
+    out = [start]
+    for _, grid_h, grid_w in grids:
+        row = [context] * (int(grid_w) // merge_size) + [line_break]
+        out += row * (int(grid_h) // merge_size) + [frame_break]
+    out.append(end)
+    return out
+
+
+def _pyramid_grids(
+    height, width, min_pixels, max_pixels, scale_downsample_ratio, patch_size=16, merge_size=2, multi_scale=True
+):
+    """`image_grid_thw` rows of one image, smallest scale first."""
+    scales = scale_pyramid(
+        height, width, min_pixels, max_pixels, scale_downsample_ratio, patch_size, merge_size, multi_scale
+    )
+    return [(1, grid_h, grid_w) for _, _, grid_h, grid_w in scales]
+
+
 def num_image_context_tokens(
     height, width, min_pixels, max_pixels, scale_downsample_ratio, patch_size=16, merge_size=2, multi_scale=True
 ):
     """Number of `<IMG_CONTEXT>` tokens (= connector outputs) for one image, all scales."""
-    layout = image_token_layout(
+    grids = _pyramid_grids(
         height, width, min_pixels, max_pixels, scale_downsample_ratio, patch_size, merge_size, multi_scale
     )
-    return sum(rows * cols for rows, cols in layout)
+    return image_tokens(grids, merge_size).count(IMAGE_CONTEXT_TOKEN)
 
 
 def num_image_tokens(
     height, width, min_pixels, max_pixels, scale_downsample_ratio, patch_size=16, merge_size=2, multi_scale=True
 ):
-    """Number of prompt tokens one `<image>` placeholder expands to (SPEC §3): `<img>`, per scale
-    `rows * (cols + 1)` (context tokens plus one `<IMG_LINE_BREAK>` per row) and one
-    `<IMG_FRAME_BREAK>`, then `</img>`."""
-    layout = image_token_layout(
+    """Number of prompt tokens one `<image>` placeholder expands to: the length of its `image_tokens`."""
+    grids = _pyramid_grids(
         height, width, min_pixels, max_pixels, scale_downsample_ratio, patch_size, merge_size, multi_scale
     )
-    return 2 + sum(rows * (cols + 1) + 1 for rows, cols in layout)
+    return len(image_tokens(grids, merge_size))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,9 +655,10 @@ class NaViLImageProcessor(BaseImageProcessor):
         self.do_normalize = s["do_normalize"]
         self.max_input_pixels = s["max_input_pixels"]
 
-    def _settings(self, overrides=None):
+    def resolve_settings(self, overrides=None):
         """This processor's settings with a call's `overrides` (`NaViLImagesKwargs` keys) applied and
-        checked (`check_settings`); `None` values mean "the processor's own"."""
+        checked (`check_settings`); `None` values mean "the processor's own". A dict of every call setting
+        (`max_dynamic_patch` alone sets `max_pixels`, ...); unknown keys are a TypeError."""
         overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
         unknown = sorted(set(overrides) - set(_CALL_SETTINGS))
         if unknown:
@@ -622,7 +674,7 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     def pyramid(self, height, width, **overrides):
         """`scale_pyramid` with this processor's settings (or a call's `overrides`)."""
-        return self._pyramid(height, width, self._settings(overrides))
+        return self._pyramid(height, width, self.resolve_settings(overrides))
 
     def _pyramid(self, height, width, s):
         return scale_pyramid(
@@ -630,10 +682,17 @@ class NaViLImageProcessor(BaseImageProcessor):
             self.patch_size, self.merge_size, s["multi_scale"],
         )  # fmt: skip
 
+    def get_number_of_image_patches(self, height, width, images_kwargs=None):
+        """Rows of `pixel_values` one image of `height x width` gives (all its scales), with this processor's
+        settings or a call's `images_kwargs` (`NaViLImagesKwargs`), without processing pixels: transformers'
+        `get_number_of_image_patches`, what a processor counts tokens from (`// merge_size**2` per image is
+        its `<IMG_CONTEXT>` tokens)."""
+        return sum(grid_h * grid_w for _, _, grid_h, grid_w in self.pyramid(height, width, **(images_kwargs or {})))
+
     def num_image_tokens(self, height, width, **overrides):
         """Prompt tokens one image of this size expands to (see module-level `num_image_tokens`), with
         this processor's settings (or a call's `overrides`)."""
-        s = self._settings(overrides)
+        s = self.resolve_settings(overrides)
         return num_image_tokens(
             height, width, s["min_pixels"], s["max_pixels"], s["scale_downsample_ratio"],
             self.patch_size, self.merge_size, s["multi_scale"],
@@ -665,7 +724,7 @@ class NaViLImageProcessor(BaseImageProcessor):
         `kwargs` override this processor's settings for this call (`NaViLImagesKwargs`; `None` keeps
         the processor's own); any other argument is a `TypeError`.
         """
-        settings = self._settings(kwargs)
+        settings = self.resolve_settings(kwargs)
         rgb_images = [load_rgb_image(image, settings["max_input_pixels"]) for image in flatten_images(images)]
         if not rgb_images:
             raise ValueError("no images given")
@@ -696,9 +755,11 @@ class NaViLImageProcessor(BaseImageProcessor):
 
 
 __all__ = [
+    "IMAGE_LAYOUT_TOKENS",
     "NaViLImageProcessor",
     "NaViLImagesKwargs",
     "image_token_layout",
+    "image_tokens",
     "num_image_context_tokens",
     "num_image_tokens",
     "scale_pyramid",

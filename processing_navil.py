@@ -4,12 +4,13 @@
   templates (ChatML without a newline after `<|im_end|>`, the original default system message, Qwen3's
   empty `<think>` block at the start of every assistant turn). `{"type": "image"}` content items render
   as `<image>\\n` ahead of the text, as the original prepends them.
-* `NaViLProcessor` -- expands every `<image>` placeholder into `<img>`, per scale (smallest first)
-  `grid_h/2` rows of `<IMG_CONTEXT>` x `grid_w/2` + `<IMG_LINE_BREAK>`, then `<IMG_FRAME_BREAK>`, and
-  finally `</img>` (SPEC.md §3); tokenises; marks the visual-expert tokens (`<IMG_CONTEXT>`, `<img>`)
-  in `mm_token_type_ids`. User text is text: `apply_chat_template` passes the text of content items
-  through `literal_text`, which marks every control token in it (`<image>`, `<IMG_CONTEXT>`, `<img>`,
-  `<|im_start|>`, `<|im_end|>`, every added token), and marked spans tokenise as ordinary text tokens.
+* `NaViLProcessor` -- `encode_conversation` is the one path from a conversation (turns with text and
+  images, a system message, the generation prompt) to model inputs: it places the images, keeps every
+  piece of user text literal (the rule is stated there, once) and expands every `<image>` placeholder
+  into the image's tokens (`image_processing_navil.image_tokens`, SPEC.md §3); tokenises; marks the
+  visual-expert tokens (`<IMG_CONTEXT>`, `<img>`) in `mm_token_type_ids`. `model.chat`, `batch_chat`,
+  training data and the vLLM processor use it or its building blocks (`user_text`, `literal_text`,
+  `image_placement`, `image_tokens`).
 * `save_processor` -- writes a folder that `AutoProcessor.from_pretrained(dir, trust_remote_code=True)`
   loads (auto_map entries, code files, tokenizer, chat template).
 """
@@ -41,7 +42,7 @@ try:
         SPECIAL_TOKENS,
         VISUAL_EXPERT_TOKENS,
     )
-    from .image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images
+    from .image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images, image_tokens
 except ImportError:  # imported as a top-level module (tests, scripts next to the file)
     from compat_navil import (
         CONTROL_TOKEN_END,
@@ -58,15 +59,16 @@ except ImportError:  # imported as a top-level module (tests, scripts next to th
         SPECIAL_TOKENS,
         VISUAL_EXPERT_TOKENS,
     )
-    from image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images
+    from image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs, flatten_images, image_tokens
 
 IMAGE_PLACEHOLDER = "<image>"
+# What the original prepends per image when a question has no placeholder (SPEC §3).
+IMAGE_PREFIX = IMAGE_PLACEHOLDER + "\n"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
-# User text is text (`NaViLProcessor.literal_text`): every control-token string in it is wrapped in these two
-# private-use characters -- the same ones transformers' own `sanitize_control_tokens` (5.23+) uses -- and a
-# marked span is tokenised as ordinary text (`split_special_tokens`), never as the control token; a marked
-# `<image>` is not a placeholder. Marks never reach `input_ids`.
+# The marks `NaViLProcessor.literal_text` puts around control tokens in user text (the rule:
+# `NaViLProcessor.encode_conversation`): the private-use characters transformers' own
+# `sanitize_control_tokens` (5.23+) uses. Marks never reach `input_ids`.
 LITERAL_START, LITERAL_END = CONTROL_TOKEN_START, CONTROL_TOKEN_END
 # A placeholder / an <IMG_CONTEXT> that is not marked user text.
 _UNMARKED = f"(?<!{re.escape(LITERAL_START)})"
@@ -189,13 +191,29 @@ def extend_chat_template(template):
 
 
 def image_placeholder_expansion(grids, merge_size=2):
-    """The text one `<image>` becomes, given the image's `image_grid_thw` rows (smallest scale first)."""
-    parts = [IMAGE_START_TOKEN]
-    for _, grid_h, grid_w in grids:
-        row = IMAGE_CONTEXT_TOKEN * (int(grid_w) // merge_size) + IMAGE_LINE_BREAK_TOKEN
-        parts.append(row * (int(grid_h) // merge_size) + IMAGE_FRAME_BREAK_TOKEN)
-    parts.append(IMAGE_END_TOKEN)
-    return "".join(parts)
+    """The text one `<image>` becomes, given the image's `image_grid_thw` rows (smallest scale first):
+    `image_tokens` as a string."""
+    return "".join(image_tokens(grids, merge_size))
+
+
+def image_placement(text: str, num_images: int, original_form: bool = False) -> str:
+    """Where the `num_images` images of a user turn go, given its `text` (the rule is stated in
+    `NaViLProcessor.encode_conversation`): `"inline"` -- the text's first `num_images` `<image>` are the
+    placeholders, any further ones literal text (all of them with no images) -- or `"prepend"` -- the text
+    has no `<image>`: one `<image>\\n` per image goes in front, as the original does. A ValueError when
+    the text's `<image>` cannot be matched with the images."""
+    count = text.count(IMAGE_PLACEHOLDER)
+    if num_images == 0 or count == num_images:
+        return "inline"
+    if count == 0:
+        return "prepend"
+    if count > num_images and (original_form or text.startswith(IMAGE_PREFIX * num_images)):
+        return "inline"
+    raise ValueError(
+        f"{num_images} images given but the prompt has {count} {IMAGE_PLACEHOLDER} placeholders; write one "
+        f"{IMAGE_PLACEHOLDER} per image, none (the images go first), or the {num_images} placeholders first, "
+        f"then literal {IMAGE_PLACEHOLDER} text"
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -341,27 +359,145 @@ class NaViLProcessor(ProcessorMixin):
         return tuple(sorted(tokens))
 
     def literal_text(self, text: str) -> str:
-        """`text` as user text: every control token in it (`control_tokens()`) is wrapped in the private-use
-        marks `LITERAL_START`/`LITERAL_END`, so that this processor tokenises it as ordinary text tokens (the
-        tokenizer's `split_special_tokens`), never as the control token's id, and a typed `<image>` is not a
-        placeholder. Marks already in `text` are dropped first, so user text cannot forge them. A marked token
-        becomes the ordinary text tokens of its characters (as a tokenizer without that added token would
-        encode them, split at its boundaries), so the model reads what was typed. Text with no control token
-        is returned unchanged."""
+        """`text` as user text (the rule: `encode_conversation`): every control token in it (`control_tokens()`)
+        is wrapped in the private-use marks `LITERAL_START`/`LITERAL_END`. Marks already in `text` are dropped
+        first, so user text cannot forge them. Text with no control token is returned unchanged."""
         if not isinstance(text, str):
             raise TypeError(f"literal_text() takes a string, got {type(text).__name__}")
         text = strip_literal_marks(text)
         return _control_tokens_re(self.control_tokens()).sub(lambda m: f"{LITERAL_START}{m.group()}{LITERAL_END}", text)
 
     strip_literal_marks = staticmethod(strip_literal_marks)
+    image_placement = staticmethod(image_placement)
+
+    def user_text(self, text: str, num_images: int = 0, original_form: bool = False) -> str:
+        """The prompt text of a user's `text` with `num_images` images, placed by `image_placement`: the
+        placeholders it picks stay placeholders (or `<image>\\n` per image go in front), everything else is
+        `literal_text`. A ValueError when the text's `<image>` cannot be matched with the images."""
+        if not isinstance(text, str):
+            raise TypeError(f"user text must be a string, got {type(text).__name__}")
+        if image_placement(text, num_images, original_form) == "prepend":
+            return IMAGE_PREFIX * num_images + self.literal_text(text)
+        parts = text.split(IMAGE_PLACEHOLDER, num_images) if num_images else [text]
+        return IMAGE_PLACEHOLDER.join(self.literal_text(part) for part in parts)
+
+    # ------------------------------------------------------------------ the one path: conversation -> inputs
+    def encode_conversation(
+        self,
+        conversation,
+        add_generation_prompt: bool = False,
+        *,
+        original_form: bool = False,
+        image_grid_thw=None,
+        num_scales=None,
+        chat_template=None,
+        **kwargs: Unpack[NaViLProcessorKwargs],
+    ) -> BatchFeature:
+        """Model inputs for a conversation: the one path from messages to ids (what `model.chat`,
+        `batch_chat`, training data and `navil chat` use).
+
+        Args:
+            conversation: a list of messages, or a list of conversations (a batch, padded on the left).
+                A message is `{"role": "system" | "user" | "assistant", "content": ..., "images": [...]}`:
+                * `content` a string: user text with its own `images` (user messages only; optional),
+                  placed by `image_placement` (below);
+                * `content` a list of transformers content items: `{"type": "text", "text": ...}` and
+                  `{"type": "image", "image" | "path" | "url": ...}`, rendered by `apply_chat_template` (the
+                  images go ahead of the text, `<image>\\n` each); text items alone may take the message's `images`.
+                Images: `PIL.Image`, file paths, numpy/torch HWC uint8 arrays (see `__call__`). A leading
+                system message overrides the chat template's default one (empty: none).
+            add_generation_prompt: end with the assistant turn's opening, for generation.
+            original_form: the original `model.chat(tokenizer, pixel_values, ...)` placement rule (below).
+            image_grid_thw, num_scales: the images are already processed (`pixel_values` not returned): the
+                messages' images are then only counted, their items may be anything (`None`).
+            chat_template: a template other than the processor's.
+            **kwargs: as in `__call__` (`return_tensors`, `padding`, image settings, ...).
+
+        Returns:
+            `BatchFeature` as `__call__` returns it: `input_ids`, `attention_mask`, `mm_token_type_ids` and,
+            with images, `pixel_values`, `image_grid_thw`, `num_scales`.
+
+        User text is text (the rule, stated here once). Every string of the conversation -- each turn's
+        text in any role, system message included -- goes through `literal_text`: the control tokens typed
+        there (`control_tokens()`: `<image>`, `<IMG_CONTEXT>`, `<img>`, `<|im_start|>`, `<|im_end|>`, every
+        added token of the tokenizer) are marked, and this processor tokenises a marked span as the ordinary
+        text tokens of its characters (the tokenizer's `split_special_tokens`, split at the token's
+        boundaries as a tokenizer without it would), never as the control token's id; a marked `<image>` is
+        no placeholder. So user text never forges a turn, an image slot or a visual-expert token, and the
+        model reads what was typed. Images are placed only by the messages' images, a turn with n images
+        by `image_placement`:
+
+        * n = 0 (text only): every `<image>` is literal text.
+        * no `<image>` in the text: the n images go first (`<image>\\n` each), as the original does.
+        * exactly n `<image>`: they are the placeholders, in order.
+        * more than n: the first n are placeholders when the text starts with them (`<image>\\n` x n, the
+          form to use for literal `<image>` text alongside images); with `original_form` the first n
+          wherever they are, as the original replaces them.
+        * otherwise (between 1 and n-1, or more than n not at the start): ValueError.
+
+        Each `<image>` then expands into its image's tokens (`image_tokens`, SPEC.md §3). The prompt text
+        is `render_conversation`.
+
+        For transformers users: `apply_chat_template(messages, tokenize=True, return_dict=True)` gives the same
+        inputs for conversations of content items (it takes a string `content` as prompt text in the
+        original format, `<image>` there a placeholder); this method also takes string turns with their
+        images, the original placement rule and already processed images, which `model.chat` and training
+        need.
+        """
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation)
+        batched = batched and isinstance(conversation[0], (list, tuple))
+        rendered = [
+            self.render_conversation(
+                chat, add_generation_prompt, original_form=original_form, chat_template=chat_template
+            )
+            for chat in (conversation if batched else [conversation])
+        ]
+        prompts = [prompt for prompt, _ in rendered]
+        if image_grid_thw is not None or num_scales is not None:
+            return self.from_image_layout(prompts, image_grid_thw, num_scales, **kwargs)
+        images = [sample for _, sample in rendered]
+        return self(text=prompts, images=images if any(images) else None, **kwargs)
+
+    def render_conversation(
+        self, conversation, add_generation_prompt: bool = False, *, original_form=False, chat_template=None
+    ) -> tuple[str, list]:
+        """`(prompt, images)` of one conversation as `encode_conversation` takes it: the prompt text with
+        the images' `<image>` placeholders and every piece of user text marked literal (`strip_literal_marks`
+        for display), and the images in prompt order."""
+        if not isinstance(conversation, (list, tuple)):
+            raise TypeError(f"a conversation is a list of messages, got {type(conversation).__name__}")
+        messages, images = [], []
+        for i, message in enumerate(conversation):
+            if not isinstance(message, dict):
+                raise TypeError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            content, own = message.get("content"), list(message.get("images") or ())
+            if own and message.get("role") != "user":
+                raise ValueError(f"message {i}: images are allowed in user messages only")
+            if isinstance(content, str):
+                content = self.user_text(content, len(own), original_form)
+            elif isinstance(content, (list, tuple)):
+                items = _image_items(content, i)
+                if own and items:
+                    raise ValueError(f"message {i}: give its images as image items or as 'images', not both")
+                own = own or items
+                if own and not items:
+                    content = [{"type": "image"} for _ in own] + list(content)
+            else:
+                raise TypeError(f"message {i}: content must be a string or a list of items, got {content!r}")
+            images += own
+            messages.append({**{k: v for k, v in message.items() if k != "images"}, "content": content})
+        # String contents are placed and marked above; `apply_chat_template` marks the text items.
+        prompt = self.apply_chat_template(
+            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return prompt, images
 
     def apply_chat_template(self, conversation, chat_template=None, sanitize_control_tokens=None, **kwargs):
-        """transformers' `ProcessorMixin.apply_chat_template`, with user text kept literal.
+        """transformers' `ProcessorMixin.apply_chat_template`, with user text kept literal (the rule:
+        `encode_conversation`, the one path to model inputs, which renders through this method).
 
         The text of content items (`{"type": "text", "text": ...}`, in any role: system, user, assistant) is
-        user text: it goes through `literal_text`, so `<image>`, `<IMG_CONTEXT>`, `<img>`, `<|im_start|>`,
-        `<|im_end|>` (every `control_tokens()` string) typed there stay text and never become a control token
-        or a placeholder; images are placed only by `{"type": "image"}` items. A string `content` is a
+        user text (`literal_text`); images are placed only by `{"type": "image"}` items. A string `content` is a
         prompt fragment in the original format and is taken as it is (an `<image>` there is a placeholder),
         unless `sanitize_control_tokens=True`, which treats string contents as user text too;
         `sanitize_control_tokens=False` keeps content items raw as well.
@@ -551,9 +687,8 @@ class NaViLProcessor(ProcessorMixin):
 
         Args:
             text: a prompt or a list of prompts; each `<image>` (`self.image_token`) is one image of that
-                sample, in order. Spans marked by `literal_text` (user text from `apply_chat_template` or
-                `model.chat`) are tokenised as ordinary text: a marked `<image>` is no placeholder, a marked
-                `<|im_end|>` or `<IMG_CONTEXT>` never becomes its token id.
+                sample, in order. Spans marked by `literal_text` are user text, tokenised as ordinary text
+                (see `encode_conversation`, which builds such prompts from a conversation).
             images: `None`, one list of images per sample (`[[img], [img2, img3]]`), or a flat list
                 (a single sample; for several samples, spread over the placeholders in order). Items:
                 `PIL.Image`, file paths, HW or HWC uint8, uint16 or bool numpy arrays / torch tensors (see the image processor for the mode rules).
@@ -701,11 +836,9 @@ class NaViLProcessor(ProcessorMixin):
         if image_sizes is not None:
             images_kwargs = self._merge_kwargs(NaViLProcessorKwargs, **kwargs)["images_kwargs"]
             images_kwargs.pop("return_tensors", None)
-            settings = self.image_processor._settings(images_kwargs)
             merge = self.image_processor.merge_size
             patches = [
-                sum(gh * gw for _, _, gh, gw in self.image_processor._pyramid(int(h), int(w), settings))
-                for h, w in image_sizes
+                self.image_processor.get_number_of_image_patches(int(h), int(w), images_kwargs) for h, w in image_sizes
             ]
             markers = 1 if IMAGE_TOKEN_COUNT_INCLUDES_MARKERS else 0  # `<img>`
             data = {"num_image_tokens": [markers + n // merge**2 for n in patches], "num_image_patches": patches}
@@ -716,6 +849,18 @@ class NaViLProcessor(ProcessorMixin):
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def _image_items(content, index):
+    """The images of a list of transformers content items (message `index`, for errors)."""
+    images = []
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image":
+            images.append(next((item[key] for key in ("image", "path", "url") if key in item), None))
+        elif kind != "text" or not isinstance(item.get("text"), str):
+            raise ValueError(f"message {index}: unsupported content item {item!r} (text and image items only)")
+    return images
 
 
 def _as_text_list(text):
@@ -774,11 +919,14 @@ __all__ = [
     "CHAT_TEMPLATES",
     "DEFAULT_SYSTEM_MESSAGE",
     "LITERAL_END",
+    "IMAGE_PLACEHOLDER",
+    "IMAGE_PREFIX",
     "LITERAL_START",
     "NaViLProcessor",
     "NaViLProcessorKwargs",
     "extend_chat_template",
     "image_placeholder_expansion",
+    "image_placement",
     "save_processor",
     "strip_literal_marks",
 ]

@@ -19,6 +19,7 @@ from configuration_navil import (  # noqa: E402
     SPECIAL_TOKENS,
     NaViLConfig,
 )
+from image_processing_navil import image_tokens  # noqa: E402
 from modeling_navil import NaViLForConditionalGeneration  # noqa: E402
 from navil_hf.hub import AUTO_MAP, code_files  # noqa: E402
 
@@ -91,19 +92,23 @@ def tiny_model(seed=0, attn="eager", **config_kwargs):
     return model
 
 
+LAYOUT_IDS = (IMG_START, IMG_CONTEXT, LINE_BREAK, FRAME_BREAK, IMG_END)  # image_processing_navil.IMAGE_LAYOUT_TOKENS
+
+
+def image_ids(grids, merge=2):
+    """Token ids of one image with scales `grids` (`(grid_h, grid_w)`, smallest first): `image_tokens`."""
+    return image_tokens([(1, h, w) for h, w in grids], merge, tokens=LAYOUT_IDS)
+
+
 def image_block(grid_h, grid_w, merge=2):
     """Token ids of one image scale (SPEC §3): rows of <IMG_CONTEXT> x w/2 then a line break."""
-    row = [IMG_CONTEXT] * (grid_w // merge) + [LINE_BREAK]
-    return row * (grid_h // merge) + [FRAME_BREAK]
+    return image_ids([(grid_h, grid_w)], merge)[1:-1]  # without <img> and </img>
 
 
 def multimodal_inputs(grids, text_before=(20, 21, 22), text_after=(30, 31, 32, 33), seed=0):
     """input_ids, pixel_values, image_grid_thw and mm_token_type_ids for one image with `grids` scales."""
     g = torch.Generator().manual_seed(seed)
-    ids = list(text_before) + [IMG_START]
-    for h, w in grids:
-        ids += image_block(h, w)
-    ids += [IMG_END] + list(text_after)
+    ids = list(text_before) + image_ids(grids) + list(text_after)
     input_ids = torch.tensor([ids])
     grid = torch.tensor([[1, h, w] for h, w in grids])
     pixel_values = torch.randn(int(grid.prod(-1).sum()), 3, 16, 16, generator=g)

@@ -1,4 +1,4 @@
-"""Training data: conversations in JSONL, rendered and tokenised exactly as `model.chat` builds prompts.
+"""Training data: conversations in JSONL, encoded by the processor's `encode_conversation`, as `model.chat` is.
 
 Two record formats, one per line (`format: auto` tells them apart):
 
@@ -10,19 +10,19 @@ Two record formats, one per line (`format: auto` tells them apart):
 
   `content` is a string or a list of items; an image item names its file with `path` (or `image`, `url`
   for a local path). A user message's images go ahead of its text (`<image>\\n` each), as
-  `processor.apply_chat_template` and `model.chat` place them; its text is literal (a typed `<image>`
-  is text).
+  `processor.apply_chat_template` places them; its text is user text (a typed `<image>` is text).
 * the LLaVA / InternVL format::
 
     {"image": "img/1.png", "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                                              {"from": "gpt", "value": "A cat."}]}
 
   `image` is a path or a list; the `<image>` placeholders of the human turns take the images in order
-  (none at all: they all go in front of the first human turn, as InternVL does).
+  (none at all: they all go in front of the first human turn, as InternVL does), placed as `model.chat`
+  places a question's images.
 
-Image paths are relative to the JSONL file. The conversation is rendered with the processor's chat
-template (the default system message included when there is none, as in `chat`), the images are
-processed by its image processor and expanded into their token layout, and the labels are the
+Image paths are relative to the JSONL file. The processor's `encode_conversation` (where placement and the
+user-text-is-text rule are stated) renders the conversation with its chat template (the default system
+message included when there is none, as in `chat`) and processes and lays out the images; the labels are the
 assistant turns' tokens (each ending with its end-of-turn token), found as the tokens that rendering
 the conversation up to the turn adds after rendering it up to the turn's generation prompt
 (`train_on: all` labels every token but the image layout's).
@@ -176,9 +176,8 @@ def _place_llava_images(conversation: Conversation):
     users = [m for m in conversation.messages if m["role"] == "user"]
     counts = [m["text"].count(IMAGE_PLACEHOLDER) for m in users]
     images = list(conversation.images)
-    if images and sum(counts) == 0:  # no placeholders: all images in front of the first question
+    if images and sum(counts) == 0:  # no placeholders: all images go with the first question (in front of it)
         counts = [len(images)] + [0] * (len(users) - 1)
-        users[0]["prepend"] = True
     elif sum(counts) != len(images):
         raise DataError(
             f"{conversation.where}: {len(images)} images but {sum(counts)} {IMAGE_PLACEHOLDER} placeholders in the "
@@ -207,60 +206,39 @@ class SampleEncoder:
         self.processor = processor
         self.train_on = train_on
         self.max_length = max_length
-        from configuration_navil import (
-            IMAGE_CONTEXT_TOKEN,
-            IMAGE_END_TOKEN,
-            IMAGE_FRAME_BREAK_TOKEN,
-            IMAGE_LINE_BREAK_TOKEN,
-            IMAGE_START_TOKEN,
-        )
+        from image_processing_navil import IMAGE_LAYOUT_TOKENS
 
-        layout = (
-            IMAGE_CONTEXT_TOKEN,
-            IMAGE_END_TOKEN,
-            IMAGE_FRAME_BREAK_TOKEN,
-            IMAGE_LINE_BREAK_TOKEN,
-            IMAGE_START_TOKEN,
-        )
-        self.layout_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(layout)))
+        self.layout_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(IMAGE_LAYOUT_TOKENS)))
 
-    def _prompt_messages(self, conversation: Conversation) -> list[dict]:
-        """The messages as `chat` gives them to the template: placeholders placed, all other text literal."""
-        from chat_navil import _placed_question
+    @staticmethod
+    def _messages(conversation: Conversation) -> list[dict]:
+        """The conversation as `processor.encode_conversation` takes it: chat-format images as image items
+        (ahead of the text), LLaVA's with the text that holds their placeholders."""
+        if conversation.placeholders:
+            return [{"role": m["role"], "content": m["text"], "images": m["images"]} for m in conversation.messages]
+        return [
+            {
+                "role": m["role"],
+                "content": [*({"type": "image", "image": i} for i in m["images"]), {"type": "text", "text": m["text"]}],
+            }
+            for m in conversation.messages
+        ]
 
-        literal = self.processor.literal_text
-        out = []
-        for message in conversation.messages:
-            text, images = message["text"], message["images"]
-            if message["role"] == "user":
-                placement = "prepend" if not conversation.placeholders or message.get("prepend") else "inline"
-                _, text = _placed_question(self.processor, text, len(images), placement)
-            else:
-                text = literal(text)
-            out.append({"role": message["role"], "content": text})
-        return out
-
-    def _render(self, messages, generation_prompt=False) -> str:
-        return self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-
-    def _ids(self, text: str, layout, images: int) -> list[int]:
+    def _ids(self, messages, layout, images: int, generation_prompt: bool) -> list[int]:
+        """Token ids of `messages` (whose `images` images are the first ones of `layout`)."""
         grid, num_scales = layout
-        if images == 0:
-            return self.processor.from_image_layout(text, return_tensors=None)["input_ids"][0]
-        rows = int(num_scales[:images].sum())
-        encoded = self.processor.from_image_layout(text, grid[:rows], num_scales[:images], return_tensors=None)
+        kwargs = {}
+        if images:
+            rows = int(num_scales[:images].sum())
+            kwargs = {"image_grid_thw": grid[:rows], "num_scales": num_scales[:images]}
+        encoded = self.processor.encode_conversation(messages, generation_prompt, return_tensors=None, **kwargs)
         return encoded["input_ids"][0]
 
     def __call__(self, conversation: Conversation) -> dict:
-        messages = self._prompt_messages(conversation)
-        images = [image for message in conversation.messages for image in message["images"]]
-        image_inputs = {}
-        layout = (None, None)
-        if images:
-            image_inputs = dict(self.processor.image_processor(images, return_tensors="pt"))
-            layout = (image_inputs["image_grid_thw"], image_inputs["num_scales"])
-        full = self._render(messages)
-        encoded = self.processor.from_image_layout(full, *layout, return_tensors="pt")
+        messages = self._messages(conversation)
+        encoded = self.processor.encode_conversation(messages, return_tensors="pt")
+        image_inputs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "num_scales") if key in encoded}
+        layout = (image_inputs.get("image_grid_thw"), image_inputs.get("num_scales"))
         input_ids = encoded["input_ids"][0]
         if self.max_length is not None and len(input_ids) > self.max_length:
             raise SkipSample(f"{len(input_ids)} tokens, more than max_length {self.max_length}")
@@ -274,8 +252,8 @@ class SampleEncoder:
                 if message["role"] != "assistant":
                     seen_images += len(message["images"])
                     continue
-                start = _common_prefix(input_ids, self._ids(self._render(messages[:i], True), layout, seen_images))
-                end = _common_prefix(input_ids, self._ids(self._render(messages[: i + 1]), layout, seen_images))
+                start = _common_prefix(input_ids, self._ids(messages[:i], layout, seen_images, True))
+                end = _common_prefix(input_ids, self._ids(messages[: i + 1], layout, seen_images, False))
                 labels[start:end] = input_ids[start:end]
         if not (labels != IGNORE_INDEX).any():
             raise SkipSample("no tokens to learn from")

@@ -307,7 +307,7 @@ def apply_image_settings(processor, settings: dict):
         return processor
     image_processor = processor.image_processor
     try:
-        resolved = image_processor._settings(settings)  # checked as for one call
+        resolved = image_processor.resolve_settings(settings)  # checked as for one call
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data.images: {' '.join(str(e).split())}") from None
     for key in image_setting_keys():

@@ -69,14 +69,14 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from image_processing_navil import NaViLImageProcessor
+from image_processing_navil import NaViLImageProcessor, image_tokens
 from modeling_navil import NaViLConnector, NaViLVisionModel, tokens_per_image
+from processing_navil import IMAGE_PLACEHOLDER
 
 from . import register_transformers_classes
 
 logger = init_logger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
 PROMPT_LENGTHS_KWARG = "navil_prompt_lengths"
 
 
@@ -127,13 +127,8 @@ def install_prompt_length_hook() -> bool:
 
 
 def image_expansion_ids(grids, ids: Mapping[str, int], merge: int) -> list[int]:
-    """Token ids one `<image>` becomes (SPEC §3): `<img>`, per scale (smallest first) `h/2` rows of
-    `<IMG_CONTEXT>` x `w/2` + `<IMG_LINE_BREAK>`, then `<IMG_FRAME_BREAK>`; finally `</img>`."""
-    out = [ids["start"]]
-    for _, grid_h, grid_w in grids:
-        row = [ids["context"]] * (int(grid_w) // merge) + [ids["line"]]
-        out += row * (int(grid_h) // merge) + [ids["frame"]]
-    return out + [ids["end"]]
+    """Token ids one `<image>` becomes: `image_tokens` (SPEC §3) with the config's ids."""
+    return image_tokens(grids, merge, tokens=(ids["start"], ids["context"], ids["line"], ids["frame"], ids["end"]))
 
 
 class NaViLProcessingInfo(BaseProcessingInfo):

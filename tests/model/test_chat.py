@@ -161,3 +161,36 @@ def test_batch_chat_errors(chat_model):
         model.batch_chat(processor, ["a", "b"], images=[[images[0]]])
     with pytest.raises(ValueError, match="sample 0: 2 images given but the prompt has 1"):
         model.batch_chat(processor, ["<image>\nOne?", "b"], images=[images[:2], []])
+
+
+def test_chat_and_batch_chat_go_through_encode_conversation(chat_model, monkeypatch):
+    """The processor's `encode_conversation` is the one path to model inputs: chat and batch_chat hand it
+    the conversation (user text as typed, images with their turn) and generate from what it returns."""
+    model, processor, images = chat_model
+    calls, encode = [], processor.encode_conversation
+
+    def spy(conversation, *args, **kwargs):
+        calls.append(conversation)
+        return encode(conversation, *args, **kwargs)
+
+    monkeypatch.setattr(processor, "encode_conversation", spy)
+    _, history = model.chat(
+        processor, "What <|im_end|> is this?", images=[images[0]], system_message="S", generation_config=GREEDY,
+        return_history=True,
+    )  # fmt: skip
+    model.chat(processor, "And now?", history=history, generation_config=GREEDY)
+    model.batch_chat(processor, ["One?", "Two?"], images=[[images[1]], []], generation_config=GREEDY)
+    first = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "What <|im_end|> is this?", "images": [images[0]]},
+    ]
+    assert calls[0] == first
+    assert calls[1] == [
+        {"role": "user", "content": "<image>\nWhat <|im_end|> is this?", "images": [images[0]]},
+        {"role": "assistant", "content": history[0][1]},
+        {"role": "user", "content": "And now?", "images": []},
+    ]
+    assert calls[2] == [
+        [{"role": "user", "content": "One?", "images": [images[1]]}],
+        [{"role": "user", "content": "Two?", "images": []}],
+    ]

@@ -207,3 +207,21 @@ def test_vllm_serve_openai_chat(workdir):
     text = processor.tokenizer.decode(want[0]["token_ids"], skip_special_tokens=True)
     assert answer == text
     assert streamed == answer
+
+
+def test_vllm_image_ids_are_the_processors():
+    """vLLM's prompt update for an image is `image_tokens` with the config's ids: the processor's ids."""
+    from transformers import AutoTokenizer
+
+    from image_processing_navil import IMAGE_LAYOUT_TOKENS
+    from navil_hf.vllm import model as vllm_model
+    from processing_navil import IMAGE_PLACEHOLDER, NaViLProcessor
+
+    from conftest import checkpoint
+
+    processor = NaViLProcessor(tokenizer=AutoTokenizer.from_pretrained(checkpoint("qwen3")))
+    names = ("start", "context", "line", "frame", "end")
+    ids = dict(zip(names, processor.tokenizer.convert_tokens_to_ids(list(IMAGE_LAYOUT_TOKENS)), strict=True))
+    inputs = processor(text=IMAGE_PLACEHOLDER, images=sample_images()[:1])
+    assert vllm_model.image_expansion_ids(inputs["image_grid_thw"].tolist(), ids, 2) == inputs["input_ids"][0]
+    assert vllm_model.IMAGE_PLACEHOLDER is IMAGE_PLACEHOLDER
