@@ -75,6 +75,12 @@ def add_quiet(parser, help="no progress bars"):
     parser.add_argument("-q", "--quiet", action="store_true", help=help)
 
 
+def writing_options(args):
+    """The keyword arguments that `add_force`, `add_verify`, `add_max_shard_size` and `add_quiet` give a
+    command that writes a folder (`convert_checkpoint`, `convert_to_original`, `init_from_llm`)."""
+    return dict(force=args.force, verify=args.verify, progress=not args.quiet, max_shard_size=args.max_shard_size)
+
+
 def add_dtype(parser, help, choices=DTYPES, default="auto"):
     parser.add_argument("--dtype", choices=choices, default=default, help=help)
 

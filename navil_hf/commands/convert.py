@@ -7,7 +7,15 @@ import sys
 
 from ..errors import EXIT_OK, UsageError
 from . import push, to_original
-from .arguments import add_dtype, add_force, add_max_shard_size, add_push_options, add_quiet, add_verify
+from .arguments import (
+    add_dtype,
+    add_force,
+    add_max_shard_size,
+    add_push_options,
+    add_quiet,
+    add_verify,
+    writing_options,
+)
 
 HELP = "convert an original OpenGVLab NaViL checkpoint into a Hub-ready folder"
 DESCRIPTION = (
@@ -79,12 +87,9 @@ def run(args):
         args.original_dir,
         args.out_dir,
         dtype=args.dtype,
-        force=args.force,
-        verify=args.verify,
-        progress=not args.quiet,
-        max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
         fold_visual_output=args.fold_visual_output,
+        **writing_options(args),
     )
     dtype = str(result.dtype).replace("torch.", "")
     print(

@@ -4,7 +4,15 @@
 import argparse
 
 from ..errors import EXIT_OK, UsageError
-from .arguments import add_dtype, add_force, add_max_shard_size, add_quiet, add_verify, positive_int
+from .arguments import (
+    add_dtype,
+    add_force,
+    add_max_shard_size,
+    add_quiet,
+    add_verify,
+    positive_int,
+    writing_options,
+)
 
 HELP = "start a NaViL checkpoint from a pretrained text LLM (Llama, Qwen2, Qwen3, InternLM2 or GGUF)"
 DESCRIPTION = (
@@ -75,18 +83,15 @@ def run(args):
         args.out_dir,
         vision_preset=args.vision_preset or DEFAULT_PRESET,
         dtype=args.dtype,
-        force=args.force,
-        verify=args.verify,
-        progress=not args.quiet,
         seed=args.seed,
         chat_template=args.chat_template,
         min_dynamic_patch=args.min_dynamic_patch,
         max_dynamic_patch=args.max_dynamic_patch,
         trust_remote_code=args.trust_remote_code,
-        max_shard_size=args.max_shard_size,
         visual_experts=args.visual_experts,
         **({} if args.vision_layer_scale is None else {"vision_layer_scale": args.vision_layer_scale}),
         token_order=args.token_order,
+        **writing_options(args),
     )
     counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in result.parameters.items())
     dtype = str(result.dtype).replace("torch.", "")

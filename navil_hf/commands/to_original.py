@@ -2,7 +2,7 @@
 layout (`navil_hf.conversion.back`)."""
 
 from ..errors import EXIT_OK
-from .arguments import add_force, add_max_shard_size, add_quiet, add_verify
+from .arguments import add_force, add_max_shard_size, add_quiet, add_verify, writing_options
 
 HELP = "convert a converted NaViL folder back into the original OpenGVLab layout"
 DESCRIPTION = (
@@ -35,11 +35,8 @@ def run(args):
     result = convert_to_original(
         args.hf_dir,
         args.original_out,
-        force=args.force,
-        verify=args.verify,
-        progress=not args.quiet,
         approximate=args.approximate,
-        max_shard_size=args.max_shard_size,
+        **writing_options(args),
     )
     dtype = str(result.dtype).replace("torch.", "")
     print(
