@@ -35,6 +35,19 @@ VISUAL_EXPERT_TOKENS = (IMAGE_CONTEXT_TOKEN, IMAGE_START_TOKEN)
 TOKEN_ORDERS = ("window", "raster")
 
 
+def token_id_fields(token_ids) -> dict:
+    """`NaViLConfig`'s token-id keywords (`special_token_ids`, `image_token_id`, `image_start_token_id`, ...)
+    from a tokenizer's `{token: id}` map holding `SPECIAL_TOKENS`."""
+    return dict(
+        special_token_ids=[token_ids[t] for t in SPECIAL_TOKENS],
+        image_token_id=token_ids[IMAGE_CONTEXT_TOKEN],
+        image_start_token_id=token_ids[IMAGE_START_TOKEN],
+        image_end_token_id=token_ids[IMAGE_END_TOKEN],
+        image_line_break_token_id=token_ids[IMAGE_LINE_BREAK_TOKEN],
+        image_frame_break_token_id=token_ids[IMAGE_FRAME_BREAK_TOKEN],
+    )
+
+
 def rope_parameters_from_legacy(rope_theta=None, rope_scaling=None) -> dict:
     """transformers 5's `rope_parameters` from the legacy pair the original configs (and InternLM2's)
     write: `rope_theta` and a `rope_scaling` dict naming its type as `type` or `rope_type`."""

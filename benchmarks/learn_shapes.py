@@ -212,12 +212,12 @@ def main(argv=None):
 
 
 def _plot(summary, path):
+    from navil_hf.errors import UsageError
     from navil_hf.research.plots import figure
-    from navil_hf.research.runs import RunsError
 
     try:
         fig, (left, right) = figure(10, 3.8, 2, layout=None)
-    except RunsError as e:
+    except UsageError as e:  # no matplotlib
         print(f"no plot: {e}")
         return
     steps = [p["step"] for p in summary["curve"]]

@@ -10,15 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from configuration_navil import (  # noqa: E402
-    IMAGE_CONTEXT_TOKEN,
-    IMAGE_END_TOKEN,
-    IMAGE_FRAME_BREAK_TOKEN,
-    IMAGE_LINE_BREAK_TOKEN,
-    IMAGE_START_TOKEN,
-    SPECIAL_TOKENS,
-    NaViLConfig,
-)
+from configuration_navil import SPECIAL_TOKENS, NaViLConfig, token_id_fields  # noqa: E402
 from image_processing_navil import image_tokens  # noqa: E402
 from modeling_navil import NaViLForConditionalGeneration  # noqa: E402
 from navil_hf.hub import AUTO_MAP, code_files  # noqa: E402
@@ -58,12 +50,7 @@ def tiny_config(
     return NaViLConfig(
         vision_config=vision_config,
         text_config=text_config,
-        special_token_ids=[ids[t] for t in SPECIAL_TOKENS],
-        image_token_id=ids[IMAGE_CONTEXT_TOKEN],
-        image_start_token_id=ids[IMAGE_START_TOKEN],
-        image_end_token_id=ids[IMAGE_END_TOKEN],
-        image_line_break_token_id=ids[IMAGE_LINE_BREAK_TOKEN],
-        image_frame_break_token_id=ids[IMAGE_FRAME_BREAK_TOKEN],
+        **token_id_fields(ids),
         template=template,
         min_dynamic_patch=4,
         max_dynamic_patch=64,

@@ -8,45 +8,40 @@ does for its error classes -- does not import torch or transformers.
 
 import importlib
 
-# name -> submodule that defines it
+# name -> the module that defines it, relative to this package
 _EXPORTS = {
-    "BackConversionResult": "back",
-    "convert_to_original": "back",
-    "ConversionResult": "convert",
-    "convert_checkpoint": "convert",
+    "BackConversionResult": ".back",
+    "convert_to_original": ".back",
+    "ConversionResult": ".convert",
+    "convert_checkpoint": ".convert",
     "ConversionError": "..errors",
     "PushError": "..errors",
     "VerificationError": "..errors",
     "write_hub_folder": "..hub",
-    "KeyMismatchError": "keymap",
-    "convert_state_dict": "keymap",
-    "to_original_state_dict": "keymap",
-    "OriginalCheckpointError": "original",
-    "convert_config": "original",
-    "expected_original_shapes": "original",
-    "to_original_config": "original",
-    "PushResult": "push",
-    "RefreshResult": "refresh",
-    "refresh_folder": "refresh",
-    "refresh_repo": "refresh",
-    "check_folder": "push",
-    "push_folder": "push",
-    "validate_folder": "push",
-    "fold_chained_projection": "surgery",
-    "merge_internlm2_wqkv": "surgery",
-    "split_internlm2_wqkv": "surgery",
-    "unfold_chained_projection": "surgery",
+    "KeyMismatchError": ".keymap",
+    "convert_state_dict": ".keymap",
+    "to_original_state_dict": ".keymap",
+    "OriginalCheckpointError": ".original",
+    "convert_config": ".original",
+    "expected_original_shapes": ".original",
+    "to_original_config": ".original",
+    "PushResult": ".push",
+    "RefreshResult": ".refresh",
+    "refresh_folder": ".refresh",
+    "refresh_repo": ".refresh",
+    "check_folder": ".push",
+    "push_folder": ".push",
+    "validate_folder": ".push",
+    "fold_chained_projection": ".surgery",
+    "merge_internlm2_wqkv": ".surgery",
+    "split_internlm2_wqkv": ".surgery",
+    "unfold_chained_projection": ".surgery",
 }
 
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(
-            importlib.import_module(
-                _EXPORTS[name] if _EXPORTS[name].startswith(".") else f".{_EXPORTS[name]}", __name__
-            ),
-            name,
-        )
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -545,7 +545,7 @@ def build_navil(
     embedding and LM head and the fresh vision encoder, connector and special table held). Tensors are
     float32, except the held embedding and LM head: `held_dtype` (the dtype that will be written, so
     nothing is lost; `cast_view(weights, torch.float32)` for float32 checks)."""
-    from configuration_navil import IMAGE_CONTEXT_TOKEN, SPECIAL_TOKENS, NaViLConfig, NaViLTextConfig
+    from configuration_navil import SPECIAL_TOKENS, NaViLConfig, NaViLTextConfig, token_id_fields
     from modeling_navil import NaViLConnector, NaViLVisionModel
     from processing_navil import NaViLProcessor
 
@@ -609,12 +609,7 @@ def build_navil(
     config = NaViLConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
-        special_token_ids=[ids[t] for t in SPECIAL_TOKENS],
-        image_token_id=ids[IMAGE_CONTEXT_TOKEN],
-        image_start_token_id=ids["<img>"],
-        image_end_token_id=ids["</img>"],
-        image_line_break_token_id=ids["<IMG_LINE_BREAK>"],
-        image_frame_break_token_id=ids["<IMG_FRAME_BREAK>"],
+        **token_id_fields(ids),
         template=template_name,
         min_dynamic_patch=min_dynamic_patch,
         max_dynamic_patch=max_dynamic_patch,

@@ -23,14 +23,10 @@ import json
 from pathlib import Path
 
 from configuration_navil import (
-    IMAGE_CONTEXT_TOKEN,
-    IMAGE_END_TOKEN,
-    IMAGE_FRAME_BREAK_TOKEN,
-    IMAGE_LINE_BREAK_TOKEN,
-    IMAGE_START_TOKEN,
     SPECIAL_TOKENS,
     NaViLConfig,
     rope_parameters_from_legacy,
+    token_id_fields,
 )
 
 from ..errors import ConversionError
@@ -277,12 +273,7 @@ def _navil_config(vision_config, text_config, token_ids, top, extras):
         original_config_extras=extras,
         vision_config=vision_config,
         text_config=text_config,
-        special_token_ids=[token_ids[t] for t in SPECIAL_TOKENS],
-        image_token_id=token_ids[IMAGE_CONTEXT_TOKEN],
-        image_start_token_id=token_ids[IMAGE_START_TOKEN],
-        image_end_token_id=token_ids[IMAGE_END_TOKEN],
-        image_line_break_token_id=token_ids[IMAGE_LINE_BREAK_TOKEN],
-        image_frame_break_token_id=token_ids[IMAGE_FRAME_BREAK_TOKEN],
+        **token_id_fields(token_ids),
         architectures=["NaViLForConditionalGeneration"],
         **top,
     )

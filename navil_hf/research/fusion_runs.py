@@ -143,11 +143,10 @@ def plot_sweep(summary, fits, path):
     import numpy as np
 
     from .plots import figure
-    from .runs import RunsError
 
     try:
         fig, (left, right) = figure(13, 5, 2, layout=None)
-    except RunsError as e:
+    except UsageError as e:  # no matplotlib
         print(f"no plot: {e}")
         return
     from matplotlib import colormaps

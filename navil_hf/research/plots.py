@@ -8,17 +8,17 @@ import math
 
 import numpy as np
 
-from .runs import RunsError
+from ..errors import UsageError
 
 
 def figure(width, height, ncols, layout="constrained"):
     """(figure, axes) of `ncols` side-by-side plots, drawn off-screen (Agg) without pyplot's global state;
-    without matplotlib, a `RunsError` that says how to install it."""
+    without matplotlib, a `UsageError` that says how to install it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise RunsError("plotting needs matplotlib (pip install 'navil-hf[research]')") from None
+        raise UsageError("plotting needs matplotlib (pip install 'navil-hf[research]')") from None
     fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols)
