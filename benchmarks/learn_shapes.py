@@ -33,21 +33,33 @@ from pathlib import Path
 import _common
 
 RECIPE = dict(
-    train=3000, test=200, steps=600, color_steps=200, batch=8, lr=5e-4, parts="stage1",
+    train=3000, test=200, steps=600, color_steps=200, first_stage="color", batch=8, lr=5e-4, parts="stage1",
     learning_rates={"vision": 2e-3, "connector": 2e-3}, precision="auto", schedule="cosine", warmup=20,
     eval_every=100, vision_preset=None,
 )  # fmt: skip
+# The curriculum's first stage (`--first-stage`): `make_shapes_dataset` arguments besides train/test/seed.
+FIRST_STAGES = {
+    "color": dict(kinds=("color",)),  # color questions about 1-3 shapes
+    "one-shape": dict(kinds=("color", "shape"), max_shapes=1, target_fraction=(0.6, 0.85)),  # one large shape
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a NaViL Hub folder (default: the demo model, built once)")
+    parser.add_argument("--model", help="a NaViL Hub folder to train (default: the demo model, built once)")
     parser.add_argument("--workdir", default=None, help="default: learn-shapes/ beside the repo")
     parser.add_argument("--train", type=int, default=RECIPE["train"], help="training records")
     parser.add_argument("--test", type=int, default=RECIPE["test"], help="held-out records")
     parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="optimizer steps in all")
-    parser.add_argument("--color-steps", type=int, default=RECIPE["color_steps"],
-                        help="of which first on color questions alone (the curriculum; 0: none)")  # fmt: skip
+    parser.add_argument("--color-steps", "--first-steps", dest="color_steps", type=int, default=RECIPE["color_steps"],
+                        help="of which first on the first stage's data (the curriculum; 0: none)")  # fmt: skip
+    parser.add_argument("--first-stage", choices=tuple(FIRST_STAGES), default=RECIPE["first_stage"],
+                        help="the first stage's data: color questions about 1-3 shapes, or color and shape questions "
+                        "about one large shape")  # fmt: skip
+    parser.add_argument("--scratch", type=json.loads, default=None,
+                        help='JSON {"hidden", "layers", "vit_width", "vit_layers"}: train a NaViL of this size built '
+                        "from scratch (random LLM and encoder; vit_layers 0: early fusion) with the tokenizer and "
+                        "image settings of --model (default: the demo model)")  # fmt: skip
     parser.add_argument("--vision-preset", default=RECIPE["vision_preset"],
                         help="build the model from the demo's SmolLM2 with this encoder preset (default: the demo "
                         "model itself)")  # fmt: skip
@@ -80,10 +92,18 @@ def parse_args(argv=None):
 def build_model(args, workdir):
     """The model to train: `--model`, else the demo model, else (`--vision-preset`) a NaViL built from the
     demo's SmolLM2 with that encoder, as the demo is built."""
-    if args.model is not None:
-        return args.model
     from navil_hf.demo import DEMO_RECIPE, demo_gguf_path, ensure_demo_model
 
+    if args.scratch is not None:
+        from navil_hf.research.fusion import build_model_folder
+
+        folder = workdir / "model-scratch"
+        variant = "late" if args.scratch["vit_layers"] else "early"
+        base = args.model or ensure_demo_model(progress=True)
+        build_model_folder(base, args.scratch, variant, True, folder, args.seed)
+        return str(folder)
+    if args.model is not None:
+        return args.model
     if args.vision_preset is None:
         return str(ensure_demo_model(progress=True))
     from navil_hf.conversion.init_llm import init_from_llm
@@ -96,6 +116,10 @@ def build_model(args, workdir):
 
 def describe(args):
     """The trained model in words, for the plot."""
+    if args.scratch is not None:
+        size = args.scratch
+        encoder = f"{size['vit_layers']}-block ViT {size['vit_width']} wide" if size["vit_layers"] else "early fusion"
+        return f"from scratch: LLM {size['hidden']} wide x {size['layers']} layers, {encoder}"
     if args.model is not None:
         return Path(args.model).name
     if args.vision_preset == "none":
@@ -139,10 +163,11 @@ def main(argv=None):
 
     workdir = Path(args.workdir or Path(_common.ROOT).parent / "learn-shapes")
     workdir.mkdir(parents=True, exist_ok=True)
-    data, colors = workdir / "shapes", workdir / "shapes-color"
+    data, first = workdir / "shapes", workdir / f"shapes-{args.first_stage}"
     task = make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
     if args.color_steps:
-        make_shapes_dataset(colors, train=args.train, test=0, seed=args.seed + 1, kinds=("color",), force=True)
+        make_shapes_dataset(first, train=args.train, test=0, seed=args.seed + 1, force=True,
+                            **FIRST_STAGES[args.first_stage])  # fmt: skip
     test_records = list(read_jsonl(data / "test.jsonl"))
     baselines = {"chance": task["chance"]["overall"], "blind": task["blind"]["overall"]}
     model_dir = build_model(args, workdir)
@@ -165,10 +190,11 @@ def main(argv=None):
             if step == 1 or step % args.eval_every == 0 or step == args.steps:
                 result = first_token_accuracy(model, test_samples, test_records, args.eval_batch)
                 accuracy.append({"step": step, **flat_score(result)})
-                print(f"step {step}: held-out first-token accuracy {result['accuracy']:.3f} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+                kinds = ", ".join(f"{k[4:]} {v:.2f}" for k, v in accuracy[-1].items() if k.startswith("acc_"))
+                print(f"step {step}: held-out first-token accuracy {result['accuracy']:.3f} ({kinds}; "
+                      f"{time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
 
-    stages = [("color", colors, args.color_steps), ("all", data, args.steps - args.color_steps)]
+    stages = [(args.first_stage, first, args.color_steps), ("all", data, args.steps - args.color_steps)]
     source = model_dir
     for name, folder, steps in [stage for stage in stages if stage[2] > 0]:
         training = {
@@ -192,7 +218,8 @@ def main(argv=None):
     final = score(answers, test_records)
     elapsed = time.perf_counter() - start
     summary = {
-        "model": model_dir, "description": describe(args), "steps": args.steps, "color_steps": args.color_steps, "batch": args.batch,
+        "model": model_dir, "description": describe(args), "steps": args.steps, "color_steps": args.color_steps,
+        "first_stage": args.first_stage, "scratch": args.scratch, "batch": args.batch,
         "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
@@ -233,7 +260,7 @@ def _plot(summary, path):
         right.axhline(value, color="gray", ls=":" if name == "chance" else "-.", lw=1, label=f"{name} {value:.2f}")
     right.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="Held-out shapes questions")
     if summary["color_steps"]:
-        right.axvline(summary["color_steps"], color="k", lw=0.6, ls="--", label="color-only stage ends")
+        right.axvline(summary["color_steps"], color="k", lw=0.6, ls="--", label=f"{summary['first_stage']} stage ends")
     right.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"NaViL ({summary['description']}), {summary['parts']}, batch {summary['batch']}, "
                  f"{summary['train_seconds'] / 60:.0f} min on {summary['threads']} CPU threads", fontsize=9)  # fmt: skip

@@ -88,9 +88,32 @@ def test_learn_shapes_quick_run(tmp_path, capsys, qwen3_folder):
     # the curriculum: 1 step on color questions alone, then 2 on all kinds
     assert len(summary["curve"]) == 3 and (tmp_path / "work" / "run-all" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "run-color" / "model" / "model.safetensors").is_file()
+    assert summary["first_stage"] == "color" and summary["scratch"] is None
     assert (tmp_path / "work" / "learning_curve.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "held-out first-token accuracy" in out and "held-out exact match" in out
+
+
+@pytest.mark.slow
+def test_learn_shapes_scratch_one_shape_stage(tmp_path, qwen3_folder):
+    """`--scratch` trains a NaViL of that size built from scratch with --model's tokenizer (late fusion when it
+    has ViT blocks), and `--first-stage one-shape` first trains on color and shape questions about one shape."""
+    import json
+
+    from navil_hf.tasks.shapes import read_jsonl
+
+    work = tmp_path / "work"
+    size = {"hidden": 32, "layers": 1, "vit_width": 32, "vit_layers": 1}
+    summary = _script("learn_shapes").main(["--quick", "--model", str(qwen3_folder), "--workdir", str(work),
+                                            "--scratch", json.dumps(size), "--first-stage", "one-shape"])  # fmt: skip
+    config = json.loads((work / "model-scratch" / "config.json").read_text())
+    assert config["text_config"]["hidden_size"] == 32 and config["vision_config"]["num_hidden_layers"] == 1
+    assert summary["model"] == str(work / "model-scratch") and summary["scratch"] == size
+    assert summary["description"] == "from scratch: LLM 32 wide x 1 layers, 1-block ViT 32 wide"
+    first = list(read_jsonl(work / "shapes-one-shape" / "train.jsonl"))
+    assert {r["kind"] for r in first} == {"color", "shape"} and all(len(r["shapes"]) == 1 for r in first)
+    assert (work / "run-one-shape" / "model" / "model.safetensors").is_file()
+    assert summary["first_stage"] == "one-shape" and summary["exact_match"]["accuracy"] >= 0
 
 
 @pytest.mark.slow
