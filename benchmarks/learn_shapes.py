@@ -20,8 +20,11 @@ SmolLM2 with another encoder (`none`: early fusion, no encoder layers). It measu
     python benchmarks/learn_shapes.py                       # the recipe (~30 min on 2 CPU cores)
     python benchmarks/learn_shapes.py --steps 800 --parts full --learning-rates '{"text": 5e-5}'
     python benchmarks/learn_shapes.py --quick --model HUB   # a few steps (CI), any NaViL Hub folder
+    python benchmarks/learn_shapes.py --scratch '{"hidden":128,"layers":3,"vit_width":128,"vit_layers":4}' \
+        --first-stage one-shape --color-steps 750 --steps 4000 --batch 16 --train 24000 --parts full \
+        --lr 1.5e-3 --learning-rates '{}' --precision fp32     # a 2.3M NaViL from scratch (~23 min, 1 thread)
 
-Writes `WORKDIR/run/model` (the trained Hub folder: `navil chat --model WORKDIR/run/model --image
+Writes `WORKDIR/run-all/model` (the trained Hub folder: `navil chat --model WORKDIR/run-all/model --image
 IMG "What color is the circle?"`), `WORKDIR/results.json`, and the learning curve `--plot` (PNG).
 """
 
