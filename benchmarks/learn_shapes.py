@@ -44,6 +44,7 @@ RECIPE = dict(
 FIRST_STAGES = {
     "color": dict(kinds=("color",)),  # color questions about 1-3 shapes
     "one-shape": dict(kinds=("color", "shape"), max_shapes=1, target_fraction=(0.6, 0.85)),  # one large shape
+    "one-shape-shape": dict(kinds=("shape",), max_shapes=1, target_fraction=(0.6, 0.85)),  # its shape alone
 }
 
 
@@ -57,8 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--color-steps", "--first-steps", dest="color_steps", type=int, default=RECIPE["color_steps"],
                         help="of which first on the first stage's data (the curriculum; 0: none)")  # fmt: skip
     parser.add_argument("--first-stage", choices=tuple(FIRST_STAGES), default=RECIPE["first_stage"],
-                        help="the first stage's data: color questions about 1-3 shapes, or color and shape questions "
-                        "about one large shape")  # fmt: skip
+                        help="the first stage's data: color questions about 1-3 shapes, color and shape questions "
+                        "about one large shape, or shape questions alone about one large shape")  # fmt: skip
     parser.add_argument("--scratch", type=json.loads, default=None,
                         help='JSON {"hidden", "layers", "vit_width", "vit_layers"}: train a NaViL of this size built '
                         "from scratch (random LLM and encoder; vit_layers 0: early fusion) with the tokenizer and "
