@@ -88,6 +88,18 @@ def parse_args(argv=None):
     if args.quick:
         args.train, args.test, args.steps, args.batch, args.eval_every, args.eval_batch = 16, 8, 3, 4, 3, 8
         args.color_steps = 1
+    if args.scratch is not None:
+        keys = ("hidden", "layers", "vit_width", "vit_layers")
+        scratch = args.scratch
+        if (
+            not isinstance(scratch, dict)
+            or set(scratch) != set(keys)
+            or not all(isinstance(scratch[k], int) and scratch[k] >= (0 if k == "vit_layers" else 1) for k in keys)
+        ):
+            parser.error(f"--scratch must be a JSON object of the positive ints {', '.join(keys)} (vit_layers may be 0), "
+                         f"got {json.dumps(scratch)}")  # fmt: skip
+        if args.vision_preset is not None:
+            parser.error("--scratch builds its own encoder: leave out --vision-preset")
     if not 0 <= args.color_steps < args.steps:
         parser.error(f"--color-steps must be in [0, --steps), got {args.color_steps}")
     return args

@@ -114,6 +114,12 @@ def test_learn_shapes_scratch_one_shape_stage(tmp_path, qwen3_folder):
     assert {r["kind"] for r in first} == {"color", "shape"} and all(len(r["shapes"]) == 1 for r in first)
     assert (work / "run-one-shape" / "model" / "model.safetensors").is_file()
     assert summary["first_stage"] == "one-shape" and summary["exact_match"]["accuracy"] >= 0
+    for bad in ('{"hidden": 32}', '{"hidden": 32, "layers": 0, "vit_width": 32, "vit_layers": 1}', "[1]"):
+        with pytest.raises(SystemExit) as exit_info:
+            _script("learn_shapes").parse_args(["--scratch", bad])
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        _script("learn_shapes").parse_args(["--scratch", json.dumps(size), "--vision-preset", "none"])
 
 
 @pytest.mark.slow
