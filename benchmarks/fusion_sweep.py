@@ -66,7 +66,16 @@ per D would anneal its learning rate at its end and reach a somewhat lower loss;
 describe this one schedule and curriculum). Then `L(N, D) = E + A/N^alpha + B/D^beta` is fitted per
 variant (`navil_hf.research.scaling.fit_scaling_law`, with bootstrap intervals).
 
+**Runs per D (`--budgets 100,200,400,800`):** instead of one constant-rate run per size and variant whose
+points stand in for shorter runs, one run per size, variant and budget: `--color-steps` (default
+`BUDGET_COLOR_STEPS`, 150) on color questions at a constant rate, then `budget` mixed steps with the learning
+rate decayed to 0 (cosine after the warm-up), measured at the switch and at its end only. Each run gives one
+point, its annealed end, and only those points are fitted, so the bootstrap resamples runs, not the
+correlated points of one run. The mixed data is the longest budget's (one epoch for it); the shorter runs
+draw from the same records in the same seeded order.
+
     python benchmarks/fusion_sweep.py                  # 3 sizes x 2 variants, 1200 steps: ~40-50 min, 2 cores
+    python benchmarks/fusion_sweep.py --budgets 100,200,400,800   # 24 annealed runs: ~45-55 min, 2 cores
     python benchmarks/fusion_sweep.py --sizes s,m --steps 200 --jobs 1
     python benchmarks/fusion_sweep.py --refit          # fit, plot, tabulate what WORKDIR has (partial too)
     python benchmarks/fusion_sweep.py --resume         # train only the runs WORKDIR has not finished
@@ -129,11 +138,13 @@ from navil_hf.research.fusion_runs import (
 # (the smallest sizes first), ~35-45 min in all with the evaluations (more points and two accuracy
 # measurements per run) and other jobs on the cores.
 STEPS = 1200
+BUDGET_COLOR_STEPS = 150  # the color stage of every run of a --budgets sweep
 SECONDS_PER_STEP = {("late", "s"): 0.22, ("early", "s"): 0.17, ("late", "m"): 0.40, ("early", "m"): 0.36,
                     ("late", "l"): 0.73, ("early", "l"): 0.56}  # fmt: skip
 RECIPE = dict(test=200, batch=16, lr=2e-3, lr_scaling="sqrt", warmup=20, evals=10, color_evals=4, eval_records=200,
               eval_batch=32, acc_records=200, bootstrap=200)  # fmt: skip
-QUICK = dict(train=32, test=16, batch=4, steps=6, color_steps=2, warmup=0, evals=3, color_evals=2, eval_records=8,
+QUICK_STEPS = 6
+QUICK = dict(train=32, test=16, batch=4, color_steps=2, warmup=0, evals=3, color_evals=2, eval_records=8,
              eval_batch=8, acc_records=8, bootstrap=10)  # fmt: skip
 
 
@@ -146,7 +157,11 @@ def parse_args(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS), help="late, early or both (default)")
     parser.add_argument("--visual-experts", action=argparse.BooleanOptionalAction, default=True,
                         help="decoder layers with NaViL's visual experts (default) or without")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps of every run (default {STEPS})")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps of every run (default {STEPS})")
+    parser.add_argument("--budgets", default=None, help="comma-separated mixed-stage steps: one run per size, variant "
+                        "and budget, each annealed to its end (cosine) and measured there, the fit on those end "
+                        f"points (default: one constant-rate run per size and variant; color stage "
+                        f"{BUDGET_COLOR_STEPS} steps)")  # fmt: skip
     parser.add_argument("--color-steps", type=int, default=None, help="of which first on color questions alone "
                         "(the curriculum; default: a third of --steps; 0: none)")  # fmt: skip
     parser.add_argument("--color-task", choices=tuple(COLOR_TASKS), default="one-shape",
@@ -189,10 +204,27 @@ def parse_args(argv=None):
     if unknown or not names:
         parser.error(f"--sizes: unknown size {', '.join(unknown) or '(none given)'} (sizes: {', '.join(sizes)})")
     args.size_table = {name: sizes[name] for name in names}
-    if args.color_steps is None:
-        args.color_steps = args.steps // 3
-    if not 0 <= args.color_steps < args.steps:
-        parser.error(f"--color-steps must be in [0, --steps), got {args.color_steps}")
+    if args.budgets is not None:
+        if args.steps is not None:
+            parser.error("--steps and --budgets: choose one (a --budgets run has --color-steps + its budget steps)")
+        try:
+            args.budget_list = sorted({int(b) for b in args.budgets.split(",") if b.strip()})
+        except ValueError:
+            args.budget_list = []
+        if not args.budget_list or min(args.budget_list) < 1:
+            parser.error(f"--budgets: expected comma-separated positive step counts, got {args.budgets!r}")
+        if args.color_steps is None:
+            args.color_steps = BUDGET_COLOR_STEPS
+        args.steps = args.color_steps + max(args.budget_list)
+        if args.color_steps < 0:
+            parser.error(f"--color-steps must be >= 0, got {args.color_steps}")
+    else:
+        args.budget_list = None
+        args.steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
+        if args.color_steps is None:
+            args.color_steps = args.steps // 3
+        if not 0 <= args.color_steps < args.steps:
+            parser.error(f"--color-steps must be in [0, --steps), got {args.color_steps}")
     if args.refit and args.resume:
         parser.error("--refit and --resume: choose one")
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -306,15 +338,18 @@ def main(argv=None):
 
         args.tokenizer = str(ensure_demo_model(progress=True))
     data, color_data = workdir / "shapes", workdir / "shapes-color"
+    budgets = args.budget_list or [None]
     specs = [
-        {"name": f"{variant}-{size}", "variant": variant, "size_name": size, "size": args.size_table[size],
-         "steps": args.steps, "color_steps": args.color_steps, "color_task": args.color_task,
-         "lr": run_lr(args.size_table[size], args.lr, args.lr_scaling)}
-        for size in args.size_table for variant in args.variant_list
+        {"name": f"{variant}-{size}" + (f"-{budget}" if budget else ""), "variant": variant, "size_name": size,
+         "size": args.size_table[size], "steps": args.color_steps + budget if budget else args.steps,
+         "color_steps": args.color_steps, "color_task": args.color_task,
+         "lr": run_lr(args.size_table[size], args.lr, args.lr_scaling),
+         **({"anneal": True, "budget": budget} if budget else {})}
+        for size in args.size_table for budget in budgets for variant in args.variant_list
     ]  # fmt: skip
-    # Smallest sizes first (--sizes order), late and early of a size side by side: a sweep stopped early has
-    # whole sizes finished. At the default sizes this ends ~1 min later than longest-first would (~26 vs
-    # ~25 min of training at SECONDS_PER_STEP).
+    # Smallest sizes first (--sizes order; with --budgets the shortest budgets first), late and early of a size
+    # side by side: a sweep stopped early has whole sizes finished. At the default sizes this ends ~1 min later
+    # than longest-first would (~26 vs ~25 min of training at SECONDS_PER_STEP).
     mixed_samples = (args.steps - args.color_steps) * args.batch
     args.train = args.train or mixed_samples
     if args.train < mixed_samples:
@@ -366,8 +401,10 @@ def main(argv=None):
         todo = [s for s in specs if s["name"] not in done]
         planned = sum(s["steps"] * SECONDS_PER_STEP.get((s["variant"], s["size_name"]), 0.5) for s in todo)
         rates = ", ".join(f"{s['name']} {s['lr']:.3g}" for s in todo)
+        plan = (f"{args.color_steps} + {args.budget_list} steps (cosine to 0 after the switch)" if args.budget_list
+                else f"{args.steps} steps")  # fmt: skip
         print(f"{len(todo)} runs ({', '.join(s['name'] for s in todo)}), {args.jobs} at a time x {args.threads} "
-              f"thread(s); {args.steps} steps of {args.batch} ({args.color_steps} on color questions first); "
+              f"thread(s); {plan} of {args.batch} ({args.color_steps} on color questions first); "
               f"lr {rates}; token order {args.token_order}; "
               f"planned ~{planned / args.jobs / 60:.0f} min of training; blind-baseline loss "
               f"{baselines['blind_loss']['per_token']:.4f} nats/token"
@@ -385,7 +422,7 @@ def main(argv=None):
     write_csv(csv_file, all_rows)
     fits, fit_objects = {}, {}
     for variant in args.variant_list:
-        rows = [row for row in all_rows if row["variant"] == variant and row.get("stage", "mixed") == "mixed"]
+        rows = fitted_rows(results, variant)
         write_csv(workdir / f"runs-{variant}.csv", rows)
         fit, fits[variant] = fit_variant(workdir / f"runs-{variant}.csv", args.bootstrap, args.seed)
         if fit is not None:
@@ -394,14 +431,16 @@ def main(argv=None):
                 fit.plot(workdir / f"fit-{variant}.png")
             except ImportError:
                 pass
-        print(f"\n{variant} fusion, L(N, D) fit on {len(rows)} points (the mixed stage's):")
+        which = "each run's annealed end" if args.budget_list else "the mixed stage's"
+        print(f"\n{variant} fusion, L(N, D) fit on {len(rows)} points ({which}):")
         print(fits[variant].get("summary") or fits[variant]["skipped"])
     unfinished = [r["name"] for r in results if r.get("finished") is False]
     summary = {
         "command": "python benchmarks/fusion_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": _common.machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "tokenizer": args.tokenizer,
         "visual_experts": args.visual_experts, "jobs": args.jobs, "threads_per_job": args.threads,
-        "settings": {k: getattr(args, k) for k in ("batch", "lr", "lr_scaling", "warmup", "steps", "color_steps",
+        "settings": {k: getattr(args, k) for k in ("batch", "lr", "lr_scaling", "warmup", "steps", "budget_list",
+                                                   "color_steps",
                                                    "color_task", "token_order", "train", "test", "evals", "color_evals",
                                                    "eval_records", "eval_batch", "acc_records", "bootstrap",
                                                    "seed")},
@@ -409,7 +448,8 @@ def main(argv=None):
         "N": "parameters outside the token tables (vision, connector, decoder layers incl. visual experts, final norm)",
         "D": "LLM input tokens trained on (text and visual positions), the color stage's included",
         "loss": "held-out cross-entropy (all four kinds), nats per assistant token",
-        "fitted": "the mixed stage's points (stage == 'mixed')",
+        "fitted": "each run's last point, at the end of its annealed mixed stage" if args.budget_list
+        else "the mixed stage's points (stage == 'mixed')",
         "baselines": baselines, "runs": results, "unfinished": unfinished, "fits": fits,
         "seconds": trained_seconds if args.refit else round(time.perf_counter() - started, 1),
         "refit": args.refit,
@@ -422,6 +462,17 @@ def main(argv=None):
           f"plot: {plot}; {minutes(summary['seconds'])}"
           + (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))  # fmt: skip
     return summary
+
+
+def fitted_rows(results, variant):
+    """The points of `variant` that its L(N, D) fit takes: every mixed-stage point of a constant-rate run (the
+    points along it stand in for runs to each D), only the last one of an annealed run (`--budgets`)."""
+    rows = []
+    for run in results:
+        mixed = [row for row in run["rows"] if row.get("stage", "mixed") == "mixed"]
+        if run["variant"] == variant and mixed:
+            rows += mixed[-1:] if run.get("anneal") else mixed
+    return rows
 
 
 def _vision_layer_scale():

@@ -162,8 +162,10 @@ def _report(message, sink=None):
 
 
 def run_one(spec: dict, shared: dict, sink=None) -> dict:
-    """Build, train and measure one model (`spec`: name, variant, size_name, size, steps, color_steps, lr;
-    `shared`: the sweep's settings and folders); returns its results, also written to runs/NAME/result.json.
+    """Build, train and measure one model (`spec`: name, variant, size_name, size, steps, color_steps, lr, and
+    `anneal`: True for a run of a `--budgets` sweep, whose mixed stage decays its learning rate to 0 (cosine)
+    and is measured at its end only (and at the switch); `shared`: the sweep's settings and folders); returns
+    its results, also written to runs/NAME/result.json.
     Each eval point goes to `sink` (a callable; in a worker process, `init_worker`'s queue) as it comes."""
     from transformers.utils import logging as hf_logging
 
@@ -196,7 +198,9 @@ def _run_one(spec, shared, sink):
     processor = load_processor(model_dir)
     test_records = list(read_jsonl(data / "test.jsonl"))[: shared["acc_records"]]
     batches = loss_batches(encode_records(processor, data / "test.jsonl", shared["eval_records"]), shared["eval_batch"])
-    points = eval_steps(steps, shared["evals"], shared["warmup"], color_steps, shared["color_evals"])
+    anneal = bool(spec.get("anneal"))  # a run of a --budgets sweep: one point, at its annealed end
+    points = eval_steps(steps, 1 if anneal else shared["evals"], shared["warmup"], color_steps,
+                        1 if anneal else shared["color_evals"])  # fmt: skip
     loss0 = heldout_loss(load_model(model_dir), batches)
     rows, finals = [], {}
     common = {"name": name, "variant": spec["variant"], "size": spec["size_name"], "lr": lr, **counts}
@@ -243,7 +247,8 @@ def _run_one(spec, shared, sink):
             "train": "full", "seed": shared["seed"],
             "training": {
                 "max_steps": stage_steps, "per_device_train_batch_size": shared["batch"], "learning_rate": lr,
-                "lr_scheduler_type": "constant_with_warmup", "warmup_steps": min(shared["warmup"], stage_steps // 5),
+                "lr_scheduler_type": "cosine" if anneal and stage == "mixed" else "constant_with_warmup",
+                "warmup_steps": min(shared["warmup"], stage_steps // 5),
                 "weight_decay": 0.0, "logging_strategy": "no", "save_strategy": "no",
                 "include_num_input_tokens_seen": True, "disable_tqdm": True,
             },

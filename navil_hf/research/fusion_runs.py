@@ -157,7 +157,7 @@ def plot_sweep(summary, fits, path):
     )
     colors = {s: colormaps["viridis"](0.85 * i / max(1, len(sizes) - 1)) for i, s in enumerate(sizes)}
     styles = {"late": ("o", "-"), "early": ("s", "--")}
-    switch = None
+    switch, labelled, spans = None, set(), {}
     for r in runs:
         if not r["rows"]:
             continue
@@ -171,13 +171,19 @@ def plot_sweep(summary, fits, path):
             left.plot([p["D"] for p in early_points], [p["loss"] for p in early_points], marker, color=color, ms=4,
                       ls="none", mfc=fill, alpha=0.35)  # fmt: skip
         unfinished = "" if r.get("finished", True) else ", unfinished"
+        group = (r["variant"], r["size_name"])  # the runs of a --budgets sweep: one label and fit line per size
+        label = None
+        if group not in labelled or unfinished:
+            labelled.add(group)
+            label = (f"{r['variant']} {r['size_name']} (N={r['params']['N'] / 1e6:.2f}M, lr {r.get('lr', 0):.2g}"
+                     f"{unfinished})")  # fmt: skip
         left.plot([p["D"] for p in mixed], [p["loss"] for p in mixed], marker, color=color, ms=5, ls="none", mfc=fill,
-                  label=f"{r['variant']} {r['size_name']} (N={r['params']['N'] / 1e6:.2f}M, lr {r.get('lr', 0):.2g}"
-                  f"{unfinished})")  # fmt: skip
+                  label=label)  # fmt: skip
         if r["variant"] in fits and mixed:
-            D = np.array([p["D"] for p in mixed], dtype=float)
-            d_line = np.geomspace(D.min(), D.max(), 100)
-            left.plot(d_line, fits[r["variant"]].predict(r["params"]["N"], d_line), line, color=color, lw=1)
+            spans.setdefault(group, (r["params"]["N"], color, line, []))[3].extend(p["D"] for p in mixed)
+    for (variant, _), (N, color, line, D) in spans.items():
+        d_line = np.geomspace(min(D), max(D), 100)
+        left.plot(d_line, fits[variant].predict(N, d_line), line, color=color, lw=1)
     if switch is not None:
         left.axvline(switch, color="gray", lw=0.6, ls="-.", label="end of the color stage (first run)")
     blind = summary["baselines"]["blind_loss"]["per_token"]
@@ -191,6 +197,12 @@ def plot_sweep(summary, fits, path):
     left.legend(fontsize=7)
     for variant in ("late", "early"):
         chosen = [r for r in runs if r["variant"] == variant and r.get("final")]
+        if any(r.get("anneal") for r in chosen):  # a --budgets sweep: each size's longest run
+            longest = {}
+            for r in chosen:
+                if r["steps"] >= longest.get(r["size_name"], r)["steps"]:
+                    longest[r["size_name"]] = r
+            chosen = list(longest.values())
         if not chosen:
             continue
         marker, line = styles[variant]
@@ -213,9 +225,12 @@ def plot_sweep(summary, fits, path):
     right.legend(fontsize=6, ncol=2)
     settings = summary["settings"]
     lr = f"lr {settings['lr']:g}" + (" x sqrt(64 / width)" if settings.get("lr_scaling") == "sqrt" else "")
-    fig.suptitle(f"late vs early fusion on the shapes task: {settings.get('steps', '?')} steps of {settings['batch']} "
+    budgets = settings.get("budget_list")
+    steps = f"runs of {settings['color_steps']} + {budgets} steps" if budgets else f"{settings.get('steps', '?')} steps"
+    schedule = "cosine to 0 in the mixed stage, one point per run" if budgets else "constant"
+    fig.suptitle(f"late vs early fusion on the shapes task: {steps} of {settings['batch']} "
                  f"({settings.get('color_steps', 0)} on {settings.get('color_task', 'all')} color questions first), "
-                 f"{lr} constant, token order {settings.get('token_order', 'window')}, ViT LayerScale {summary.get('vision_layer_scale', 1.0)}, "
+                 f"{lr} {schedule}, token order {settings.get('token_order', 'window')}, ViT LayerScale {summary.get('vision_layer_scale', 1.0)}, "
                  f"visual experts {'on' if summary['visual_experts'] else 'off'}, {minutes(summary['seconds'])}"
                  + (f"; unfinished: {', '.join(summary['unfinished'])}" if summary.get("unfinished") else ""),
                  fontsize=8)  # fmt: skip

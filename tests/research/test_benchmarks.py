@@ -122,6 +122,55 @@ def test_learn_shapes_scratch_one_shape_stage(tmp_path, qwen3_folder):
         _script("learn_shapes").parse_args(["--scratch", json.dumps(size), "--vision-preset", "none"])
 
 
+def test_fusion_sweep_budgets_arguments():
+    """`--budgets`: one run per size, variant and budget (the shortest first), --color-steps + the budget steps
+    each; with --steps, or a budget that is not a positive count, one usage line (exit 2)."""
+    sweep = _script("fusion_sweep")
+    args = sweep.parse_args(["--budgets", "400,100, 200"])
+    assert args.budget_list == [100, 200, 400] and args.color_steps == sweep.BUDGET_COLOR_STEPS
+    assert args.steps == sweep.BUDGET_COLOR_STEPS + 400
+    assert sweep.parse_args([]).budget_list is None and sweep.parse_args([]).steps == sweep.STEPS
+    for bad in (["--budgets", "0,100"], ["--budgets", "a"], ["--budgets", ","], ["--budgets", "100", "--steps", "50"]):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.parse_args(bad)
+        assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_fusion_sweep_budgets_run(tmp_path, monkeypatch, qwen3_folder):
+    """A `--budgets` sweep: a run per size and budget, each measured at the switch and at its end only, its
+    mixed stage's learning rate annealed to 0 (cosine; the color stage's constant), and only the runs' ends
+    fitted (one point per run in runs-early.csv, bootstrap over runs)."""
+    from navil_hf.research.scaling import read_runs
+    from navil_hf.training import train as training
+
+    schedules, real_train = [], training.train
+
+    def recording(config, **kwargs):
+        schedules.append((config.training["max_steps"], config.training["lr_scheduler_type"]))
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(training, "train", recording)
+    work = tmp_path / "work"
+    summary = _script("fusion_sweep").main(["--quick", "--tokenizer", str(qwen3_folder), "--workdir", str(work),
+                                            "--variants", "early", "--budgets", "2,3,4"])  # fmt: skip
+    names = [r["name"] for r in summary["runs"]]
+    assert names == [f"early-{size}-{b}" for size in ("xs", "s") for b in (2, 3, 4)]
+    per_size = [stage for b in (2, 3, 4) for stage in ((2, "constant_with_warmup"), (b, "cosine"))]
+    assert schedules == per_size * 2  # the color stage at a constant rate, the mixed stage annealed
+    ends = []
+    for run in summary["runs"]:
+        assert [(p["step"], p["stage"]) for p in run["rows"]] == [(2, "color"), (2 + run["budget"], "mixed")]
+        assert run["anneal"] and run["final"]
+        ends.append(run["rows"][-1])
+    by_size = {size: [e["D"] for e in ends if e["size"] == size] for size in ("xs", "s")}
+    assert all(D == sorted(D) and len(set(D)) == 3 for D in by_size.values())
+    fitted = read_runs(work / "runs-early.csv")
+    assert sorted(fitted.D) == sorted(e["D"] for e in ends) and sorted(fitted.loss) == sorted(e["loss"] for e in ends)
+    assert summary["fits"]["early"]["objective"]["n_runs"] == 6
+    assert summary["settings"]["budget_list"] == [2, 3, 4] and (work / "fusion_sweep.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch, qwen3_folder):
     """The late- vs early-fusion sweep end to end for a few steps: tiny from-scratch models of both variants
