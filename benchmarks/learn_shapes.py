@@ -45,6 +45,7 @@ FIRST_STAGES = {
     "color": dict(kinds=("color",)),  # color questions about 1-3 shapes
     "one-shape": dict(kinds=("color", "shape"), max_shapes=1, target_fraction=(0.6, 0.85)),  # one large shape
     "one-shape-shape": dict(kinds=("shape",), max_shapes=1, target_fraction=(0.6, 0.85)),  # its shape alone
+    "shape": dict(kinds=("shape",)),  # the task's own shape questions (1-3 shapes) alone
 }
 
 
@@ -60,6 +61,10 @@ def parse_args(argv=None):
     parser.add_argument("--first-stage", choices=tuple(FIRST_STAGES), default=RECIPE["first_stage"],
                         help="the first stage's data: color questions about 1-3 shapes, color and shape questions "
                         "about one large shape, or shape questions alone about one large shape")  # fmt: skip
+    parser.add_argument("--stages", default=None,
+                        help="the stages before the last one (all kinds), as NAME:STEPS,...; NAME one of "
+                        f"{', '.join(FIRST_STAGES)} (replaces --first-stage and --color-steps; e.g. "
+                        "one-shape:200,shape:1500)")  # fmt: skip
     parser.add_argument("--scratch", type=json.loads, default=None,
                         help='JSON {"hidden", "layers", "vit_width", "vit_layers"}: train a NaViL of this size built '
                         "from scratch (random LLM and encoder; vit_layers 0: early fusion) with the tokenizer and "
@@ -100,6 +105,22 @@ def parse_args(argv=None):
                          f"got {json.dumps(scratch)}")  # fmt: skip
         if args.vision_preset is not None:
             parser.error("--scratch builds its own encoder: leave out --vision-preset")
+    if args.stages is not None:
+        args.stage_list = []
+        for item in args.stages.split(","):
+            name, _, steps = item.strip().partition(":")
+            if name not in FIRST_STAGES or not steps.strip().isdigit() or int(steps) < 1:
+                parser.error(f"--stages: expected NAME:STEPS,... with NAME one of {', '.join(FIRST_STAGES)} and "
+                             f"STEPS a positive int, got {item.strip()!r}")  # fmt: skip
+            if name in {n for n, _ in args.stage_list}:
+                parser.error(f"--stages: {name} twice (each stage trains once, into WORKDIR/run-{name})")
+            args.stage_list.append((name, int(steps)))
+        args.color_steps = sum(steps for _, steps in args.stage_list)
+        args.first_stage = args.stage_list[0][0]
+        if args.color_steps >= args.steps:
+            parser.error(f"--stages: {args.color_steps} steps before the last stage, --steps is {args.steps}")
+    else:
+        args.stage_list = [(args.first_stage, args.color_steps)] if args.color_steps else []
     if not 0 <= args.color_steps < args.steps:
         parser.error(f"--color-steps must be in [0, --steps), got {args.color_steps}")
     return args
@@ -179,11 +200,15 @@ def main(argv=None):
 
     workdir = Path(args.workdir or Path(_common.ROOT).parent / "learn-shapes")
     workdir.mkdir(parents=True, exist_ok=True)
-    data, first = workdir / "shapes", workdir / f"shapes-{args.first_stage}"
+    data = workdir / "shapes"
     task = make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
-    if args.color_steps:
-        make_shapes_dataset(first, train=args.train, test=0, seed=args.seed + 1, force=True,
-                            **FIRST_STAGES[args.first_stage])  # fmt: skip
+    stages = []  # (name, data folder, steps): the curriculum, the last stage on all four kinds
+    for index, (name, steps) in enumerate(args.stage_list):
+        folder = workdir / f"shapes-{name}"
+        make_shapes_dataset(folder, train=args.train, test=0, seed=args.seed + 1 + index, force=True,
+                            **FIRST_STAGES[name])  # fmt: skip
+        stages.append((name, folder, steps))
+    stages.append(("all", data, args.steps - args.color_steps))
     test_records = list(read_jsonl(data / "test.jsonl"))
     baselines = {"chance": task["chance"]["overall"], "blind": task["blind"]["overall"]}
     model_dir = build_model(args, workdir)
@@ -210,9 +235,8 @@ def main(argv=None):
                 print(f"step {step}: held-out first-token accuracy {result['accuracy']:.3f} ({kinds}; "
                       f"{time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
 
-    stages = [(args.first_stage, first, args.color_steps), ("all", data, args.steps - args.color_steps)]
     source = model_dir
-    for name, folder, steps in [stage for stage in stages if stage[2] > 0]:
+    for name, folder, steps in stages:
         training = {
             "max_steps": steps, "per_device_train_batch_size": args.batch, "learning_rate": args.lr,
             "lr_scheduler_type": args.schedule, "warmup_steps": min(RECIPE["warmup"], steps // 5),
@@ -235,7 +259,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     summary = {
         "model": model_dir, "description": describe(args), "steps": args.steps, "color_steps": args.color_steps,
-        "first_stage": args.first_stage, "scratch": args.scratch, "batch": args.batch,
+        "first_stage": args.first_stage, "stages": args.stage_list, "scratch": args.scratch, "batch": args.batch,
         "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
@@ -275,8 +299,10 @@ def _plot(summary, path):
     for name, value in summary["baselines"].items():
         right.axhline(value, color="gray", ls=":" if name == "chance" else "-.", lw=1, label=f"{name} {value:.2f}")
     right.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="Held-out shapes questions")
-    if summary["color_steps"]:
-        right.axvline(summary["color_steps"], color="k", lw=0.6, ls="--", label=f"{summary['first_stage']} stage ends")
+    end = 0
+    for name, steps in summary["stages"]:
+        end += steps
+        right.axvline(end, color="k", lw=0.6, ls="--", label=f"{name} stage ends")
     right.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"NaViL ({summary['description']}), {summary['parts']}, batch {summary['batch']}, "
                  f"{summary['train_seconds'] / 60:.0f} min on {summary['threads']} CPU threads", fontsize=9)  # fmt: skip

@@ -122,6 +122,38 @@ def test_learn_shapes_scratch_one_shape_stage(tmp_path, qwen3_folder):
         _script("learn_shapes").parse_args(["--scratch", json.dumps(size), "--vision-preset", "none"])
 
 
+def test_learn_shapes_stages_arguments():
+    """`--stages NAME:STEPS,...`: the curriculum's stages before the all-kinds one, in order; a stage that is
+    unknown, twice, without a positive step count, or steps that leave none for the last stage: exit 2."""
+    parse = _script("learn_shapes").parse_args
+    args = parse(["--stages", "one-shape:200, shape:1500", "--steps", "2500"])
+    assert args.stage_list == [("one-shape", 200), ("shape", 1500)] and args.color_steps == 1700
+    assert parse([]).stage_list == [("color", 200)] and parse(["--color-steps", "0"]).stage_list == []
+    for bad in ("nope:10", "shape:0", "shape", "shape:x", "shape:10,shape:10", "shape:600"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--stages", bad, "--steps", "600"])
+        assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_learn_shapes_stages_run(tmp_path, qwen3_folder):
+    """Each stage of `--stages` trains on its own data from the previous stage's model, then all kinds."""
+    from navil_hf.tasks.shapes import read_jsonl
+
+    work = tmp_path / "work"
+    summary = _script("learn_shapes").main(["--quick", "--model", str(qwen3_folder), "--workdir", str(work),
+                                            "--stages", "one-shape:1,shape:1", "--steps", "3"])  # fmt: skip
+    shape = list(read_jsonl(work / "shapes-shape" / "train.jsonl"))
+    assert {r["kind"] for r in shape} == {"shape"} and max(len(r["shapes"]) for r in shape) > 1
+    for stage in ("one-shape", "shape", "all"):
+        assert (work / f"run-{stage}" / "model" / "model.safetensors").is_file()
+    assert summary["stages"] == [["one-shape", 1], ["shape", 1]] or summary["stages"] == [
+        ("one-shape", 1),
+        ("shape", 1),
+    ]
+    assert summary["trained_model"] == str(work / "run-all" / "model")
+
+
 def test_fusion_sweep_budgets_arguments():
     """`--budgets`: one run per size, variant and budget (the shortest first), --color-steps + the budget steps
     each; with --steps, or a budget that is not a positive count, one usage line (exit 2)."""
