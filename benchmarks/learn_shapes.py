@@ -7,7 +7,9 @@ least one merged token; questions about color, shape, count and position; a held
 the model with `navil train`'s own code (packed batches, Trainer; `RECIPE`: NaViL's stage 1 -- vision
 encoder, connector, special tokens and visual experts train, the LLM's text weights stay frozen --, the
 fresh encoder and connector at a larger learning rate) in a curriculum: `--color-steps` on color questions
-alone (the easiest way to find the image), then the rest on all four kinds; bf16 only where it is measured
+alone (the easiest way to find the image), then the rest on all four kinds (`--stages` sets several stages
+before the last: e.g. `one-shape:200,shape:1500`, color and shape of one large shape, then the task's shape
+questions alone; `FIRST_STAGES`); bf16 only where it is measured
 faster (`--precision auto`, `navil_hf.training.precision`). `--vision-preset` builds the model from the demo's
 SmolLM2 with another encoder (`none`: early fusion, no encoder layers). It measures on the held-out split:
 
