@@ -71,7 +71,10 @@ points stand in for shorter runs, one run per size, variant and budget: `--color
 `BUDGET_COLOR_STEPS`, 150) on color questions at a constant rate, then `budget` mixed steps with the learning
 rate decayed to 0 (cosine after the warm-up), measured at the switch and at its end only. Each run gives one
 point, its annealed end, and only those points are fitted, so the bootstrap resamples runs, not the
-correlated points of one run. The mixed data is the longest budget's (one epoch for it); the shorter runs
+correlated points of one run. Their D is the mixed stage's tokens (`fusion_runs.annealed_point`): every run
+starts from the same color stage, a fixed start like the initialisation, and the budget is what varies (with
+the color stage's tokens counted, the short budgets crowd into a narrow D range and the fit reads the fast
+drop after the switch as a step). The mixed data is the longest budget's (one epoch for it); the shorter runs
 draw from the same records in the same seeded order.
 
     python benchmarks/fusion_sweep.py                  # 3 sizes x 2 variants, 1200 steps: ~40-50 min, 2 cores
@@ -125,6 +128,7 @@ from navil_hf.research.fusion_runs import (
     append_csv,
     finished_runs,
     fit_variant,
+    fitted_rows,
     minutes,
     plot_sweep,
     read_rows,
@@ -446,7 +450,9 @@ def main(argv=None):
                                                    "seed")},
         "vision_layer_scale": _vision_layer_scale(),
         "N": "parameters outside the token tables (vision, connector, decoder layers incl. visual experts, final norm)",
-        "D": "LLM input tokens trained on (text and visual positions), the color stage's included",
+        "D": "LLM input tokens of the annealed mixed stage (text and visual positions; the color stage, the same "
+        "for every run, not counted)" if args.budget_list
+        else "LLM input tokens trained on (text and visual positions), the color stage's included",
         "loss": "held-out cross-entropy (all four kinds), nats per assistant token",
         "fitted": "each run's last point, at the end of its annealed mixed stage" if args.budget_list
         else "the mixed stage's points (stage == 'mixed')",
@@ -462,17 +468,6 @@ def main(argv=None):
           f"plot: {plot}; {minutes(summary['seconds'])}"
           + (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))  # fmt: skip
     return summary
-
-
-def fitted_rows(results, variant):
-    """The points of `variant` that its L(N, D) fit takes: every mixed-stage point of a constant-rate run (the
-    points along it stand in for runs to each D), only the last one of an annealed run (`--budgets`)."""
-    rows = []
-    for run in results:
-        mixed = [row for row in run["rows"] if row.get("stage", "mixed") == "mixed"]
-        if run["variant"] == variant and mixed:
-            rows += mixed[-1:] if run.get("anneal") else mixed
-    return rows
 
 
 def _vision_layer_scale():

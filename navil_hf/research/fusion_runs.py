@@ -115,6 +115,27 @@ def fit_variant(path, bootstrap, seed):
     return fit, {**fit.to_dict(), "summary": fit.summary()}
 
 
+def annealed_point(run) -> dict:
+    """The fitted point of an annealed run (`--budgets`): its last row, with D the tokens of its mixed stage
+    alone (the end's D less the switch's). Every run of such a sweep starts from the same color stage (same
+    steps and data), so that stage is a fixed start, like the initialisation, and D is what the budget varies."""
+    switch = [row["D"] for row in run["rows"] if row.get("stage") == "color"]
+    end = run["rows"][-1]
+    return {**end, "D": end["D"] - (switch[-1] if switch else 0)}
+
+
+def fitted_rows(results, variant) -> list[dict]:
+    """The points of `variant` that its L(N, D) fit takes: every mixed-stage point of a constant-rate run (the
+    points along it stand in for runs to each D, which counts both stages' tokens), one per annealed run
+    (`annealed_point`)."""
+    rows = []
+    for run in results:
+        mixed = [row for row in run["rows"] if row.get("stage", "mixed") == "mixed"]
+        if run["variant"] == variant and mixed:
+            rows += [annealed_point(run)] if run.get("anneal") else mixed
+    return rows
+
+
 def write_csv(path, rows):
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -166,6 +187,8 @@ def plot_sweep(summary, fits, path):
         fill = color if r["variant"] == "late" else "none"
         mixed = [p for p in r["rows"] if p.get("stage", "mixed") == "mixed"]
         early_points = [p for p in r["rows"] if p.get("stage") == "color"]
+        if r.get("anneal"):  # one point per run, at its mixed stage's tokens (the color stage is the same for all)
+            mixed, early_points = [annealed_point(r)] if mixed else [], []
         if early_points:
             switch = early_points[-1]["D"]
             left.plot([p["D"] for p in early_points], [p["loss"] for p in early_points], marker, color=color, ms=4,
@@ -188,8 +211,11 @@ def plot_sweep(summary, fits, path):
         left.axvline(switch, color="gray", lw=0.6, ls="-.", label="end of the color stage (first run)")
     blind = summary["baselines"]["blind_loss"]["per_token"]
     left.axhline(blind, color="gray", ls=":", lw=1, label=f"blind (question only) {blind:.3f}")
+    budgets = summary["settings"].get("budget_list")
     left.set(
-        xscale="log", yscale="log", xlabel="D: LLM tokens trained on (color stage included)",
+        xscale="log", yscale="log",
+        xlabel="D: LLM tokens of the annealed mixed stage (one run each)" if budgets
+        else "D: LLM tokens trained on (color stage included)",
         ylabel="held-out loss, all kinds (nats / assistant token)",
     )  # fmt: skip
     left.set_title("points: measured (faded: color stage, not fitted); lines: L(N, D) fit per variant on the mixed "
@@ -225,7 +251,6 @@ def plot_sweep(summary, fits, path):
     right.legend(fontsize=6, ncol=2)
     settings = summary["settings"]
     lr = f"lr {settings['lr']:g}" + (" x sqrt(64 / width)" if settings.get("lr_scaling") == "sqrt" else "")
-    budgets = settings.get("budget_list")
     steps = f"runs of {settings['color_steps']} + {budgets} steps" if budgets else f"{settings.get('steps', '?')} steps"
     schedule = "cosine to 0 in the mixed stage, one point per run" if budgets else "constant"
     fig.suptitle(f"late vs early fusion on the shapes task: {steps} of {settings['batch']} "

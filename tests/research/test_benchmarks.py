@@ -169,7 +169,7 @@ def test_fusion_sweep_budgets_arguments():
 def test_fusion_sweep_budgets_run(tmp_path, monkeypatch, qwen3_folder):
     """A `--budgets` sweep: a run per size and budget, each measured at the switch and at its end only, its
     mixed stage's learning rate annealed to 0 (cosine; the color stage's constant), and only the runs' ends
-    fitted (one point per run in runs-early.csv, bootstrap over runs)."""
+    fitted (one point per run in runs-early.csv, bootstrap over runs), at D = the mixed stage's tokens."""
     from navil_hf.research.scaling import read_runs
     from navil_hf.training import train as training
 
@@ -191,9 +191,11 @@ def test_fusion_sweep_budgets_run(tmp_path, monkeypatch, qwen3_folder):
     for run in summary["runs"]:
         assert [(p["step"], p["stage"]) for p in run["rows"]] == [(2, "color"), (2 + run["budget"], "mixed")]
         assert run["anneal"] and run["final"]
-        ends.append(run["rows"][-1])
+        switch, end = run["rows"]
+        ends.append({**end, "D": end["D"] - switch["D"]})  # the mixed stage's tokens: the color stage is shared
     by_size = {size: [e["D"] for e in ends if e["size"] == size] for size in ("xs", "s")}
     assert all(D == sorted(D) and len(set(D)) == 3 for D in by_size.values())
+    assert by_size["xs"] == by_size["s"]  # the same samples: the same tokens at every budget
     fitted = read_runs(work / "runs-early.csv")
     assert sorted(fitted.D) == sorted(e["D"] for e in ends) and sorted(fitted.loss) == sorted(e["loss"] for e in ends)
     assert summary["fits"]["early"]["objective"]["n_runs"] == 6
