@@ -219,7 +219,8 @@ def plot_sweep(summary, fits, path):
         ylabel="held-out loss, all kinds (nats / assistant token)",
     )  # fmt: skip
     left.set_title("points: measured (faded: color stage, not fitted); lines: L(N, D) fit per variant on the mixed "
-                   "stage (solid late, dashed early)", fontsize=8)  # fmt: skip
+                   "stage (solid late, dashed early)" if not budgets else "points: each run's annealed end; lines: "
+                   "L(N, D) fit per variant (solid late, dashed early)", fontsize=8)  # fmt: skip
     left.legend(fontsize=7)
     for variant in ("late", "early"):
         chosen = [r for r in runs if r["variant"] == variant and r.get("final")]
@@ -255,7 +256,7 @@ def plot_sweep(summary, fits, path):
     schedule = "cosine to 0 in the mixed stage, one point per run" if budgets else "constant"
     fig.suptitle(f"late vs early fusion on the shapes task: {steps} of {settings['batch']} "
                  f"({settings.get('color_steps', 0)} on {settings.get('color_task', 'all')} color questions first), "
-                 f"{lr} {schedule}, token order {settings.get('token_order', 'window')}, ViT LayerScale {summary.get('vision_layer_scale', 1.0)}, "
+                 f"{lr} {schedule},\ntoken order {settings.get('token_order', 'window')}, ViT LayerScale {summary.get('vision_layer_scale', 1.0)}, "
                  f"visual experts {'on' if summary['visual_experts'] else 'off'}, {minutes(summary['seconds'])}"
                  + (f"; unfinished: {', '.join(summary['unfinished'])}" if summary.get("unfinished") else ""),
                  fontsize=8)  # fmt: skip
