@@ -124,16 +124,17 @@ def annealed_point(run) -> dict:
     return {**end, "D": end["D"] - (switch[-1] if switch else 0)}
 
 
+def fitted_points(run) -> list[dict]:
+    """The points of one run that its variant's L(N, D) fit takes (and the plot draws against the fit): every
+    mixed-stage point of a constant-rate run (the points along it stand in for runs to each D, which counts
+    both stages' tokens), the one `annealed_point` of an annealed run; none before its mixed stage is measured."""
+    mixed = [row for row in run["rows"] if row.get("stage", "mixed") == "mixed"]
+    return [annealed_point(run)] if run.get("anneal") and mixed else mixed
+
+
 def fitted_rows(results, variant) -> list[dict]:
-    """The points of `variant` that its L(N, D) fit takes: every mixed-stage point of a constant-rate run (the
-    points along it stand in for runs to each D, which counts both stages' tokens), one per annealed run
-    (`annealed_point`)."""
-    rows = []
-    for run in results:
-        mixed = [row for row in run["rows"] if row.get("stage", "mixed") == "mixed"]
-        if run["variant"] == variant and mixed:
-            rows += [annealed_point(run)] if run.get("anneal") else mixed
-    return rows
+    """The points of `variant` that its L(N, D) fit takes (`fitted_points` of each of its runs)."""
+    return [row for run in results if run["variant"] == variant for row in fitted_points(run)]
 
 
 def write_csv(path, rows):
@@ -185,10 +186,9 @@ def plot_sweep(summary, fits, path):
         marker, line = styles[r["variant"]]
         color = colors[r["size_name"]]
         fill = color if r["variant"] == "late" else "none"
-        mixed = [p for p in r["rows"] if p.get("stage", "mixed") == "mixed"]
-        early_points = [p for p in r["rows"] if p.get("stage") == "color"]
-        if r.get("anneal"):  # one point per run, at its mixed stage's tokens (the color stage is the same for all)
-            mixed, early_points = [annealed_point(r)] if mixed else [], []
+        mixed = fitted_points(r)
+        # an annealed run's color stage is the same for all runs and not on its D axis (its mixed stage's tokens)
+        early_points = [] if r.get("anneal") else [p for p in r["rows"] if p.get("stage") == "color"]
         if early_points:
             switch = early_points[-1]["D"]
             left.plot([p["D"] for p in early_points], [p["loss"] for p in early_points], marker, color=color, ms=4,
@@ -225,11 +225,7 @@ def plot_sweep(summary, fits, path):
     for variant in ("late", "early"):
         chosen = [r for r in runs if r["variant"] == variant and r.get("final")]
         if any(r.get("anneal") for r in chosen):  # a --budgets sweep: each size's longest run
-            longest = {}
-            for r in chosen:
-                if r["steps"] >= longest.get(r["size_name"], r)["steps"]:
-                    longest[r["size_name"]] = r
-            chosen = list(longest.values())
+            chosen = list({r["size_name"]: r for r in sorted(chosen, key=lambda r: r["steps"])}.values())
         if not chosen:
             continue
         marker, line = styles[variant]
