@@ -40,7 +40,7 @@ import _common
 RECIPE = dict(
     train=3000, test=200, steps=600, color_steps=200, first_stage="color", batch=8, lr=5e-4, parts="stage1",
     learning_rates={"vision": 2e-3, "connector": 2e-3}, precision="auto", schedule="cosine", warmup=20,
-    eval_every=100, vision_preset=None,
+    eval_every=100, vision_preset=None, vision_steps=0, vision_lr=2e-3,
 )  # fmt: skip
 # The curriculum's first stage (`--first-stage`): `make_shapes_dataset` arguments besides train/test/seed.
 FIRST_STAGES = {
@@ -74,6 +74,10 @@ def parse_args(argv=None):
     parser.add_argument("--vision-preset", default=RECIPE["vision_preset"],
                         help="build the model from the demo's SmolLM2 with this encoder preset (default: the demo "
                         "model itself)")  # fmt: skip
+    parser.add_argument("--vision-steps", type=int, default=RECIPE["vision_steps"],
+                        help="first train the encoder and connector alone for this many steps of --batch images on "
+                        "dense targets (`navil_hf.tasks.vision_stage`; 0: no vision stage)")  # fmt: skip
+    parser.add_argument("--vision-lr", type=float, default=RECIPE["vision_lr"], help="the vision stage's learning rate")
     parser.add_argument("--batch", type=int, default=RECIPE["batch"], help="samples per packed row")
     parser.add_argument(
         "--lr", type=float, default=RECIPE["lr"], help="learning rate of the parts not in --learning-rates"
@@ -123,6 +127,8 @@ def parse_args(argv=None):
             parser.error(f"--stages: {args.color_steps} steps before the last stage, --steps is {args.steps}")
     else:
         args.stage_list = [(args.first_stage, args.color_steps)] if args.color_steps else []
+    if args.vision_steps < 0:
+        parser.error(f"--vision-steps must be >= 0, got {args.vision_steps}")
     if not 0 <= args.color_steps < args.steps:
         parser.error(f"--color-steps must be in [0, --steps), got {args.color_steps}")
     return args
@@ -214,12 +220,20 @@ def main(argv=None):
     test_records = list(read_jsonl(data / "test.jsonl"))
     baselines = {"chance": task["chance"]["overall"], "blind": task["blind"]["overall"]}
     model_dir = build_model(args, workdir)
+    start = time.perf_counter()
+    vision = None
+    if args.vision_steps:
+        from navil_hf.tasks.vision_stage import train_vision_stage
+
+        vision = train_vision_stage(model_dir, data, workdir / "model-vision", steps=args.vision_steps,
+                                    batch=args.batch, lr=args.vision_lr, seed=args.seed, test=args.test,
+                                    eval_every=max(args.vision_steps // 5, 1))  # fmt: skip
+        model_dir = vision["model_dir"]
     processor = load_processor(model_dir)
     test_samples = encode_records(processor, data / "test.jsonl")
     bf16, precision = choose_precision(args, model_dir, test_samples[: args.batch])
     print(f"precision {precision}", flush=True)
     curve, accuracy = [], []
-    start = time.perf_counter()
     done = {"steps": 0}  # optimizer steps of the stages before the running one
 
     class Monitor(TrainerCallback):
@@ -261,7 +275,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     summary = {
         "model": model_dir, "description": describe(args), "steps": args.steps, "color_steps": args.color_steps,
-        "first_stage": args.first_stage, "stages": args.stage_list, "scratch": args.scratch, "batch": args.batch,
+        "first_stage": args.first_stage, "stages": args.stage_list, "vision_stage": vision, "scratch": args.scratch, "batch": args.batch,
         "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
@@ -306,7 +320,9 @@ def _plot(summary, path):
         end += steps
         right.axvline(end, color="k", lw=0.6, ls="--", label=f"{name} stage ends")
     right.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"NaViL ({summary['description']}), {summary['parts']}, batch {summary['batch']}, "
+    vision = summary.get("vision_stage")
+    first = f"after a {vision['steps']}-step vision stage ({vision['seconds']:.0f} s), " if vision else ""
+    fig.suptitle(f"NaViL ({summary['description']}), {first}{summary['parts']}, batch {summary['batch']}, "
                  f"{summary['train_seconds'] / 60:.0f} min on {summary['threads']} CPU threads", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -179,25 +179,56 @@ def _layout(rng, width, height, specs, target_region=None, target_fraction=TARGE
     return placed
 
 
+def _draw_shape(draw, s, fill):
+    x0, y0, x1, y1 = s["bbox"]
+    if s["shape"] == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif s["shape"] == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:  # triangle, apex up or down; the bbox center is inside it either way
+        mid = (x0 + x1) / 2
+        if s.get("apex", "up") == "up":
+            draw.polygon([(mid, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:
+            draw.polygon([(x0, y0), (x1, y0), (mid, y1)], fill=fill)
+
+
 def _draw(pixels, shapes):
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        x0, y0, x1, y1 = s["bbox"]
-        fill = tuple(s["rgb"])
-        if s["shape"] == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif s["shape"] == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:  # triangle, apex up or down; the bbox center is inside it either way
-            mid = (x0 + x1) / 2
-            if s.get("apex", "up") == "up":
-                draw.polygon([(mid, y0), (x1, y1), (x0, y1)], fill=fill)
-            else:
-                draw.polygon([(x0, y0), (x1, y0), (mid, y1)], fill=fill)
+        _draw_shape(draw, s, tuple(s["rgb"]))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
+
+
+TOKEN_COVERAGE = 0.25  # a merged token belongs to the shape covering the most of it, if at least this much
+
+
+def token_targets(record, merged_h: int, merged_w: int) -> np.ndarray:
+    """What a record's image holds under each token of a `merged_h x merged_w` grid laid over it (the merged
+    tokens of one image scale), in raster order: an int array [merged_h * merged_w, 4] of (shape: 0
+    background or 1 + index in `SHAPES`; color: 0 or 1 + index in `PALETTE`; 1 if the token holds a shape's
+    center, else 0; the token's shape: 0 or 1 + its index in `record["shapes"]`). A token belongs to the shape
+    covering the largest fraction of it, when that is at least `TOKEN_COVERAGE`. Dense labels for training an encoder on its own (`navil_hf.tasks.vision_stage`)."""
+    width, height = record["image_size"]
+    targets = np.zeros((merged_h, merged_w, 4), dtype=np.int64)
+    best = np.full((merged_h, merged_w), TOKEN_COVERAGE)
+    colors = tuple(PALETTE)
+    for index, s in enumerate(record["shapes"]):
+        mask = Image.new("L", (width, height), 0)
+        _draw_shape(ImageDraw.Draw(mask), s, 255)
+        # the mean of the mask over each token's region of the image
+        coverage = np.asarray(mask.resize((merged_w, merged_h), Image.Resampling.BOX), dtype=np.float64) / 255
+        mine = coverage >= best
+        best = np.where(mine, coverage, best)
+        targets[mine, 0] = 1 + SHAPES.index(s["shape"])
+        targets[mine, 1] = 1 + colors.index(s["color"])
+        targets[mine, 3] = 1 + index
+        x, y = s["center"]
+        targets[min(int(y * merged_h / height), merged_h - 1), min(int(x * merged_w / width), merged_w - 1), 2] = 1
+    return targets.reshape(-1, 4)
 
 
 # -------------------------------------------------------------------------------------------- questions

@@ -151,6 +151,31 @@ def test_learn_shapes_stages_run(tmp_path, qwen3_folder):
     assert summary["trained_model"] == str(work / "run-all" / "model")
 
 
+@pytest.mark.slow
+def test_learn_shapes_vision_stage_run(tmp_path, qwen3_folder):
+    """`--vision-steps`: the encoder and connector train alone first (`navil_hf.tasks.vision_stage`) into
+    WORKDIR/model-vision, and the LLM stages start from that folder; a negative count is exit 2."""
+    import json
+
+    import torch
+
+    from navil_hf.training.train import load_model
+
+    work = tmp_path / "work"
+    summary = _script("learn_shapes").main(["--quick", "--model", str(qwen3_folder), "--workdir", str(work),
+                                            "--vision-steps", "2"])  # fmt: skip
+    vision = summary["vision_stage"]
+    assert vision["steps"] == 2 and vision["model_dir"] == str(work / "model-vision") == summary["model"]
+    assert [point["step"] for point in vision["curve"]] == [1, 2] and vision["seconds"] <= summary["train_seconds"]
+    before, after = load_model(qwen3_folder).state_dict(), load_model(work / "model-vision").state_dict()
+    assert not torch.equal(before["model.connector.linear_1.weight"], after["model.connector.linear_1.weight"])
+    config = json.loads((work / "run-color" / "model" / "config.json").read_text())
+    assert config["model_type"] == "navil"
+    with pytest.raises(SystemExit) as exit_info:
+        _script("learn_shapes").parse_args(["--vision-steps", "-1"])
+    assert exit_info.value.code == 2
+
+
 def test_fusion_sweep_budgets_arguments():
     """`--budgets`: one run per size, variant and budget (the shortest first), --color-steps + the budget steps
     each; with --steps, or a budget that is not a positive count, one usage line (exit 2)."""

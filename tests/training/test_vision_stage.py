@@ -1,0 +1,107 @@
+"""The vision stage of the shapes curriculum (`navil_hf.tasks.vision_stage`): the dense per-token targets
+(`shapes.token_targets`) say what lies under each merged token, they follow the order in which the connector
+hands tokens over (window or raster), and training it changes the vision side and nothing else."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from navil_hf.tasks.shapes import PALETTE, SHAPES, make_shapes_dataset, token_targets
+from navil_hf.tasks.vision_stage import HEADS, encode_images, train_vision_stage
+from navil_hf.training.train import apply_image_settings, load_model, load_processor
+
+RED, BLUE = 1 + list(PALETTE).index("red"), 1 + list(PALETTE).index("blue")
+SQUARE, CIRCLE = 1 + SHAPES.index("square"), 1 + SHAPES.index("circle")
+
+
+def _record():
+    """A 128x96 image: a red 64-px square in the top left 2x2 tokens, a blue 64-px circle in the bottom right
+    2x2 tokens of the 3x4 grid of 32-px tokens (each of those tokens pi/4 covered)."""
+    square = {"shape": "square", "color": "red", "center": [32, 32], "size": 64, "bbox": [0, 0, 63, 63]}
+    circle = {"shape": "circle", "color": "blue", "center": [96, 64], "size": 64, "bbox": [64, 32, 127, 95]}
+    return {"image_size": [128, 96], "shapes": [square, circle]}
+
+
+def test_token_targets_say_what_lies_under_each_token():
+    targets = token_targets(_record(), 3, 4).reshape(3, 4, 4)
+    shape = np.array([[SQUARE, SQUARE, 0, 0], [SQUARE, SQUARE, CIRCLE, CIRCLE], [0, 0, CIRCLE, CIRCLE]])
+    np.testing.assert_array_equal(targets[..., 0], shape)
+    np.testing.assert_array_equal(targets[..., 1], np.where(shape == SQUARE, RED, np.where(shape == CIRCLE, BLUE, 0)))
+    np.testing.assert_array_equal(targets[..., 3], np.where(shape == SQUARE, 1, np.where(shape == CIRCLE, 2, 0)))
+    centers = np.zeros((3, 4), dtype=int)
+    centers[1, 1] = centers[2, 3] = 1  # (32, 32) and (96, 64)
+    np.testing.assert_array_equal(targets[..., 2], centers)
+    # a finer grid over the same image: each 32-px token's labels on its 2x2 16-px tokens
+    fine = token_targets(_record(), 6, 8).reshape(6, 8, 4)
+    for column in (0, 1, 3):
+        coarse = np.kron(targets[..., column], np.ones((2, 2), dtype=int))
+        # a circle's corner tokens (outside the circle) are background at 16 px
+        inside = (coarse == fine[..., column]) | ((coarse > 0) & (fine[..., column] == 0))
+        assert inside.all()
+        assert (fine[..., column] == coarse).sum() >= 44  # only the circle's 4 corner tokens differ
+    assert fine[..., 2].sum() == 2
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vision-stage") / "data"
+    make_shapes_dataset(out, train=8, test=4, seed=5)
+    return out
+
+
+def test_targets_follow_the_connector_order(tmp_path, qwen3_folder, shapes_data):
+    """The same weights in window and raster token order emit the same tokens in two orders; the targets
+    `encode_images` pairs with each order must pair every token with the same target."""
+    raster = tmp_path / "raster"
+    shutil.copytree(qwen3_folder, raster)
+    config = json.loads((raster / "config.json").read_text())
+    assert config["vision_config"].get("token_order", "window") == "window"
+    config["vision_config"]["token_order"] = "raster"
+    (raster / "config.json").write_text(json.dumps(config))
+    pairs = {}
+    for folder in (qwen3_folder, raster):
+        model = load_model(folder).eval()
+        # large enough that a merged grid spans several 4x4-token windows
+        processor = apply_image_settings(load_processor(folder), {"min_pixels": 256 * 256, "max_pixels": 320 * 320})
+        items = encode_images(processor, shapes_data, "test", model.config.vision_config)
+        with torch.no_grad():
+            features = [torch.cat(model.model.get_image_features(item[0], item[1], return_dict=True).pooler_output)
+                        for item in items]  # fmt: skip
+        pairs[folder.name] = [(f, item[2]) for f, item in zip(features, items)]
+    moved = checked = 0
+    for (window_features, window_targets), (raster_features, raster_targets) in zip(*pairs.values()):
+        assert window_features.shape == raster_features.shape and window_targets.shape[0] == len(window_features)
+        distance = torch.cdist(window_features, raster_features, compute_mode="donot_use_mm_for_euclid_dist")
+        nearest = distance.topk(2, largest=False)
+        (best, second), match = nearest.values.T, nearest.indices[:, 0]
+        assert (best < 1e-6).all()  # every window token is some raster token
+        # tokens over uniform background can be near twins: pair only the unambiguous ones
+        sure = second > 1e-2
+        torch.testing.assert_close(window_targets[sure, :3], raster_targets[match[sure], :3], rtol=0, atol=0)
+        moved += int((match[sure] != torch.arange(len(match))[sure]).sum())
+        checked += int(sure.sum())
+    assert checked > 0.3 * sum(len(f) for f, _ in pairs[qwen3_folder.name])
+    assert moved > 0  # the orders differ: the check above could fail
+
+
+def test_vision_stage_trains_the_vision_side_only(tmp_path, qwen3_folder, shapes_data):
+    messages = []
+    summary = train_vision_stage(qwen3_folder, shapes_data, tmp_path / "out", steps=3, batch=2, lr=1e-3,
+                                 eval_every=2, test=2, log=messages.append)  # fmt: skip
+    assert [point["step"] for point in summary["curve"]] == [2, 3] and summary["images"] == 6
+    assert set(summary["curve"][-1]) >= {"shape", "color", "background", "center", "object", "loss"}
+    assert any(m.startswith("vision stage step 3:") for m in messages)
+    before, after = load_model(qwen3_folder).state_dict(), load_model(summary["model_dir"]).state_dict()
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.vision_model.", "model.connector.")) for k in changed)
+    assert any(k.startswith("model.connector.") for k in changed)
+    for name in ("processor_config.json", "tokenizer.json", "chat_template.jinja"):
+        if (qwen3_folder / name).is_file():
+            assert (tmp_path / "out" / name).read_bytes() == (qwen3_folder / name).read_bytes(), name
+    with pytest.raises(ValueError, match="positive"):
+        train_vision_stage(qwen3_folder, shapes_data, tmp_path / "bad", steps=0)
+    assert sum(HEADS.values()) == 13
