@@ -48,6 +48,8 @@ FIRST_STAGES = {
     "one-shape": dict(kinds=("color", "shape"), max_shapes=1, target_fraction=(0.6, 0.85)),  # one large shape
     "one-shape-shape": dict(kinds=("shape",), max_shapes=1, target_fraction=(0.6, 0.85)),  # its shape alone
     "shape": dict(kinds=("shape",)),  # the task's own shape questions (1-3 shapes) alone
+    "position": dict(kinds=("position",)),  # its position questions alone
+    "count": dict(kinds=("count",)),  # its count questions alone
 }
 
 
