@@ -9,7 +9,8 @@ encoder, connector, special tokens and visual experts train, the LLM's text weig
 fresh encoder and connector at a larger learning rate) in a curriculum: `--color-steps` on color questions
 alone (the easiest way to find the image), then the rest on all four kinds (`--stages` sets several stages
 before the last: e.g. `one-shape:200,shape:1500`, color and shape of one large shape, then the task's shape
-questions alone; `FIRST_STAGES`); bf16 only where it is measured
+questions alone; `FIRST_STAGES`), optionally after a vision stage (`--vision-steps`: the encoder and connector
+trained alone on dense per-token targets, `navil_hf.tasks.vision_stage`); bf16 only where it is measured
 faster (`--precision auto`, `navil_hf.training.precision`). `--vision-preset` builds the model from the demo's
 SmolLM2 with another encoder (`none`: early fusion, no encoder layers). It measures on the held-out split:
 
@@ -25,6 +26,10 @@ SmolLM2 with another encoder (`none`: early fusion, no encoder layers). It measu
     python benchmarks/learn_shapes.py --scratch '{"hidden":128,"layers":3,"vit_width":128,"vit_layers":4}' \
         --first-stage one-shape --color-steps 750 --steps 4000 --batch 16 --train 24000 --parts full \
         --lr 1.5e-3 --learning-rates '{}' --precision fp32     # a 2.3M NaViL from scratch (~23 min, 1 thread)
+    python benchmarks/learn_shapes.py --scratch '{"hidden":128,"layers":3,"vit_width":128,"vit_layers":0}' \
+        --vision-steps 5000 --vision-lr 3e-3 --color-steps 0 --steps 4000 --batch 16 --train 20000 --parts full \
+        --lr 2e-3 --learning-rates '{"vision": 3e-4, "connector": 3e-4}' --precision fp32
+                                                            # early fusion after a vision stage (~20 min, 1 thread)
 
 Writes `WORKDIR/run-all/model` (the trained Hub folder: `navil chat --model WORKDIR/run-all/model --image
 IMG "What color is the circle?"`), `WORKDIR/results.json`, and the learning curve `--plot` (PNG).
