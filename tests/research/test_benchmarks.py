@@ -129,6 +129,7 @@ def test_learn_shapes_stages_arguments():
     args = parse(["--stages", "one-shape:200, shape:1500", "--steps", "2500"])
     assert args.stage_list == [("one-shape", 200), ("shape", 1500)] and args.color_steps == 1700
     assert parse([]).stage_list == [("color", 200)] and parse(["--color-steps", "0"]).stage_list == []
+    assert parse(["--stages", "position:10,count:20"]).stage_list == [("position", 10), ("count", 20)]
     for bad in ("nope:10", "shape:0", "shape", "shape:x", "shape:10,shape:10", "shape:600"):
         with pytest.raises(SystemExit) as exit_info:
             parse(["--stages", bad, "--steps", "600"])
