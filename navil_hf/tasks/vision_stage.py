@@ -101,10 +101,9 @@ def _forward(model, heads, items):
 def _loss(token_logits, object_logits, targets, object_targets):
     import torch.nn.functional as F
 
-    total, start = F.cross_entropy(object_logits, object_targets), 0
-    for column, classes in enumerate(HEADS.values()):
-        total = total + F.cross_entropy(token_logits[:, start : start + classes], targets[:, column])
-        start += classes
+    total = F.cross_entropy(object_logits, object_targets)
+    for column, logits in enumerate(token_logits.split(tuple(HEADS.values()), dim=-1)):
+        total = total + F.cross_entropy(logits, targets[:, column])
     return total
 
 
@@ -118,11 +117,7 @@ def token_accuracy(model, heads, items, batch: int = 32) -> dict:
     with torch.no_grad():
         for start in range(0, len(items), batch):
             token_logits, object_logits, targets, object_targets = _forward(model, heads, items[start : start + batch])
-            predicted, offset = [], 0
-            for classes in HEADS.values():
-                predicted.append(token_logits[:, offset : offset + classes].argmax(-1))
-                offset += classes
-            shape, color, center = predicted
+            shape, color, center = (logits.argmax(-1) for logits in token_logits.split(tuple(HEADS.values()), dim=-1))
             on = targets[:, 0] > 0
             for name, mask, right in (
                 ("shape", on, shape == targets[:, 0]),
