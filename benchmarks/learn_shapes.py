@@ -282,8 +282,8 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     summary = {
         "model": model_dir, "description": describe(args), "steps": args.steps, "color_steps": args.color_steps,
-        "first_stage": args.first_stage, "stages": args.stage_list, "vision_stage": vision, "scratch": args.scratch, "batch": args.batch,
-        "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
+        "first_stage": args.first_stage, "stages": args.stage_list, "vision_stage": vision, "scratch": args.scratch,
+        "batch": args.batch, "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
         "threads": torch.get_num_threads(), "baselines": baselines,

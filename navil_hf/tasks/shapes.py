@@ -211,7 +211,8 @@ def token_targets(record, merged_h: int, merged_w: int) -> np.ndarray:
     tokens of one image scale), in raster order: an int array [merged_h * merged_w, 4] of (shape: 0
     background or 1 + index in `SHAPES`; color: 0 or 1 + index in `PALETTE`; 1 if the token holds a shape's
     center, else 0; the token's shape: 0 or 1 + its index in `record["shapes"]`). A token belongs to the shape
-    covering the largest fraction of it, when that is at least `TOKEN_COVERAGE`. Dense labels for training an encoder on its own (`navil_hf.tasks.vision_stage`)."""
+    covering the largest fraction of it, when that is at least `TOKEN_COVERAGE`. Dense labels for training an
+    encoder on its own (`navil_hf.tasks.vision_stage`)."""
     width, height = record["image_size"]
     targets = np.zeros((merged_h, merged_w, 4), dtype=np.int64)
     best = np.full((merged_h, merged_w), TOKEN_COVERAGE)

@@ -81,8 +81,8 @@ def _forward(model, heads, items):
 
     pixel_values = torch.cat([item[0] for item in items])
     grid = torch.cat([item[1] for item in items])
-    inner = model.model
-    features = inner.connector(inner.vision_model(pixel_values, grid, return_dict=True).last_hidden_state)
+    # the connector's output, as the LLM would receive it (`get_image_features`), all scales in one tensor
+    features = torch.cat(model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
     targets, offset = [], 0
     for item in items:  # object numbers unique over the batch
         t = item[2].clone()
