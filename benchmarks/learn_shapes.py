@@ -45,7 +45,7 @@ import _common
 RECIPE = dict(
     train=3000, test=200, steps=600, color_steps=200, first_stage="color", batch=8, lr=5e-4, parts="stage1",
     learning_rates={"vision": 2e-3, "connector": 2e-3}, precision="auto", schedule="cosine", warmup=20,
-    eval_every=100, vision_preset=None, vision_steps=0, vision_lr=2e-3,
+    eval_every=100, vision_preset=None, vision_steps=0, vision_lr=2e-3, questions=1,
 )  # fmt: skip
 # The curriculum's first stage (`--first-stage`): `make_shapes_dataset` arguments besides train/test/seed.
 FIRST_STAGES = {
@@ -98,6 +98,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--eval-every", type=int, default=RECIPE["eval_every"], help="held-out curve point every N steps"
     )
+    parser.add_argument("--questions", type=int, default=RECIPE["questions"],
+                        help="question-and-answer turns per training image, up to (the image's own question, then "
+                        "others about it: `shapes.ask_more`; the test split keeps one)")  # fmt: skip
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--plot", default=None, help="learning-curve PNG (default: WORKDIR/learning_curve.png)")
     parser.add_argument("--seed", type=int, default=0)
@@ -134,6 +137,8 @@ def parse_args(argv=None):
             parser.error(f"--stages: {args.color_steps} steps before the last stage, --steps is {args.steps}")
     else:
         args.stage_list = [(args.first_stage, args.color_steps)] if args.color_steps else []
+    if args.questions < 1:
+        parser.error(f"--questions must be >= 1, got {args.questions}")
     if args.vision_steps < 0:
         parser.error(f"--vision-steps must be >= 0, got {args.vision_steps}")
     if not 0 <= args.color_steps < args.steps:
@@ -216,12 +221,13 @@ def main(argv=None):
     workdir = Path(args.workdir or Path(_common.ROOT).parent / "learn-shapes")
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "shapes"
-    task = make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, force=True)
+    task = make_shapes_dataset(data, train=args.train, test=args.test, seed=args.seed, questions=args.questions,
+                               force=True)  # fmt: skip
     stages = []  # (name, data folder, steps): the curriculum, the last stage on all four kinds
     for index, (name, steps) in enumerate(args.stage_list):
         folder = workdir / f"shapes-{name}"
         make_shapes_dataset(folder, train=args.train, test=0, seed=args.seed + 1 + index, force=True,
-                            **FIRST_STAGES[name])  # fmt: skip
+                            questions=args.questions, **FIRST_STAGES[name])  # fmt: skip
         stages.append((name, folder, steps))
     stages.append(("all", data, args.steps - args.color_steps))
     test_records = list(read_jsonl(data / "test.jsonl"))
@@ -285,6 +291,7 @@ def main(argv=None):
         "first_stage": args.first_stage, "stages": args.stage_list, "vision_stage": vision, "scratch": args.scratch,
         "batch": args.batch, "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
+        "questions": args.questions,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
         "threads": torch.get_num_threads(), "baselines": baselines,
         "blind_per_kind": task["blind"]["per_kind"],

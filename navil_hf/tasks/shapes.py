@@ -86,7 +86,7 @@ MIN_SHAPE_SIZE = MERGED_TOKEN  # every shape covers a token's width
 MIN_TARGET_SIZE = 40  # the shape asked about, more: most of some token whatever its offset
 # The target of a position question lies in one half of the image, GAP clear of the midline.
 MIN_IMAGE_SIDE = 2 * (MIN_TARGET_SIZE + GAP)
-SPLIT_STREAMS = {"train": 0, "test": 1}
+SPLIT_STREAMS = {"train": 0, "test": 1, "more questions": 2}
 _NUMBER_WORDS = {"one": "1", "two": "2", "three": "3"}
 _OWN_IMAGE = re.compile(r"(train|test)_\d+\.png")
 
@@ -348,6 +348,68 @@ def _generate_split(
     return records, digests
 
 
+def all_questions(record) -> list[tuple[str, str, str]]:
+    """Every question the generator could ask about a record's image, by its own rules, with its answer:
+    a list of (kind, question, answer). `count` always; `color` of the only shape or of the only shape of
+    its kind; `shape` of the only shape of its color; `position` of a shape named as `_scene` names it (by
+    color or kind where that is unique; "shape" when it is alone) when the whole shape lies in one half of
+    the image, GAP clear of the midline."""
+    shapes = record["shapes"]
+    width, height = record["image_size"]
+    n = len(shapes)
+    shape_counts = Counter(s["shape"] for s in shapes)
+    color_counts = Counter(s["color"] for s in shapes)
+    out = [("count", "How many shapes are there?", str(n))]
+    for s in shapes:
+        if n == 1:
+            out.append(("color", "What color is the shape?", s["color"]))
+        elif shape_counts[s["shape"]] == 1:
+            out.append(("color", f"What color is the {s['shape']}?", s["color"]))
+        if color_counts[s["color"]] == 1:
+            out.append(("shape", f"What shape is the {s['color']} object?", s["shape"]))
+        refs = [f"{s['color']} shape"] if color_counts[s["color"]] == 1 else []
+        if n == 1:
+            refs.append("shape")
+        elif shape_counts[s["shape"]] == 1:
+            refs.append(s["shape"])
+        x0, y0, x1, y1 = s["bbox"]
+        for first, last, side, (low, high), question in (
+            (x0, x1, width, ("left", "right"), "Is the {} on the left or the right?"),
+            (y0, y1, height, ("top", "bottom"), "Is the {} at the top or the bottom?"),
+        ):
+            half = side // 2
+            answer = low if last <= half - 1 - GAP else high if first >= side - half + GAP else None
+            if answer is not None:
+                out += [("position", question.format(ref), answer) for ref in refs]
+    return out
+
+
+def ask_more(record, questions: int, rng, kinds=KINDS) -> dict:
+    """`record` with up to `questions - 1` more question-and-answer turns about its image after its own
+    (`all_questions` of `kinds`, without its own question; the kinds taken in turn, in an order `rng` draws, one
+    question of each, so that the turns spread over the kinds): more to learn from per image encoded.
+    The record's own `question`, `answer` and `kind` stay those of its first turn."""
+    own = record["question"]
+    by_kind = defaultdict(list)
+    for kind, question, answer in all_questions(record):
+        if question != own and question not in {q for q, _ in by_kind[kind]}:
+            by_kind[kind].append((question, answer))
+    kinds = [k for k in kinds if by_kind[k]]
+    rng.shuffle(kinds)
+    extra = []
+    while len(extra) < questions - 1 and any(by_kind[k] for k in kinds):
+        for kind in kinds:
+            if by_kind[kind] and len(extra) < questions - 1:
+                extra.append(by_kind[kind].pop(int(rng.integers(len(by_kind[kind])))))
+    messages = list(record["messages"])
+    for question, answer in extra:
+        messages += [
+            {"role": "user", "content": [{"type": "text", "text": f"{question} {ANSWER_HINT}"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+    return {**record, "messages": messages}
+
+
 # ---------------------------------------------------------------------------------------------- dataset
 
 
@@ -389,6 +451,7 @@ def make_shapes_dataset(
     kinds: tuple[str, ...] = KINDS,
     max_shapes: int = MAX_SHAPES,
     target_fraction: tuple[float, float] = TARGET_FRACTION,
+    questions: int = 1,
     force: bool = False,
 ) -> dict:
     """Write the dataset into `out_dir` (see the module docstring) and return its summary.
@@ -397,7 +460,10 @@ def make_shapes_dataset(
     `side_multiple` in that range (any length in it when there is none). `kinds` are the question kinds, in
     equal numbers per split; `max_shapes` (1 to 3) the most shapes in an image (1: one shape, the easiest
     task: "What color is the shape?", ...); `target_fraction` the range of the asked-about shape's side as a
-    fraction of the image's short side (never under `MIN_TARGET_SIZE`; only one shape fits beyond 0.5). Raises FileExistsError when `out_dir` is a file or a non-empty folder (unless
+    fraction of the image's short side (never under `MIN_TARGET_SIZE`; only one shape fits beyond 0.5);
+    `questions` the question-and-answer turns of each train record, up to (`ask_more`: the record's own
+    question first, then others about the same image; the images and the test split are the same for any
+    value). Raises FileExistsError when `out_dir` is a file or a non-empty folder (unless
     `force`: then the files of a previous run are replaced and anything else is kept) and ValueError for bad
     arguments.
 
@@ -418,6 +484,8 @@ def make_shapes_dataset(
         raise ValueError(
             f"target_fraction must be 0 < lo <= hi < 1 (hi <= 0.5 with several shapes), got {target_fraction!r}"
         )
+    if not isinstance(questions, int) or questions < 1:
+        raise ValueError(f"questions must be a positive int, got {questions!r}")
     if max_shapes not in range(1, MAX_SHAPES + 1) or ("count" in kinds and max_shapes < 2):
         raise ValueError(f"max_shapes must be 1 to {MAX_SHAPES} (at least 2 with count questions), got {max_shapes!r}")
     sides = _image_sides(image_size, side_multiple)
@@ -431,6 +499,9 @@ def make_shapes_dataset(
     test_records, _ = _generate_split(
         out_dir, "test", test, seed, sides, kinds, train_digests, max_shapes, tuple(target_fraction)
     )
+    if questions > 1:
+        rng = np.random.default_rng([seed, SPLIT_STREAMS["more questions"]])
+        train_records = [ask_more(record, questions, rng, kinds) for record in train_records]
     _write_jsonl(out_dir / "train.jsonl", train_records)
     _write_jsonl(out_dir / "test.jsonl", test_records)
     params = {
@@ -445,6 +516,7 @@ def make_shapes_dataset(
         "kinds": list(kinds),
         "max_shapes": max_shapes,
         "target_fraction": list(target_fraction),
+        "questions": questions,
         "min_shape_size": MIN_SHAPE_SIZE,
         "min_target_size": MIN_TARGET_SIZE,
         "palette": {name: list(rgb) for name, rgb in PALETTE.items()},
@@ -629,6 +701,8 @@ def build_parser():
         help=f"range of each image side in pixels, multiples of {SIDE_MULTIPLE} (default "
         f"{DEFAULT_IMAGE_SIZE[0]} {DEFAULT_IMAGE_SIZE[1]}, at least {MIN_IMAGE_SIDE})",
     )
+    parser.add_argument("--questions", type=int, default=1, metavar="Q",
+                        help="question-and-answer turns per train image, up to (default 1)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
@@ -661,6 +735,7 @@ def main(argv=None) -> int:
             test=args.test,
             seed=args.seed,
             image_size=tuple(args.image_size),
+            questions=args.questions,
             force=args.force,
         )
     except (FileExistsError, ValueError, OSError) as e:

@@ -155,7 +155,8 @@ def test_learn_shapes_stages_run(tmp_path, qwen3_folder):
 @pytest.mark.slow
 def test_learn_shapes_vision_stage_run(tmp_path, qwen3_folder):
     """`--vision-steps`: the encoder and connector train alone first (`navil_hf.tasks.vision_stage`) into
-    WORKDIR/model-vision, and the LLM stages start from that folder; a negative count is exit 2."""
+    WORKDIR/model-vision, and the LLM stages start from that folder; `--questions 3`: the training records
+    carry more turns, the test records one; a negative count is exit 2."""
     import json
 
     import torch
@@ -164,16 +165,25 @@ def test_learn_shapes_vision_stage_run(tmp_path, qwen3_folder):
 
     work = tmp_path / "work"
     summary = _script("learn_shapes").main(["--quick", "--model", str(qwen3_folder), "--workdir", str(work),
-                                            "--vision-steps", "2"])  # fmt: skip
+                                            "--vision-steps", "2", "--questions", "3"])  # fmt: skip
     vision = summary["vision_stage"]
     assert vision["steps"] == 2 and vision["model_dir"] == str(work / "model-vision") == summary["model"]
     assert [point["step"] for point in vision["curve"]] == [1, 2] and vision["seconds"] <= summary["train_seconds"]
     before, after = load_model(qwen3_folder).state_dict(), load_model(work / "model-vision").state_dict()
     assert not torch.equal(before["model.connector.linear_1.weight"], after["model.connector.linear_1.weight"])
+    from navil_hf.tasks.shapes import read_jsonl
+
+    assert summary["questions"] == 3
+    for split, turns in (("train", {2, 3}), ("test", {1})):
+        assert {len(r["messages"]) // 2 for r in read_jsonl(work / "shapes" / f"{split}.jsonl")} <= turns | {1}
+    assert max(len(r["messages"]) for r in read_jsonl(work / "shapes" / "train.jsonl")) == 6
     config = json.loads((work / "run-color" / "model" / "config.json").read_text())
     assert config["model_type"] == "navil"
     with pytest.raises(SystemExit) as exit_info:
         _script("learn_shapes").parse_args(["--vision-steps", "-1"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        _script("learn_shapes").parse_args(["--questions", "0"])
     assert exit_info.value.code == 2
 
 

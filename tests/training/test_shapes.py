@@ -98,33 +98,93 @@ def test_answers_agree_with_the_pixels(dataset):
             if not any(in_box(x, y, s["bbox"]) for s in drawn):
                 distance = min(np.linalg.norm(pixels[y, x].astype(float) - c) for c in PALETTE.values())
                 assert distance > 50
-        question, answer, target = record["question"], record["answer"], drawn[0]
-        kind = record["kind"]
-        if kind == "count":
-            assert answer == str(len(drawn))
-        elif kind == "color":
-            assert answer == target["color"]
-            if len(drawn) == 1:
-                assert question == "What color is the shape?"
-            else:
-                assert question == f"What color is the {target['shape']}?"
-                assert [s["shape"] for s in drawn].count(target["shape"]) == 1
-        elif kind == "shape":
-            assert question == f"What shape is the {target['color']} object?" and answer == target["shape"]
+        assert_answer(record["kind"], record["question"], record["answer"], drawn, drawn[0], width, height)
+
+
+def assert_answer(kind, question, answer, drawn, target, width, height):
+    """`answer` is right for `question` about the shapes `drawn`, `target` the one it asks about."""
+    if kind == "count":
+        assert answer == str(len(drawn))
+    elif kind == "color":
+        assert answer == target["color"]
+        if len(drawn) == 1:
+            assert question == "What color is the shape?"
+        else:
+            assert question == f"What color is the {target['shape']}?"
+            assert [s["shape"] for s in drawn].count(target["shape"]) == 1
+    elif kind == "shape":
+        assert question == f"What shape is the {target['color']} object?" and answer == target["shape"]
+        assert [s["color"] for s in drawn].count(target["color"]) == 1
+    else:
+        x0, y0, x1, y1 = target["bbox"]
+        half = {"left": x1 < width // 2, "right": x0 >= width - width // 2}
+        half |= {"top": y1 < height // 2, "bottom": y0 >= height - height // 2}
+        assert half[answer]
+        axis = "on the left or the right" if answer in ("left", "right") else "at the top or the bottom"
+        ref = question.removeprefix("Is the ").removesuffix(f" {axis}?")
+        if ref == "shape":
+            assert len(drawn) == 1
+        elif ref == f"{target['color']} shape":
             assert [s["color"] for s in drawn].count(target["color"]) == 1
         else:
-            x0, y0, x1, y1 = target["bbox"]
-            half = {"left": x1 < width // 2, "right": x0 >= width - width // 2}
-            half |= {"top": y1 < height // 2, "bottom": y0 >= height - height // 2}
-            assert half[answer]
-            axis = "on the left or the right" if answer in ("left", "right") else "at the top or the bottom"
-            ref = question.removeprefix("Is the ").removesuffix(f" {axis}?")
-            if ref == "shape":
-                assert len(drawn) == 1
-            elif ref == f"{target['color']} shape":
-                assert [s["color"] for s in drawn].count(target["color"]) == 1
-            else:
-                assert ref == target["shape"] and [s["shape"] for s in drawn].count(ref) == 1
+            assert ref == target["shape"] and [s["shape"] for s in drawn].count(ref) == 1
+
+
+def asked_about(kind, question, drawn):
+    """The shape a question names (the first one for a count)."""
+    if kind == "count" or len(drawn) == 1:
+        return drawn[0]
+    named = [s for s in drawn if f" {s['color']} " in question or f" {s['shape']}?" in question
+             or f" {s['shape']} " in question]  # fmt: skip
+    assert len(named) == 1, (question, drawn)
+    return named[0]
+
+
+def test_more_questions_per_train_image(dataset, tmp_path):
+    """`questions=4`: the same images and test split; each train record keeps its own question first and
+    adds up to three others about its image, each right by the pixels' geometry, spread over the kinds."""
+    out, _ = dataset
+    more = tmp_path / "more"
+    summary = make_shapes_dataset(more, **SMALL, questions=4)
+    first, second = files(out), files(more)
+    assert {k: v for k, v in first.items() if k not in ("meta.json", "train.jsonl")} == {
+        k: v for k, v in second.items() if k not in ("meta.json", "train.jsonl")
+    }
+    assert summary["blind"] == make_shapes_dataset(tmp_path / "again", **SMALL)["blind"]
+    turns, kinds = [], set()
+    for single, record in zip(read_jsonl(out / "train.jsonl"), read_jsonl(more / "train.jsonl"), strict=True):
+        messages = record["messages"]
+        assert messages[:2] == single["messages"] and {**record, "messages": None} == {**single, "messages": None}
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        turns.append(len(messages) // 2)
+        width, height = record["image_size"]
+        asked = [single["question"]]
+        for user, assistant in zip(messages[2::2], messages[3::2]):
+            (item,) = user["content"]  # text only: the image is the first turn's
+            question = item["text"].removesuffix(f" {shapes.ANSWER_HINT}")
+            (answer,) = (c["text"] for c in assistant["content"])
+            kind = next(k for k in KINDS if answer in ANSWERS[k])
+            drawn = record["shapes"]
+            assert_answer(kind, question, answer, drawn, asked_about(kind, question, drawn), width, height)
+            assert question not in asked
+            asked.append(question)
+            kinds.add(kind)
+    # one turn only where nothing else can be asked (e.g. a count of two red circles)
+    assert max(turns) == 4 and sum(t >= 3 for t in turns) >= 0.75 * len(turns) and kinds == set(KINDS)
+    # fewer kinds: the extra questions are of those kinds only
+    color_shape = make_shapes_dataset(tmp_path / "cs", **SMALL, kinds=("color", "shape"), questions=3)
+    assert color_shape["params"]["questions"] == 3
+    for record in read_jsonl(tmp_path / "cs" / "train.jsonl"):
+        for assistant in record["messages"][1::2]:
+            assert assistant["content"][0]["text"] in ANSWERS["color"] + ANSWERS["shape"]
+    with pytest.raises(ValueError, match="questions must be a positive int"):
+        make_shapes_dataset(tmp_path / "bad", **SMALL, questions=0)
+
+
+def test_all_questions_holds_each_record_own_question(dataset):
+    out, _ = dataset
+    for record in read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl"):
+        assert (record["kind"], record["question"], record["answer"]) in shapes.all_questions(record)
 
 
 def test_splits_are_balanced_and_disjoint(dataset):
