@@ -20,7 +20,10 @@ writes
   where a model stays blind);
 * `OUT_DIR/train.jsonl` and `OUT_DIR/test.jsonl`: one record per image, in the transformers chat format
   (`messages`, with the image path relative to the jsonl file's folder) plus `answer`, `kind`, `question`
-  and what was drawn (`shapes`: shape, color, rgb, center [x, y], size, bbox [x0, y0, x1, y1] inclusive);
+  and what was drawn (`shapes`: shape, color, rgb, center [x, y], size, bbox [x0, y0, x1, y1] inclusive).
+  With `questions` Q > 1 (`--questions`) each train record carries up to Q question-and-answer turns about
+  its image (`ask_more`: its own question first, then others from `all_questions`), more to learn from per
+  image encoded; the images and the test split stay the same;
 * `OUT_DIR/meta.json`: the generation parameters and the summary that `make_shapes_dataset` returns.
 
 Question kinds (`KINDS`) and their closed answer sets (`ANSWERS`):
@@ -354,51 +357,62 @@ def all_questions(record) -> list[tuple[str, str, str]]:
     its kind; `shape` of the only shape of its color; `position` of a shape named as `_scene` names it (by
     color or kind where that is unique; "shape" when it is alone) when the whole shape lies in one half of
     the image, GAP clear of the midline."""
+    return [(kind, question, answer) for kind, question, answer, _ in _questions(record)]
+
+
+def _questions(record):
+    """`all_questions`, each with what it asks about: (kind,), (kind, shape index) or, for a position, (kind,
+    shape index, axis). Questions with the same subject differ only in how they name the shape."""
     shapes = record["shapes"]
     width, height = record["image_size"]
     n = len(shapes)
     shape_counts = Counter(s["shape"] for s in shapes)
     color_counts = Counter(s["color"] for s in shapes)
-    out = [("count", "How many shapes are there?", str(n))]
-    for s in shapes:
+    out = [("count", "How many shapes are there?", str(n), ("count",))]
+    for i, s in enumerate(shapes):
         if n == 1:
-            out.append(("color", "What color is the shape?", s["color"]))
+            out.append(("color", "What color is the shape?", s["color"], ("color", i)))
         elif shape_counts[s["shape"]] == 1:
-            out.append(("color", f"What color is the {s['shape']}?", s["color"]))
+            out.append(("color", f"What color is the {s['shape']}?", s["color"], ("color", i)))
         if color_counts[s["color"]] == 1:
-            out.append(("shape", f"What shape is the {s['color']} object?", s["shape"]))
+            out.append(("shape", f"What shape is the {s['color']} object?", s["shape"], ("shape", i)))
         refs = [f"{s['color']} shape"] if color_counts[s["color"]] == 1 else []
         if n == 1:
             refs.append("shape")
         elif shape_counts[s["shape"]] == 1:
             refs.append(s["shape"])
         x0, y0, x1, y1 = s["bbox"]
-        for first, last, side, (low, high), question in (
-            (x0, x1, width, ("left", "right"), "Is the {} on the left or the right?"),
-            (y0, y1, height, ("top", "bottom"), "Is the {} at the top or the bottom?"),
+        for axis, first, last, side, (low, high), question in (
+            ("x", x0, x1, width, ("left", "right"), "Is the {} on the left or the right?"),
+            ("y", y0, y1, height, ("top", "bottom"), "Is the {} at the top or the bottom?"),
         ):
             half = side // 2
             answer = low if last <= half - 1 - GAP else high if first >= side - half + GAP else None
             if answer is not None:
-                out += [("position", question.format(ref), answer) for ref in refs]
+                out += [("position", question.format(ref), answer, ("position", i, axis)) for ref in refs]
     return out
 
 
 def ask_more(record, questions: int, rng, kinds=KINDS) -> dict:
-    """`record` with up to `questions - 1` more question-and-answer turns about its image after its own
-    (`all_questions` of `kinds`, without its own question; the kinds taken in turn, in an order `rng` draws, one
-    question of each, so that the turns spread over the kinds): more to learn from per image encoded.
-    The record's own `question`, `answer` and `kind` stay those of its first turn."""
-    own = record["question"]
-    by_kind = defaultdict(list)
-    for kind, question, answer in all_questions(record):
-        if question != own and question not in {q for q, _ in by_kind[kind]}:
-            by_kind[kind].append((question, answer))
-    kinds = [k for k in kinds if by_kind[k]]
-    rng.shuffle(kinds)
+    """`record` with up to `questions - 1` more question-and-answer turns about its image after its own: from
+    `all_questions` of `kinds`, never two about the same thing (the same shape's color twice, named by color
+    and by kind, say: the second could copy the first's answer), the kinds taken in turn, in an order `rng`
+    draws, so that the turns spread over them. More to learn from per image encoded. The record's own
+    `question`, `answer` and `kind` stay those of its first turn."""
+    candidates = _questions(record)
+    asked = {subject for _, question, _, subject in candidates if question == record["question"]}
+    by_subject = defaultdict(list)
+    for kind, question, answer, subject in candidates:
+        if kind in kinds and subject not in asked:
+            by_subject[subject].append((question, answer))
+    by_kind = defaultdict(list)  # one question per subject, its naming drawn at random
+    for subject, options in by_subject.items():
+        by_kind[subject[0]].append(options[int(rng.integers(len(options)))])
+    order = [k for k in kinds if by_kind[k]]
+    rng.shuffle(order)
     extra = []
-    while len(extra) < questions - 1 and any(by_kind[k] for k in kinds):
-        for kind in kinds:
+    while len(extra) < questions - 1 and any(by_kind[k] for k in order):
+        for kind in order:
             if by_kind[kind] and len(extra) < questions - 1:
                 extra.append(by_kind[kind].pop(int(rng.integers(len(by_kind[kind])))))
     messages = list(record["messages"])

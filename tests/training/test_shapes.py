@@ -140,9 +140,16 @@ def asked_about(kind, question, drawn):
     return named[0]
 
 
+def subject(kind, question, answer, drawn):
+    """What a question asks about: the kind, the shape (by index) and, for a position, the axis."""
+    axis = ("x" if answer in ("left", "right") else "y") if kind == "position" else None
+    return kind, None if kind == "count" else drawn.index(asked_about(kind, question, drawn)), axis
+
+
 def test_more_questions_per_train_image(dataset, tmp_path):
     """`questions=4`: the same images and test split; each train record keeps its own question first and
-    adds up to three others about its image, each right by the pixels' geometry, spread over the kinds."""
+    adds up to three others about its image, each right by the pixels' geometry and about something not asked
+    yet (not the same shape's color twice under two names, say), spread over the kinds."""
     out, _ = dataset
     more = tmp_path / "more"
     summary = make_shapes_dataset(more, **SMALL, questions=4)
@@ -159,6 +166,7 @@ def test_more_questions_per_train_image(dataset, tmp_path):
         turns.append(len(messages) // 2)
         width, height = record["image_size"]
         asked = [single["question"]]
+        subjects = {subject(single["kind"], single["question"], single["answer"], record["shapes"])}
         for user, assistant in zip(messages[2::2], messages[3::2]):
             (item,) = user["content"]  # text only: the image is the first turn's
             question = item["text"].removesuffix(f" {shapes.ANSWER_HINT}")
@@ -168,6 +176,8 @@ def test_more_questions_per_train_image(dataset, tmp_path):
             assert_answer(kind, question, answer, drawn, asked_about(kind, question, drawn), width, height)
             assert question not in asked
             asked.append(question)
+            assert subject(kind, question, answer, drawn) not in subjects
+            subjects.add(subject(kind, question, answer, drawn))
             kinds.add(kind)
     # one turn only where nothing else can be asked (e.g. a count of two red circles)
     assert max(turns) == 4 and sum(t >= 3 for t in turns) >= 0.75 * len(turns) and kinds == set(KINDS)
