@@ -25,6 +25,11 @@ import numpy as np
 from .shapes import PALETTE, SHAPES, read_jsonl, token_targets
 
 HEADS = {"shape": 1 + len(SHAPES), "color": 1 + len(PALETTE), "center": 2}  # classes per target column
+# With `through_llm`, also each token's column and row in its scale's grid (capped at MAX_GRID - 1), read
+# from the LLM's output at the token's slot: the token's absolute place, which its own features do not hold
+# (the encoder's 2D RoPE is relative) but the LLM can find from the layout tokens before it.
+MAX_GRID = 16
+PLACE_HEADS = {"column": MAX_GRID, "row": MAX_GRID}
 
 
 def connector_order(merged_h: int, merged_w: int, vision_config) -> np.ndarray:
@@ -38,11 +43,16 @@ def connector_order(merged_h: int, merged_w: int, vision_config) -> np.ndarray:
 
 
 def encode_images(processor, data_dir, split: str, vision_config, count: int | None = None) -> list[tuple]:
-    """The first `count` images of `data_dir/split.jsonl` as (pixel_values, image_grid_thw, targets [tokens, 4]
-    in the connector's order, all scales; the last column numbers the objects (a shape at one scale) from 1,
-    0 for none), the shape class (index in `SHAPES`) of each object)."""
+    """The first `count` images of `data_dir/split.jsonl` as (pixel_values, image_grid_thw, targets [tokens, 6]
+    in the connector's order, all scales (`token_targets`' 4 columns, the fourth numbering the objects (a shape
+    at one scale) from 1, 0 for none; then the column and the row of the image region the token holds), the
+    shape class (index in `SHAPES`) of each object, the image's token ids as the prompt lays them out)."""
     import torch
     from PIL import Image
+
+    from image_processing_navil import IMAGE_LAYOUT_TOKENS, image_tokens
+
+    layout_ids = processor.tokenizer.convert_tokens_to_ids(list(IMAGE_LAYOUT_TOKENS))
 
     data_dir = Path(data_dir)
     records = read_jsonl(data_dir / f"{split}.jsonl")[:count]
@@ -55,7 +65,9 @@ def encode_images(processor, data_dir, split: str, vision_config, count: int | N
         targets, objects = [], []
         for _, h, w in grid.tolist():
             mh, mw = h // merge, w // merge
-            scale = token_targets(record, mh, mw)[connector_order(mh, mw, vision_config)]
+            order = connector_order(mh, mw, vision_config)
+            place = np.stack([order % mw, order // mw], axis=1).clip(max=MAX_GRID - 1)
+            scale = np.concatenate([token_targets(record, mh, mw)[order], place], axis=1)
             present = sorted(set(scale[:, 3].tolist()) - {0})
             renumber = np.zeros(len(record["shapes"]) + 1, dtype=np.int64)
             for index in present:
@@ -69,20 +81,44 @@ def encode_images(processor, data_dir, split: str, vision_config, count: int | N
                 grid,
                 torch.from_numpy(np.concatenate(targets)),
                 torch.tensor(objects, dtype=torch.long),
+                torch.tensor(image_tokens(grid.tolist(), merge, tokens=layout_ids)),
             )
         )
     return out
 
 
+def _object_means(features, object_ids, count):
+    """The mean of `features` over each object's tokens (`object_ids`: 1-based per token, 0 for none)."""
+    import torch
+
+    on = object_ids > 0
+    ids = object_ids[on] - 1
+    sums = features.new_zeros(count, features.shape[-1]).index_add(0, ids, features[on])
+    return sums / torch.bincount(ids, minlength=count).clamp(min=1).unsqueeze(-1)
+
+
+def _llm_image_states(model, pixel_values, grid, items):
+    """The LLM's last hidden state at every `<IMG_CONTEXT>` slot of the images alone (each as the prompt lays
+    it out, right-padded into one batch), in the connector's token order."""
+    import torch
+
+    ids = torch.nn.utils.rnn.pad_sequence([item[4] for item in items], batch_first=True, padding_value=0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(item[4]) for item in items], batch_first=True)
+    num_scales = torch.tensor([len(item[1]) for item in items])
+    out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
+                      num_scales=num_scales, use_cache=False, return_dict=True)  # fmt: skip
+    return out.last_hidden_state[(ids == model.config.image_token_id) & mask.bool()]
+
+
 def _forward(model, heads, items):
-    """(token logits [T, sum(HEADS)], object logits [objects, len(SHAPES)], token targets [T, 4], object
-    targets): the object logits from the mean of the connector's output over each object's tokens."""
+    """Logits and targets of a batch: `token` [T, sum(HEADS)] and `object` [objects, len(SHAPES)] from the
+    connector's output (the object logits from the mean over each object's tokens), and with `llm` heads
+    (`through_llm`) `llm_token` [T, sum(HEADS) + sum(PLACE_HEADS)] and `llm_object` from the LLM's output at
+    the image slots; `targets` [T, 6], `object_targets`."""
     import torch
 
     pixel_values = torch.cat([item[0] for item in items])
     grid = torch.cat([item[1] for item in items])
-    # the connector's output, as the LLM would receive it (`get_image_features`), all scales in one tensor
-    features = torch.cat(model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
     targets, offset = [], 0
     for item in items:  # object numbers unique over the batch
         t = item[2].clone()
@@ -90,48 +126,72 @@ def _forward(model, heads, items):
         targets.append(t)
         offset += len(item[3])
     targets = torch.cat(targets)
-    on = targets[:, 3] > 0
-    ids = targets[on, 3] - 1
-    sums = features.new_zeros(offset, features.shape[-1]).index_add(0, ids, features[on])
-    counts = torch.bincount(ids, minlength=offset).clamp(min=1).unsqueeze(-1)
-    token_head, object_head = heads
-    return token_head(features), object_head(sums / counts), targets, torch.cat([item[3] for item in items])
+    out = {"targets": targets, "object_targets": torch.cat([item[3] for item in items])}
+    if "llm_token" in heads:
+        states = _llm_image_states(model, pixel_values, grid, items)
+        out["llm_token"] = heads["llm_token"](states)
+        out["llm_object"] = heads["llm_object"](_object_means(states, targets[:, 3], offset))
+    # the connector's output, as the LLM would receive it (`get_image_features`), all scales in one tensor
+    features = torch.cat(model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
+    out["token"] = heads["token"](features)
+    out["object"] = heads["object"](_object_means(features, targets[:, 3], offset))
+    return out
 
 
-def _loss(token_logits, object_logits, targets, object_targets):
+def _split_token_logits(logits):
+    """Per target column (`HEADS`, then `PLACE_HEADS` where the logits hold them), its logits."""
+    sizes = tuple(HEADS.values())
+    if logits.shape[-1] > sum(sizes):
+        sizes += tuple(PLACE_HEADS.values())
+    return logits.split(sizes, dim=-1)
+
+
+def _loss(out):
     import torch.nn.functional as F
 
-    total = F.cross_entropy(object_logits, object_targets)
-    for column, logits in enumerate(token_logits.split(tuple(HEADS.values()), dim=-1)):
-        total = total + F.cross_entropy(logits, targets[:, column])
+    targets = out["targets"]
+    total = 0
+    for prefix in ("", "llm_"):
+        if prefix + "token" not in out:
+            continue
+        total = total + F.cross_entropy(out[prefix + "object"], out["object_targets"])
+        columns = [0, 1, 2, 4, 5]
+        for column, logits in zip(columns, _split_token_logits(out[prefix + "token"])):
+            total = total + F.cross_entropy(logits, targets[:, column])
     return total
 
 
 def token_accuracy(model, heads, items, batch: int = 32) -> dict:
     """Held-out accuracy of the heads: `shape` and `color` over the tokens a shape covers, `background` over
     the others (shape column 0 predicted), `center` over the tokens holding a shape's center, `object` the
-    object head's shape over the objects."""
+    object head's shape over the objects; with LLM heads (`through_llm`) also, read from the LLM's output,
+    `llm_shape`, `llm_object`, and `column` and `row` over all tokens."""
     import torch
 
-    hits = {"shape": [0, 0], "color": [0, 0], "background": [0, 0], "center": [0, 0], "object": [0, 0]}
+    hits = {}
+
+    def count(name, mask, right):
+        total = hits.setdefault(name, [0, 0])
+        total[0] += int((right & mask).sum())
+        total[1] += int(mask.sum())
+
     with torch.no_grad():
         for start in range(0, len(items), batch):
-            token_logits, object_logits, targets, object_targets = _forward(model, heads, items[start : start + batch])
-            shape, color, center = (logits.argmax(-1) for logits in token_logits.split(tuple(HEADS.values()), dim=-1))
-            on = targets[:, 0] > 0
-            for name, mask, right in (
-                ("shape", on, shape == targets[:, 0]),
-                ("color", on, color == targets[:, 1]),
-                ("background", ~on, shape == 0),
-                ("center", targets[:, 2] == 1, center == 1),
-                (
-                    "object",
-                    torch.ones_like(object_targets, dtype=torch.bool),
-                    object_logits.argmax(-1) == object_targets,
-                ),
-            ):
-                hits[name][0] += int((right & mask).sum())
-                hits[name][1] += int(mask.sum())
+            out = _forward(model, heads, items[start : start + batch])
+            targets, objects = out["targets"], out["object_targets"]
+            on, every = targets[:, 0] > 0, torch.ones_like(targets[:, 0], dtype=torch.bool)
+            shape, color, center = (logits.argmax(-1) for logits in _split_token_logits(out["token"]))
+            count("shape", on, shape == targets[:, 0])
+            count("color", on, color == targets[:, 1])
+            count("background", ~on, shape == 0)
+            count("center", targets[:, 2] == 1, center == 1)
+            count("object", torch.ones_like(objects, dtype=torch.bool), out["object"].argmax(-1) == objects)
+            if "llm_token" in out:
+                shape, _, _, column, row = (logits.argmax(-1) for logits in _split_token_logits(out["llm_token"]))
+                count("llm_shape", on, shape == targets[:, 0])
+                count("llm_object", torch.ones_like(objects, dtype=torch.bool), out["llm_object"].argmax(-1) == objects)
+                count("column", every, column == targets[:, 4])
+                count("row", every, row == targets[:, 5])
     return {name: round(right / max(total, 1), 4) for name, (right, total) in hits.items()}
 
 
@@ -147,12 +207,17 @@ def train_vision_stage(
     seed: int = 0,
     eval_every: int = 200,
     test: int = 200,
+    through_llm: bool = False,
     log=print,
 ) -> dict:
     """Train the encoder and connector of the NaViL Hub folder `model_dir` for `steps` steps of `batch`
     images of the shapes dataset `data_dir` (its train split; `steps * batch` images at most, drawn at
     random) on the dense targets above, AdamW at `lr` with a linear warm-up and a cosine decay, and write
-    the folder with the trained weights (everything else as it was) to `out_dir`. Returns a summary: the
+    the folder with the trained weights (everything else as it was) to `out_dir`. With `through_llm` the
+    LLM's visual path trains too (its visual experts and special-token rows, `navil_hf.training.parts`;
+    the model must have experts): a second set of heads reads the LLM's output at each image slot, the
+    image alone in the prompt's layout, and also predicts the token's column and row (`PLACE_HEADS`), so
+    that the visual tokens enter the LLM stages knowing where they are. Returns a summary: the
     held-out token accuracy (`token_accuracy`, `test` images of the test split) every `eval_every` steps
     and at the end, the seconds, the output folder. The images are encoded once and held in memory (about
     250 KB each at the demo's image settings: 5 GB for 20000)."""
@@ -161,6 +226,7 @@ def train_vision_stage(
 
     from ..folders import staged_folder
     from ..hub import write_hub_folder
+    from ..training.parts import set_trainable
     from ..training.train import load_model, load_processor
 
     if steps < 1 or batch < 1:
@@ -168,16 +234,24 @@ def train_vision_stage(
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = load_model(model_dir)
+    if through_llm and not model.config.text_config.visual_experts:
+        raise ValueError("through_llm trains the LLM's visual experts, and this model has none")
     processor = load_processor(model_dir)
     vision_config = model.config.vision_config
     train_items = encode_images(processor, data_dir, "train", vision_config, count=steps * batch)
     test_items = encode_images(processor, data_dir, "test", vision_config, count=test)
     log(f"vision stage: {len(train_items)} training and {len(test_items)} held-out images encoded "
         f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
-    inner = model.model
     hidden = model.config.text_config.hidden_size
-    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, sum(HEADS.values())), torch.nn.Linear(hidden, len(SHAPES))])
-    params = [*inner.vision_model.parameters(), *inner.connector.parameters(), *heads.parameters()]
+    heads = torch.nn.ModuleDict({"token": torch.nn.Linear(hidden, sum(HEADS.values())),
+                                 "object": torch.nn.Linear(hidden, len(SHAPES))})  # fmt: skip
+    parts = ("vision", "connector")
+    if through_llm:
+        parts += ("special_tokens", "visual_experts")
+        heads["llm_token"] = torch.nn.Linear(hidden, sum(HEADS.values()) + sum(PLACE_HEADS.values()))
+        heads["llm_object"] = torch.nn.Linear(hidden, len(SHAPES))
+    set_trainable(model, parts)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def rate(step):  # step counts from 0
@@ -189,7 +263,7 @@ def train_vision_stage(
     model.train()
     for step in range(1, steps + 1):
         picks = torch.randint(len(train_items), (batch,), generator=generator).tolist()
-        loss = _loss(*_forward(model, heads, [train_items[i] for i in picks]))
+        loss = _loss(_forward(model, heads, [train_items[i] for i in picks]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -208,12 +282,13 @@ def train_vision_stage(
     except OSError:
         generation_config = None
     card = (
-        f"# NaViL with a pretrained vision side\n\n`{Path(model_dir).name}` with its encoder and connector trained "
-        f"alone for {steps} steps on dense shapes-task targets (`navil_hf.tasks.vision_stage`).\n"
+        f"# NaViL with a pretrained vision side\n\n`{Path(model_dir).name}` with its encoder and connector"
+        + (" and the LLM's visual path" if through_llm else "")
+        + f" trained alone for {steps} steps on dense shapes-task targets (`navil_hf.tasks.vision_stage`).\n"
     )
     out = Path(out_dir)
     with staged_folder(out, force=True) as tmp:
         write_hub_folder(model, model.config, processor.tokenizer, tmp, processor=processor,
                          generation_config=generation_config, model_card=card)  # fmt: skip
-    return {"steps": steps, "batch": batch, "lr": lr, "images": len(train_items), "curve": curve,
+    return {"steps": steps, "batch": batch, "lr": lr, "through_llm": through_llm, "images": len(train_items), "curve": curve,
             "seconds": round(time.perf_counter() - started, 1), "model_dir": str(out)}  # fmt: skip

@@ -1,6 +1,8 @@
 """The vision stage of the shapes curriculum (`navil_hf.tasks.vision_stage`): the dense per-token targets
 (`shapes.token_targets`) say what lies under each merged token, they follow the order in which the connector
-hands tokens over (window or raster), and training it changes the vision side and nothing else."""
+hands tokens over (window or raster), and training it changes the vision side and nothing else; through the
+LLM (`through_llm`), the LLM's image states are those of each image alone, and it changes the LLM's visual
+path too."""
 
 import json
 import shutil
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 from navil_hf.tasks.shapes import PALETTE, SHAPES, make_shapes_dataset, token_targets
-from navil_hf.tasks.vision_stage import HEADS, encode_images, train_vision_stage
+from navil_hf.tasks.vision_stage import HEADS, _llm_image_states, encode_images, train_vision_stage
+from navil_hf.training.parts import parameter_part
 from navil_hf.training.train import apply_image_settings, load_model, load_processor
 
 RED, BLUE = 1 + list(PALETTE).index("red"), 1 + list(PALETTE).index("blue")
@@ -80,7 +83,10 @@ def test_targets_follow_the_connector_order(tmp_path, qwen3_folder, shapes_data)
         assert (best < 1e-6).all()  # every window token is some raster token
         # tokens over uniform background can be near twins: pair only the unambiguous ones
         sure = second > 1e-2
-        torch.testing.assert_close(window_targets[sure, :3], raster_targets[match[sure], :3], rtol=0, atol=0)
+        # the shape, color, center and the place (column, row) of the image region each token holds
+        columns = [0, 1, 2, 4, 5]
+        torch.testing.assert_close(window_targets[sure][:, columns], raster_targets[match[sure]][:, columns],
+                                   rtol=0, atol=0)  # fmt: skip
         moved += int((match[sure] != torch.arange(len(match))[sure]).sum())
         checked += int(sure.sum())
     assert checked > 0.3 * sum(len(f) for f, _ in pairs[qwen3_folder.name])
@@ -105,3 +111,43 @@ def test_vision_stage_trains_the_vision_side_only(tmp_path, qwen3_folder, shapes
     with pytest.raises(ValueError, match="positive"):
         train_vision_stage(qwen3_folder, shapes_data, tmp_path / "bad", steps=0)
     assert sum(HEADS.values()) == 13
+
+
+def test_vision_stage_through_the_llm(tmp_path, qwen3_folder, shapes_data):
+    """`through_llm`: the LLM's states at the image slots of a right-padded batch are those of each image
+    alone; the place targets count columns and rows of the raster grid; training changes the vision side and
+    the LLM's visual path (experts, special-token rows) and nothing else; a model without experts is refused."""
+    model = load_model(qwen3_folder).eval()
+    processor = apply_image_settings(load_processor(qwen3_folder), {"min_pixels": 128 * 128, "max_pixels": 256 * 256})
+    items = encode_images(processor, shapes_data, "test", model.config.vision_config)
+    assert len({len(item[4]) for item in items}) > 1  # the batch pads
+    with torch.no_grad():
+        pixels, grid = torch.cat([item[0] for item in items]), torch.cat([item[1] for item in items])
+        together = _llm_image_states(model, pixels, grid, items)
+        alone = torch.cat([_llm_image_states(model, item[0], item[1], [item]) for item in items])
+    assert together.shape == (sum(len(item[2]) for item in items), model.config.text_config.hidden_size)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    raster = load_model(qwen3_folder).config.vision_config
+    raster.token_order = "raster"
+    for item in encode_images(processor, shapes_data, "test", raster):
+        merge, start = raster.spatial_merge_size, 0
+        for _, h, w in item[1].tolist():
+            index = torch.arange((h // merge) * (w // merge))
+            place = item[2][start : start + len(index), 4:]
+            torch.testing.assert_close(
+                place, torch.stack([index % (w // merge), index // (w // merge)], 1).clamp(max=15)
+            )
+            start += len(index)
+    summary = train_vision_stage(qwen3_folder, shapes_data, tmp_path / "out", steps=2, batch=2, lr=1e-3,
+                                 eval_every=2, test=2, through_llm=True, log=lambda m: None)  # fmt: skip
+    assert summary["through_llm"] and {"column", "row", "llm_shape", "llm_object"} <= set(summary["curve"][-1])
+    before, after = load_model(qwen3_folder).state_dict(), load_model(summary["model_dir"]).state_dict()
+    changed = {parameter_part(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"vision", "connector", "visual_experts", "special_tokens"}
+    plain = tmp_path / "plain"
+    shutil.copytree(qwen3_folder, plain)
+    config = json.loads((plain / "config.json").read_text())
+    config["text_config"]["visual_experts"] = False
+    (plain / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has none"):
+        train_vision_stage(plain, shapes_data, tmp_path / "bad", steps=1, through_llm=True)
