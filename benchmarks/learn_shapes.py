@@ -290,6 +290,7 @@ def main(argv=None):
     trained = load_model(source)
     answers = chat_answers(trained, processor, test_records, data, args.eval_batch)
     final = score(answers, test_records)
+    mirror = position_check(trained, processor, test_records, answers, data, workdir / "shapes-mirrored", args)
     elapsed = time.perf_counter() - start
     summary = {
         "model": model_dir, "description": describe(args), "steps": args.steps, "color_steps": args.color_steps,
@@ -300,7 +301,7 @@ def main(argv=None):
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
         "threads": torch.get_num_threads(), "baselines": baselines,
         "blind_per_kind": task["blind"]["per_kind"],
-        "exact_match": flat_score(final), "accuracy": accuracy, "curve": curve, "trained_model": source,
+        "exact_match": flat_score(final), "position_check": mirror, "accuracy": accuracy, "curve": curve, "trained_model": source,
         "answers": answers,
     }  # fmt: skip
     (workdir / "results.json").write_text(json.dumps(summary, indent=1))
@@ -309,8 +310,33 @@ def main(argv=None):
     print(f"held-out exact match {final['accuracy']:.3f} (chance {baselines['chance']:.3f}, blind "
           f"{baselines['blind']:.3f}) after {args.steps} steps, {elapsed / 60:.1f} min in all; per kind: "
           + ", ".join(f"{k[4:]} {v:.2f}" for k, v in flat_score(final).items() if k.startswith("acc_")))  # fmt: skip
+    print("position, original / mirrored (answer moved with the shape): " + "; ".join(
+        f"{axis} {v['original']:.2f} / {v['mirrored']:.2f} (n={v['n']})" for axis, v in mirror.items()))  # fmt: skip
     print(f"trained model: {source}; curve: {plot}; results: {workdir / 'results.json'}")
     return summary
+
+
+def position_check(model, processor, test_records, answers, data, out_dir, args) -> dict:
+    """Exact match on the held-out position questions per axis (`left-right`, `top-bottom`), on the
+    originals and on their images mirrored across that axis (`shapes.mirrored_position_records`): a model
+    that reads where the shape is scores alike on both; one that answers from what does not move scores
+    1 - its original accuracy on the mirrored ones."""
+    from navil_hf.tasks.heldout import chat_answers
+    from navil_hf.tasks.shapes import is_correct, mirrored_position_records
+
+    mirrored = mirrored_position_records(test_records, data, out_dir)
+    mirrored_answers = chat_answers(model, processor, mirrored, out_dir, args.eval_batch)
+    originals = [(r, a) for r, a in zip(test_records, answers) if r["kind"] == "position"]
+    check = {}
+    for axis, names in (("left-right", ("left", "right")), ("top-bottom", ("top", "bottom"))):
+        pick = [i for i, (r, _) in enumerate(originals) if r["answer"] in names]
+        if pick:
+            check[axis] = {
+                "n": len(pick),
+                "original": sum(is_correct(originals[i][1], originals[i][0]["answer"]) for i in pick) / len(pick),
+                "mirrored": sum(is_correct(mirrored_answers[i], mirrored[i]["answer"]) for i in pick) / len(pick),
+            }
+    return check
 
 
 def _plot(summary, path):

@@ -424,6 +424,47 @@ def ask_more(record, questions: int, rng, kinds=KINDS) -> dict:
     return {**record, "messages": messages}
 
 
+MIRRORED_ANSWER = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+def mirrored_position_records(records, base_dir, out_dir) -> list[dict]:
+    """The position questions of `records` (images under `base_dir`) again, each image mirrored across the
+    axis its question asks about (left-right for "left or right", top-bottom for "top or bottom") and written
+    to `out_dir/images/`, its answer and drawn geometry moved with it. The generator's distribution is the
+    same under mirroring, so a model that reads where the shape is answers these as well as the originals;
+    one that answers from anything that does not move (the colors, the shapes, the sizes) gives the
+    originals' answers, and scores 1 - its original accuracy here."""
+    from PIL import ImageOps
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    mirrored = []
+    for index, record in enumerate(r for r in records if r["kind"] == "position"):
+        path = record["messages"][0]["content"][0]["path"]
+        horizontal = record["answer"] in ("left", "right")
+        with Image.open(Path(base_dir) / path) as image:
+            image = ImageOps.mirror(image) if horizontal else ImageOps.flip(image)
+        name = f"images/mirrored_{index:05d}.png"
+        image.save(out_dir / name)
+        width, height = record["image_size"]
+        shapes = []
+        for s in record["shapes"]:
+            (x0, y0, x1, y1), (cx, cy) = s["bbox"], s["center"]
+            if horizontal:
+                moved = {"bbox": [width - 1 - x1, y0, width - 1 - x0, y1], "center": [width - 1 - cx, cy]}
+            else:
+                moved = {"bbox": [x0, height - 1 - y1, x1, height - 1 - y0], "center": [cx, height - 1 - cy]}
+                if "apex" in s:
+                    moved["apex"] = "down" if s["apex"] == "up" else "up"
+            shapes.append({**s, **moved})
+        messages = json.loads(json.dumps(record["messages"]))
+        messages[0]["content"][0]["path"] = name
+        answer = MIRRORED_ANSWER[record["answer"]]
+        messages[1]["content"] = [{"type": "text", "text": answer}]
+        mirrored.append({**record, "messages": messages[:2], "answer": answer, "shapes": shapes})
+    return mirrored
+
+
 # ---------------------------------------------------------------------------------------------- dataset
 
 

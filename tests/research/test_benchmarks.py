@@ -174,6 +174,12 @@ def test_learn_shapes_vision_stage_run(tmp_path, qwen3_folder):
     from navil_hf.tasks.shapes import read_jsonl
 
     assert summary["questions"] == 3
+    check = summary["position_check"]  # the held-out position questions, also on mirrored images
+    assert check and set(check) <= {"left-right", "top-bottom"}
+    assert sum(v["n"] for v in check.values()) == sum(
+        r["kind"] == "position" for r in read_jsonl(work / "shapes" / "test.jsonl")
+    )
+    assert all(0 <= v["original"] <= 1 and 0 <= v["mirrored"] <= 1 for v in check.values())
     for split, turns in (("train", {2, 3}), ("test", {1})):
         assert {len(r["messages"]) // 2 for r in read_jsonl(work / "shapes" / f"{split}.jsonl")} <= turns | {1}
     assert max(len(r["messages"]) for r in read_jsonl(work / "shapes" / "train.jsonl")) == 6

@@ -82,7 +82,29 @@ def test_records_are_chat_messages_with_relative_paths(dataset):
 
 def test_answers_agree_with_the_pixels(dataset):
     out, _ = dataset
-    for record in read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl"):
+    assert_records_agree_with_the_pixels(read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl"), out)
+
+
+def test_mirrored_position_records(dataset, tmp_path):
+    """Each held-out position question again about its image mirrored across the question's axis: the answer
+    and the drawn geometry move with the pixels (checked as the generated records are)."""
+    out, _ = dataset
+    records = read_jsonl(out / "test.jsonl")
+    mirrored = shapes.mirrored_position_records(records, out, tmp_path)
+    originals = [r for r in records if r["kind"] == "position"]
+    assert len(mirrored) == len(originals) > 0
+    assert_records_agree_with_the_pixels(mirrored, tmp_path)
+    for original, record in zip(originals, mirrored):
+        assert record["answer"] == shapes.MIRRORED_ANSWER[original["answer"]] != original["answer"]
+        assert record["question"] == original["question"] and len(record["messages"]) == 2
+        with Image.open(out / original["messages"][0]["content"][0]["path"]) as a:
+            with Image.open(tmp_path / record["messages"][0]["content"][0]["path"]) as b:
+                axis = 1 if original["answer"] in ("left", "right") else 0
+                np.testing.assert_array_equal(np.flip(np.asarray(a), axis), np.asarray(b))
+
+
+def assert_records_agree_with_the_pixels(records, out):
+    for record in records:
         pixels = np.asarray(Image.open(out / record["messages"][0]["content"][0]["path"]).convert("RGB"))
         height, width = pixels.shape[:2]
         drawn = record["shapes"]
