@@ -28,8 +28,11 @@ HEADS = {"shape": 1 + len(SHAPES), "color": 1 + len(PALETTE), "center": 2}  # cl
 # With `through_llm`, also each token's column and row in its scale's grid (capped at MAX_GRID - 1), read
 # from the LLM's output at the token's slot: the token's absolute place, which its own features do not hold
 # (the encoder's 2D RoPE is relative) but the LLM can find from the layout tokens before it.
+# And which half of its row the token lies in (0 left, 1 right; IGNORE in the middle column of an odd row and
+# in the first row, where the causal LLM has not yet seen how long a row is).
 MAX_GRID = 16
-PLACE_HEADS = {"column": MAX_GRID, "row": MAX_GRID}
+PLACE_HEADS = {"column": MAX_GRID, "row": MAX_GRID, "half": 2}
+IGNORE = -100
 
 
 def connector_order(merged_h: int, merged_w: int, vision_config) -> np.ndarray:
@@ -43,10 +46,11 @@ def connector_order(merged_h: int, merged_w: int, vision_config) -> np.ndarray:
 
 
 def encode_images(processor, data_dir, split: str, vision_config, count: int | None = None) -> list[tuple]:
-    """The first `count` images of `data_dir/split.jsonl` as (pixel_values, image_grid_thw, targets [tokens, 6]
+    """The first `count` images of `data_dir/split.jsonl` as (pixel_values, image_grid_thw, targets [tokens, 7]
     in the connector's order, all scales (`token_targets`' 4 columns, the fourth numbering the objects (a shape
-    at one scale) from 1, 0 for none; then the column and the row of the image region the token holds), the
-    shape class (index in `SHAPES`) of each object, the image's token ids as the prompt lays them out)."""
+    at one scale) from 1, 0 for none; then, of the image region the token holds, its column, its row and the
+    half of its row: `PLACE_HEADS`), the shape class (index in `SHAPES`) of each object, the image's token ids
+    as the prompt lays them out)."""
     import torch
     from PIL import Image
 
@@ -66,7 +70,10 @@ def encode_images(processor, data_dir, split: str, vision_config, count: int | N
         for _, h, w in grid.tolist():
             mh, mw = h // merge, w // merge
             order = connector_order(mh, mw, vision_config)
-            place = np.stack([order % mw, order // mw], axis=1).clip(max=MAX_GRID - 1)
+            column, row = order % mw, order // mw
+            half = np.where(2 * column + 1 < mw, 0, np.where(2 * column + 1 > mw, 1, IGNORE))
+            half = np.where(row == 0, IGNORE, half)
+            place = np.stack([column.clip(max=MAX_GRID - 1), row.clip(max=MAX_GRID - 1), half], axis=1)
             scale = np.concatenate([token_targets(record, mh, mw)[order], place], axis=1)
             present = sorted(set(scale[:, 3].tolist()) - {0})
             renumber = np.zeros(len(record["shapes"]) + 1, dtype=np.int64)
@@ -114,7 +121,7 @@ def _forward(model, heads, items):
     """Logits and targets of a batch: `token` [T, sum(HEADS)] and `object` [objects, len(SHAPES)] from the
     connector's output (the object logits from the mean over each object's tokens), and with `llm` heads
     (`through_llm`) `llm_token` [T, sum(HEADS) + sum(PLACE_HEADS)] and `llm_object` from the LLM's output at
-    the image slots; `targets` [T, 6], `object_targets`."""
+    the image slots; `targets` [T, 7], `object_targets`."""
     import torch
 
     pixel_values = torch.cat([item[0] for item in items])
@@ -155,9 +162,10 @@ def _loss(out):
         if prefix + "token" not in out:
             continue
         total = total + F.cross_entropy(out[prefix + "object"], out["object_targets"])
-        columns = [0, 1, 2, 4, 5]
+        columns = [0, 1, 2, 4, 5, 6]
         for column, logits in zip(columns, _split_token_logits(out[prefix + "token"])):
-            total = total + F.cross_entropy(logits, targets[:, column])
+            if (targets[:, column] != IGNORE).any():  # a batch of first rows only has no `half` to learn
+                total = total + F.cross_entropy(logits, targets[:, column], ignore_index=IGNORE)
     return total
 
 
@@ -187,8 +195,9 @@ def token_accuracy(model, heads, items, batch: int = 32) -> dict:
             count("center", targets[:, 2] == 1, center == 1)
             count("object", torch.ones_like(objects, dtype=torch.bool), out["object"].argmax(-1) == objects)
             if "llm_token" in out:
-                shape, _, _, column, row = (logits.argmax(-1) for logits in _split_token_logits(out["llm_token"]))
+                shape, _, _, column, row, half = (logits.argmax(-1) for logits in _split_token_logits(out["llm_token"]))
                 count("llm_shape", on, shape == targets[:, 0])
+                count("half", targets[:, 6] != IGNORE, half == targets[:, 6])
                 count("llm_object", torch.ones_like(objects, dtype=torch.bool), out["llm_object"].argmax(-1) == objects)
                 count("column", every, column == targets[:, 4])
                 count("row", every, row == targets[:, 5])

@@ -133,14 +133,16 @@ def test_vision_stage_through_the_llm(tmp_path, qwen3_folder, shapes_data):
         merge, start = raster.spatial_merge_size, 0
         for _, h, w in item[1].tolist():
             index = torch.arange((h // merge) * (w // merge))
+            width = w // merge
+            column, row = index % width, index // width
+            half = torch.where(2 * column + 1 < width, 0, torch.where(2 * column + 1 > width, 1, -100))
+            half[row == 0] = -100  # the first row: the causal LLM has not seen a row's length yet
             place = item[2][start : start + len(index), 4:]
-            torch.testing.assert_close(
-                place, torch.stack([index % (w // merge), index // (w // merge)], 1).clamp(max=15)
-            )
+            torch.testing.assert_close(place, torch.stack([column.clamp(max=15), row.clamp(max=15), half], 1))
             start += len(index)
     summary = train_vision_stage(qwen3_folder, shapes_data, tmp_path / "out", steps=2, batch=2, lr=1e-3,
                                  eval_every=2, test=2, through_llm=True, log=lambda m: None)  # fmt: skip
-    assert summary["through_llm"] and {"column", "row", "llm_shape", "llm_object"} <= set(summary["curve"][-1])
+    assert summary["through_llm"] and {"column", "row", "half", "llm_shape", "llm_object"} <= set(summary["curve"][-1])
     before, after = load_model(qwen3_folder).state_dict(), load_model(summary["model_dir"]).state_dict()
     changed = {parameter_part(k) for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"vision", "connector", "visual_experts", "special_tokens"}
