@@ -45,7 +45,7 @@ import _common
 RECIPE = dict(
     train=3000, test=200, steps=600, color_steps=200, first_stage="color", batch=8, lr=5e-4, parts="stage1",
     learning_rates={"vision": 2e-3, "connector": 2e-3}, precision="auto", schedule="cosine", warmup=20,
-    eval_every=100, vision_preset=None, vision_steps=0, vision_lr=2e-3, vision_through_llm=False, questions=1,
+    eval_every=100, vision_preset=None, vision_steps=0, vision_lr=2e-3, vision_through_llm=None, questions=1,
 )  # fmt: skip
 # The curriculum's first stage (`--first-stage`): `make_shapes_dataset` arguments besides train/test/seed.
 FIRST_STAGES = {
@@ -85,10 +85,10 @@ def parse_args(argv=None):
                         help="first train the encoder and connector alone for this many steps of --batch images on "
                         "dense targets (`navil_hf.tasks.vision_stage`; 0: no vision stage)")  # fmt: skip
     parser.add_argument("--vision-lr", type=float, default=RECIPE["vision_lr"], help="the vision stage's learning rate")
-    parser.add_argument("--vision-through-llm", action="store_true",
-                        help="the vision stage trains the LLM's visual path too, its heads also reading the LLM's "
-                        "output at the image slots and predicting each token's column and row (the model needs "
-                        "visual experts)")  # fmt: skip
+    parser.add_argument("--vision-through-llm", type=int, default=RECIPE["vision_through_llm"], metavar="LAYERS",
+                        help="the vision stage trains the LLM's visual path too, heads also reading the LLM's state "
+                        "after LAYERS decoder layers at the image slots and predicting where each token lies (the "
+                        "model needs visual experts; 1 leaves the later layers to carry it to the answer)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=RECIPE["batch"], help="samples per packed row")
     parser.add_argument(
         "--lr", type=float, default=RECIPE["lr"], help="learning rate of the parts not in --learning-rates"

@@ -104,20 +104,20 @@ def _object_means(features, object_ids, count):
     return sums / torch.bincount(ids, minlength=count).clamp(min=1).unsqueeze(-1)
 
 
-def _llm_image_states(model, pixel_values, grid, items):
-    """The LLM's last hidden state at every `<IMG_CONTEXT>` slot of the images alone (each as the prompt lays
-    it out, right-padded into one batch), in the connector's token order."""
+def _llm_image_states(model, pixel_values, grid, items, layers: int):
+    """The LLM's hidden state after `layers` decoder layers at every `<IMG_CONTEXT>` slot of the images alone
+    (each as the prompt lays it out, right-padded into one batch), in the connector's token order."""
     import torch
 
     ids = torch.nn.utils.rnn.pad_sequence([item[4] for item in items], batch_first=True, padding_value=0)
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(item[4]) for item in items], batch_first=True)
     num_scales = torch.tensor([len(item[1]) for item in items])
     out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
-                      num_scales=num_scales, use_cache=False, return_dict=True)  # fmt: skip
-    return out.last_hidden_state[(ids == model.config.image_token_id) & mask.bool()]
+                      num_scales=num_scales, use_cache=False, output_hidden_states=True, return_dict=True)  # fmt: skip
+    return out.hidden_states[layers][(ids == model.config.image_token_id) & mask.bool()]
 
 
-def _forward(model, heads, items):
+def _forward(model, heads, items, llm_layers=None):
     """Logits and targets of a batch: `token` [T, sum(HEADS)] and `object` [objects, len(SHAPES)] from the
     connector's output (the object logits from the mean over each object's tokens), and with `llm` heads
     (`through_llm`) `llm_token` [T, sum(HEADS) + sum(PLACE_HEADS)] and `llm_object` from the LLM's output at
@@ -135,7 +135,7 @@ def _forward(model, heads, items):
     targets = torch.cat(targets)
     out = {"targets": targets, "object_targets": torch.cat([item[3] for item in items])}
     if "llm_token" in heads:
-        states = _llm_image_states(model, pixel_values, grid, items)
+        states = _llm_image_states(model, pixel_values, grid, items, llm_layers)
         out["llm_token"] = heads["llm_token"](states)
         out["llm_object"] = heads["llm_object"](_object_means(states, targets[:, 3], offset))
     # the connector's output, as the LLM would receive it (`get_image_features`), all scales in one tensor
@@ -169,7 +169,7 @@ def _loss(out):
     return total
 
 
-def token_accuracy(model, heads, items, batch: int = 32) -> dict:
+def token_accuracy(model, heads, items, batch: int = 32, llm_layers=None) -> dict:
     """Held-out accuracy of the heads: `shape` and `color` over the tokens a shape covers, `background` over
     the others (shape column 0 predicted), `center` over the tokens holding a shape's center, `object` the
     object head's shape over the objects; with LLM heads (`through_llm`) also, read from the LLM's output,
@@ -185,7 +185,7 @@ def token_accuracy(model, heads, items, batch: int = 32) -> dict:
 
     with torch.no_grad():
         for start in range(0, len(items), batch):
-            out = _forward(model, heads, items[start : start + batch])
+            out = _forward(model, heads, items[start : start + batch], llm_layers)
             targets, objects = out["targets"], out["object_targets"]
             on, every = targets[:, 0] > 0, torch.ones_like(targets[:, 0], dtype=torch.bool)
             shape, color, center = (logits.argmax(-1) for logits in _split_token_logits(out["token"]))
@@ -216,17 +216,19 @@ def train_vision_stage(
     seed: int = 0,
     eval_every: int = 200,
     test: int = 200,
-    through_llm: bool = False,
+    through_llm: int | None = None,
     log=print,
 ) -> dict:
     """Train the encoder and connector of the NaViL Hub folder `model_dir` for `steps` steps of `batch`
     images of the shapes dataset `data_dir` (its train split; `steps * batch` images at most, drawn at
     random) on the dense targets above, AdamW at `lr` with a linear warm-up and a cosine decay, and write
-    the folder with the trained weights (everything else as it was) to `out_dir`. With `through_llm` the
-    LLM's visual path trains too (its visual experts and special-token rows, `navil_hf.training.parts`;
-    the model must have experts): a second set of heads reads the LLM's output at each image slot, the
-    image alone in the prompt's layout, and also predicts the token's column and row (`PLACE_HEADS`), so
-    that the visual tokens enter the LLM stages knowing where they are. Returns a summary: the
+    the folder with the trained weights (everything else as it was) to `out_dir`. With `through_llm` (a
+    count of decoder layers) the LLM's visual path trains too (its visual experts and special-token rows,
+    `navil_hf.training.parts`; the model must have experts): a second set of heads reads the LLM's hidden
+    state after that many layers at each image slot, the image alone in the prompt's layout, and also
+    predicts where the token lies (`PLACE_HEADS`), so that the visual tokens enter the LLM stages knowing
+    where they are. An early layer (1) leaves the layers after it to carry that to a question's answer: the
+    answer attends to the image tokens' states before the last layer, never after it. Returns a summary: the
     held-out token accuracy (`token_accuracy`, `test` images of the test split) every `eval_every` steps
     and at the end, the seconds, the output folder. The images are encoded once and held in memory (about
     250 KB each at the demo's image settings: 5 GB for 20000)."""
@@ -243,6 +245,9 @@ def train_vision_stage(
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = load_model(model_dir)
+    layers = model.config.text_config.num_hidden_layers
+    if through_llm is not None and not 1 <= through_llm <= layers:
+        raise ValueError(f"through_llm must be a count of decoder layers, 1 to {layers}, got {through_llm!r}")
     if through_llm and not model.config.text_config.visual_experts:
         raise ValueError("through_llm trains the LLM's visual experts, and this model has none")
     processor = load_processor(model_dir)
@@ -272,14 +277,14 @@ def train_vision_stage(
     model.train()
     for step in range(1, steps + 1):
         picks = torch.randint(len(train_items), (batch,), generator=generator).tolist()
-        loss = _loss(_forward(model, heads, [train_items[i] for i in picks]))
+        loss = _loss(_forward(model, heads, [train_items[i] for i in picks], through_llm))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % eval_every == 0 or step == steps:
             model.eval()
-            accuracy = token_accuracy(model, heads, test_items)
+            accuracy = token_accuracy(model, heads, test_items, llm_layers=through_llm)
             model.train()
             curve.append({"step": step, "loss": round(loss.item(), 4), **accuracy,
                           "seconds": round(time.perf_counter() - started, 1)})  # fmt: skip

@@ -123,8 +123,8 @@ def test_vision_stage_through_the_llm(tmp_path, qwen3_folder, shapes_data):
     assert len({len(item[4]) for item in items}) > 1  # the batch pads
     with torch.no_grad():
         pixels, grid = torch.cat([item[0] for item in items]), torch.cat([item[1] for item in items])
-        together = _llm_image_states(model, pixels, grid, items)
-        alone = torch.cat([_llm_image_states(model, item[0], item[1], [item]) for item in items])
+        together = _llm_image_states(model, pixels, grid, items, 1)
+        alone = torch.cat([_llm_image_states(model, item[0], item[1], [item], 1) for item in items])
     assert together.shape == (sum(len(item[2]) for item in items), model.config.text_config.hidden_size)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
     raster = load_model(qwen3_folder).config.vision_config
@@ -141,7 +141,7 @@ def test_vision_stage_through_the_llm(tmp_path, qwen3_folder, shapes_data):
             torch.testing.assert_close(place, torch.stack([column.clamp(max=15), row.clamp(max=15), half], 1))
             start += len(index)
     summary = train_vision_stage(qwen3_folder, shapes_data, tmp_path / "out", steps=2, batch=2, lr=1e-3,
-                                 eval_every=2, test=2, through_llm=True, log=lambda m: None)  # fmt: skip
+                                 eval_every=2, test=2, through_llm=1, log=lambda m: None)  # fmt: skip
     assert summary["through_llm"] and {"column", "row", "half", "llm_shape", "llm_object"} <= set(summary["curve"][-1])
     before, after = load_model(qwen3_folder).state_dict(), load_model(summary["model_dir"]).state_dict()
     changed = {parameter_part(k) for k in before if not torch.equal(before[k], after[k])}
@@ -152,4 +152,6 @@ def test_vision_stage_through_the_llm(tmp_path, qwen3_folder, shapes_data):
     config["text_config"]["visual_experts"] = False
     (plain / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="has none"):
-        train_vision_stage(plain, shapes_data, tmp_path / "bad", steps=1, through_llm=True)
+        train_vision_stage(plain, shapes_data, tmp_path / "bad", steps=1, through_llm=1)
+    with pytest.raises(ValueError, match="count of decoder layers"):
+        train_vision_stage(qwen3_folder, shapes_data, tmp_path / "bad", steps=1, through_llm=99)
