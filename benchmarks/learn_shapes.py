@@ -18,7 +18,9 @@ SmolLM2 with another encoder (`none`: early fusion, no encoder layers). It measu
   the most likely token after the prompt is the answer's first one (one forward, no generation);
 * after training: exact-match accuracy of greedy `model.batch_chat` answers of the saved Hub folder,
   against the majority-answer baseline (`chance`) and the best answer-from-the-question-alone baseline
-  (`blind`). (Before training the demo model scores 0: it does not answer in one word.)
+  (`blind`). (Before training the demo model scores 0: it does not answer in one word.) And the position
+  check: the position questions per axis, also about their images mirrored across that axis (a model
+  that reads where the shape is scores alike on both).
 
     python benchmarks/learn_shapes.py                       # the recipe (~30 min on 2 CPU cores)
     python benchmarks/learn_shapes.py --steps 800 --parts full --learning-rates '{"text": 5e-5}'
@@ -30,6 +32,10 @@ SmolLM2 with another encoder (`none`: early fusion, no encoder layers). It measu
         --vision-steps 5000 --vision-lr 3e-3 --color-steps 0 --steps 4000 --batch 16 --train 20000 --parts full \
         --lr 2e-3 --learning-rates '{"vision": 3e-4, "connector": 3e-4}' --precision fp32
                                                             # early fusion after a vision stage (~20 min, 1 thread)
+    python benchmarks/learn_shapes.py --scratch '{"hidden":128,"layers":3,"vit_width":128,"vit_layers":0}' \
+        --vision-steps 5000 --vision-lr 3e-3 --color-steps 0 --steps 2500 --batch 16 --train 20000 --parts full \
+        --lr 2e-3 --learning-rates '{"vision": 3e-4, "connector": 3e-4}' --precision fp32 --questions 4
+                                                            # four questions per training image (~27 min, 1 thread)
 
 Writes `WORKDIR/run-all/model` (the trained Hub folder: `navil chat --model WORKDIR/run-all/model --image
 IMG "What color is the circle?"`), `WORKDIR/results.json`, and the learning curve `--plot` (PNG).
