@@ -12,6 +12,10 @@ the LLM stages then train from (`benchmarks/learn_shapes.py --vision-steps`).
 
 The images are encoded by the folder's own processor, and the targets follow the order in which the
 connector hands tokens to the LLM (`vision_config.token_order`: raster, or the original's window order).
+
+`through_llm=LAYERS` (`--vision-through-llm`) trains the LLM's visual path as well: more heads read the LLM's
+hidden state at each image slot after LAYERS decoder layers and also predict where the token lies (its column,
+row and half of its row), which no visual token holds on its own (the encoder's 2D RoPE is relative).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .shapes import PALETTE, SHAPES, read_jsonl, token_targets
 
 HEADS = {"shape": 1 + len(SHAPES), "color": 1 + len(PALETTE), "center": 2}  # classes per target column
 # With `through_llm`, also each token's column and row in its scale's grid (capped at MAX_GRID - 1), read
-# from the LLM's output at the token's slot: the token's absolute place, which its own features do not hold
+# from the LLM's hidden state at the token's slot: the token's absolute place, which its own features do not hold
 # (the encoder's 2D RoPE is relative) but the LLM can find from the layout tokens before it.
 # And which half of its row the token lies in (0 left, 1 right; IGNORE in the middle column of an odd row and
 # in the first row, where the causal LLM has not yet seen how long a row is).
@@ -120,8 +124,9 @@ def _llm_image_states(model, pixel_values, grid, items, layers: int):
 def _forward(model, heads, items, llm_layers=None):
     """Logits and targets of a batch: `token` [T, sum(HEADS)] and `object` [objects, len(SHAPES)] from the
     connector's output (the object logits from the mean over each object's tokens), and with `llm` heads
-    (`through_llm`) `llm_token` [T, sum(HEADS) + sum(PLACE_HEADS)] and `llm_object` from the LLM's output at
-    the image slots; `targets` [T, 7], `object_targets`."""
+    (`through_llm`) `llm_token` [T, sum(HEADS) + sum(PLACE_HEADS)] and `llm_object` from the LLM's hidden
+    state after `llm_layers` decoder layers at the image slots (the images go through the encoder once more
+    for it: cheap for early fusion); `targets` [T, 7], `object_targets`."""
     import torch
 
     pixel_values = torch.cat([item[0] for item in items])
