@@ -109,8 +109,9 @@ def _object_means(features, object_ids, count):
 
 
 def _llm_image_states(model, pixel_values, grid, items, layers: int):
-    """The LLM's hidden state after `layers` decoder layers at every `<IMG_CONTEXT>` slot of the images alone
-    (each as the prompt lays it out, right-padded into one batch), in the connector's token order."""
+    """(The LLM's hidden state after `layers` decoder layers at every `<IMG_CONTEXT>` slot, the connector's
+    output it was given, all scales in one tensor) of the images alone (each as the prompt lays it out,
+    right-padded into one batch), both in the connector's token order."""
     import torch
 
     ids = torch.nn.utils.rnn.pad_sequence([item[4] for item in items], batch_first=True, padding_value=0)
@@ -118,15 +119,15 @@ def _llm_image_states(model, pixel_values, grid, items, layers: int):
     num_scales = torch.tensor([len(item[1]) for item in items])
     out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
                       num_scales=num_scales, use_cache=False, output_hidden_states=True, return_dict=True)  # fmt: skip
-    return out.hidden_states[layers][(ids == model.config.image_token_id) & mask.bool()]
+    states = out.hidden_states[layers][(ids == model.config.image_token_id) & mask.bool()]
+    return states, torch.cat(out.image_outputs.pooler_output)
 
 
 def _forward(model, heads, items, llm_layers=None):
     """Logits and targets of a batch: `token` [T, sum(HEADS)] and `object` [objects, len(SHAPES)] from the
     connector's output (the object logits from the mean over each object's tokens), and with `llm` heads
     (`through_llm`) `llm_token` [T, sum(HEADS) + sum(PLACE_HEADS)] and `llm_object` from the LLM's hidden
-    state after `llm_layers` decoder layers at the image slots (the images go through the encoder once more
-    for it: cheap for early fusion); `targets` [T, 7], `object_targets`."""
+    state after `llm_layers` decoder layers at the image slots; `targets` [T, 7], `object_targets`."""
     import torch
 
     pixel_values = torch.cat([item[0] for item in items])
@@ -140,11 +141,11 @@ def _forward(model, heads, items, llm_layers=None):
     targets = torch.cat(targets)
     out = {"targets": targets, "object_targets": torch.cat([item[3] for item in items])}
     if "llm_token" in heads:
-        states = _llm_image_states(model, pixel_values, grid, items, llm_layers)
+        states, features = _llm_image_states(model, pixel_values, grid, items, llm_layers)
         out["llm_token"] = heads["llm_token"](states)
         out["llm_object"] = heads["llm_object"](_object_means(states, targets[:, 3], offset))
-    # the connector's output, as the LLM would receive it (`get_image_features`), all scales in one tensor
-    features = torch.cat(model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
+    else:  # the connector's output, as the LLM would receive it, all scales in one tensor
+        features = torch.cat(model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
     out["token"] = heads["token"](features)
     out["object"] = heads["object"](_object_means(features, targets[:, 3], offset))
     return out

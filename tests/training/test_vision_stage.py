@@ -123,8 +123,10 @@ def test_vision_stage_through_the_llm(tmp_path, qwen3_folder, shapes_data):
     assert len({len(item[4]) for item in items}) > 1  # the batch pads
     with torch.no_grad():
         pixels, grid = torch.cat([item[0] for item in items]), torch.cat([item[1] for item in items])
-        together = _llm_image_states(model, pixels, grid, items, 1)
-        alone = torch.cat([_llm_image_states(model, item[0], item[1], [item], 1) for item in items])
+        together, features = _llm_image_states(model, pixels, grid, items, 1)
+        alone = torch.cat([_llm_image_states(model, item[0], item[1], [item], 1)[0] for item in items])
+        connector = torch.cat(model.model.get_image_features(pixels, grid, return_dict=True).pooler_output)
+    torch.testing.assert_close(features, connector, rtol=0, atol=0)
     assert together.shape == (sum(len(item[2]) for item in items), model.config.text_config.hidden_size)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
     raster = load_model(qwen3_folder).config.vision_config
