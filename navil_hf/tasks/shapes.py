@@ -238,6 +238,13 @@ def token_targets(record, merged_h: int, merged_w: int) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- questions
 
 
+# The question texts, shared by the generator (`_scene`) and `all_questions`.
+COUNT_QUESTION = "How many shapes are there?"
+COLOR_QUESTION = "What color is the {}?"  # "shape" when it is alone, else its kind
+SHAPE_QUESTION = "What shape is the {} object?"  # its color
+POSITION_QUESTIONS = {"x": "Is the {} on the left or the right?", "y": "Is the {} at the top or the bottom?"}
+
+
 def _pick(rng, options, exclude=()):
     options = [o for o in options if o not in exclude]
     return options[int(rng.integers(len(options)))]
@@ -250,16 +257,16 @@ def _scene(rng, kind, answer, width, height, max_shapes=MAX_SHAPES):
     colors, shapes = tuple(PALETTE), SHAPES
     if kind == "count":
         specs = [(_pick(rng, shapes), _pick(rng, colors)) for _ in range(n)]
-        return "How many shapes are there?", specs, None
+        return COUNT_QUESTION, specs, None
     if kind == "color":
         color, shape = answer, _pick(rng, shapes)
         others = [(_pick(rng, shapes, exclude=(shape,)), _pick(rng, colors)) for _ in range(n - 1)]
-        question = "What color is the shape?" if n == 1 else f"What color is the {shape}?"
+        question = COLOR_QUESTION.format("shape" if n == 1 else shape)
         return question, [(shape, color), *others], None
     if kind == "shape":
         color, shape = _pick(rng, colors), answer
         others = [(_pick(rng, shapes), _pick(rng, colors, exclude=(color,))) for _ in range(n - 1)]
-        return f"What shape is the {color} object?", [(shape, color), *others], None
+        return SHAPE_QUESTION.format(color), [(shape, color), *others], None
     if kind == "position":
         color, shape = _pick(rng, colors), _pick(rng, shapes)
         by_color = bool(rng.integers(2))
@@ -276,9 +283,7 @@ def _scene(rng, kind, answer, width, height, max_shapes=MAX_SHAPES):
         half_w, half_h = width // 2, height // 2
         x_range = {"left": (0, half_w - 1 - GAP), "right": (width - half_w + GAP, width - 1)}.get(answer)
         y_range = {"top": (0, half_h - 1 - GAP), "bottom": (height - half_h + GAP, height - 1)}.get(answer)
-        question = (
-            f"Is the {ref} on the left or the right?" if horizontal else f"Is the {ref} at the top or the bottom?"
-        )
+        question = POSITION_QUESTIONS["x" if horizontal else "y"].format(ref)
         return question, [(shape, color), *others], (x_range, y_range)
     raise ValueError(f"unknown question kind {kind!r} (expected one of {', '.join(KINDS)})")
 
@@ -368,27 +373,26 @@ def _questions(record):
     n = len(shapes)
     shape_counts = Counter(s["shape"] for s in shapes)
     color_counts = Counter(s["color"] for s in shapes)
-    out = [("count", "How many shapes are there?", str(n), ("count",))]
+    out = [("count", COUNT_QUESTION, str(n), ("count",))]
     for i, s in enumerate(shapes):
-        if n == 1:
-            out.append(("color", "What color is the shape?", s["color"], ("color", i)))
-        elif shape_counts[s["shape"]] == 1:
-            out.append(("color", f"What color is the {s['shape']}?", s["color"], ("color", i)))
+        if n == 1 or shape_counts[s["shape"]] == 1:
+            out.append(("color", COLOR_QUESTION.format("shape" if n == 1 else s["shape"]), s["color"], ("color", i)))
         if color_counts[s["color"]] == 1:
-            out.append(("shape", f"What shape is the {s['color']} object?", s["shape"], ("shape", i)))
+            out.append(("shape", SHAPE_QUESTION.format(s["color"]), s["shape"], ("shape", i)))
         refs = [f"{s['color']} shape"] if color_counts[s["color"]] == 1 else []
         if n == 1:
             refs.append("shape")
         elif shape_counts[s["shape"]] == 1:
             refs.append(s["shape"])
         x0, y0, x1, y1 = s["bbox"]
-        for axis, first, last, side, (low, high), question in (
-            ("x", x0, x1, width, ("left", "right"), "Is the {} on the left or the right?"),
-            ("y", y0, y1, height, ("top", "bottom"), "Is the {} at the top or the bottom?"),
+        for axis, first, last, side, (low, high) in (
+            ("x", x0, x1, width, ("left", "right")),
+            ("y", y0, y1, height, ("top", "bottom")),
         ):
             half = side // 2
             answer = low if last <= half - 1 - GAP else high if first >= side - half + GAP else None
             if answer is not None:
+                question = POSITION_QUESTIONS[axis]
                 out += [("position", question.format(ref), answer, ("position", i, axis)) for ref in refs]
     return out
 
