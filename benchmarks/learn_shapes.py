@@ -43,6 +43,7 @@ IMG "What color is the circle?"`), `WORKDIR/results.json`, and the learning curv
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ RECIPE = dict(
     train=3000, test=200, steps=600, color_steps=200, first_stage="color", batch=8, lr=5e-4, parts="stage1",
     learning_rates={"vision": 2e-3, "connector": 2e-3}, precision="auto", schedule="cosine", warmup=20,
     eval_every=100, vision_preset=None, vision_steps=0, vision_lr=2e-3, vision_through_llm=None, questions=1,
+    place_loss=None, place_weight=1.0,
 )  # fmt: skip
 # The curriculum's first stage (`--first-stage`): `make_shapes_dataset` arguments besides train/test/seed.
 FIRST_STAGES = {
@@ -95,6 +97,12 @@ def parse_args(argv=None):
                         help="the vision stage trains the LLM's visual path too, heads also reading the LLM's state "
                         "after LAYERS decoder layers at the image slots and predicting where each token lies (the "
                         "model needs visual experts; 1 leaves the later layers to carry it to the answer)")  # fmt: skip
+    parser.add_argument("--place-loss", type=int, default=RECIPE["place_loss"], metavar="LAYERS",
+                        help="in the LLM stages, add an auxiliary loss: a linear head on the LLM's state after LAYERS "
+                        "decoder layers at every image slot predicts the token's column, row and half of its row "
+                        "(`vision_stage.place_loss`; with --vision-through-llm, the same layer keeps what the vision "
+                        "stage taught)")  # fmt: skip
+    parser.add_argument("--place-weight", type=float, default=RECIPE["place_weight"], help="the place loss's weight")
     parser.add_argument("--batch", type=int, default=RECIPE["batch"], help="samples per packed row")
     parser.add_argument(
         "--lr", type=float, default=RECIPE["lr"], help="learning rate of the parts not in --learning-rates"
@@ -149,6 +157,8 @@ def parse_args(argv=None):
         args.stage_list = [(args.first_stage, args.color_steps)] if args.color_steps else []
     if args.questions < 1:
         parser.error(f"--questions must be >= 1, got {args.questions}")
+    if args.place_loss is not None and args.place_loss < 1:
+        parser.error(f"--place-loss must be a count of decoder layers (>= 1), got {args.place_loss}")
     if args.vision_steps < 0:
         parser.error(f"--vision-steps must be >= 0, got {args.vision_steps}")
     if not 0 <= args.color_steps < args.steps:
@@ -257,6 +267,16 @@ def main(argv=None):
     test_samples = encode_records(processor, data / "test.jsonl")
     bf16, precision = choose_precision(args, model_dir, test_samples[: args.batch])
     print(f"precision {precision}", flush=True)
+    auxiliary = None
+    if args.place_loss is not None:
+        from navil_hf.research.accounting import load_config
+        from navil_hf.tasks.vision_stage import place_loss
+
+        try:
+            auxiliary = place_loss(load_config(model_dir), args.place_loss, args.place_weight)
+        except ValueError as e:
+            print(f"--place-loss: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     curve, accuracy = [], []
     done = {"steps": 0}  # optimizer steps of the stages before the running one
 
@@ -289,7 +309,7 @@ def main(argv=None):
         })  # fmt: skip
         torch.manual_seed(args.seed)
         print(f"stage {name}: {steps} steps on {folder.name}", flush=True)
-        result = train(config, force=True, callbacks=[Monitor()])
+        result = train(config, force=True, callbacks=[Monitor()], auxiliary_loss=auxiliary)
         done["steps"] += steps
         source = str(result.model_dir)
     train_seconds = time.perf_counter() - start
@@ -303,7 +323,7 @@ def main(argv=None):
         "first_stage": args.first_stage, "stages": args.stage_list, "vision_stage": vision, "scratch": args.scratch,
         "batch": args.batch, "lr": args.lr, "learning_rates": args.learning_rates, "parts": args.parts, "bf16": bf16,
         "precision": precision, "schedule": args.schedule, "train_records": args.train, "test_records": args.test,
-        "questions": args.questions,
+        "questions": args.questions, "place_loss": args.place_loss, "place_weight": args.place_weight,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
         "threads": torch.get_num_threads(), "baselines": baselines,
         "blind_per_kind": task["blind"]["per_kind"],

@@ -49,6 +49,60 @@ def connector_order(merged_h: int, merged_w: int, vision_config) -> np.ndarray:
     return window_block_order(merged_h, merged_w, vision_config.window_size // merge)[0]
 
 
+def place_targets(merged_h: int, merged_w: int, vision_config) -> np.ndarray:
+    """[tokens, 3] in the connector's order for one image scale of `merged_h` x `merged_w` tokens: each token's
+    column and row (clipped to `MAX_GRID` - 1) and the half of its row (0 left, 1 right; `IGNORE` in the
+    middle column of an odd row and in the first row, where a causal LLM has not yet seen a row's length)."""
+    order = connector_order(merged_h, merged_w, vision_config)
+    column, row = order % merged_w, order // merged_w
+    half = np.where(2 * column + 1 < merged_w, 0, np.where(2 * column + 1 > merged_w, 1, IGNORE))
+    half = np.where(row == 0, IGNORE, half)
+    return np.stack([column.clip(max=MAX_GRID - 1), row.clip(max=MAX_GRID - 1), half], axis=1)
+
+
+def place_loss(config, layers: int, weight: float = 1.0):
+    """An auxiliary loss for `train(auxiliary_loss=...)` that keeps the visual tokens knowing where they are
+    through the LLM stages: a linear head (trained along) reads the LLM's hidden state after `layers` decoder
+    layers at every `<IMG_CONTEXT>` slot of the training batch and predicts the token's column, row and half
+    (`place_targets`, from `image_grid_thw` alone); the loss is `weight` x the sum of the three cross
+    entropies. `config`: the model's NaViLConfig. The through-LLM vision stage teaches the same targets at
+    the same layer; without this term the LLM stage's updates to the shared text path (the line-break tokens
+    a row's tokens count from are text tokens) wash out the column while the row survives."""
+    import torch
+    import torch.nn.functional as F
+
+    layer_count = config.text_config.num_hidden_layers
+    if not 1 <= layers <= layer_count:
+        raise ValueError(f"the place loss reads the state after 1 to {layer_count} decoder layers, got {layers!r}")
+    vision_config, image_token = config.vision_config, config.image_token_id
+    merge = vision_config.spatial_merge_size
+
+    class PlaceLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(config.text_config.hidden_size, sum(PLACE_HEADS.values()))
+
+        def targets(self, grid) -> torch.Tensor:
+            return torch.from_numpy(
+                np.concatenate([place_targets(h // merge, w // merge, vision_config) for _, h, w in grid.tolist()])
+            )
+
+        def forward(self, inputs, outputs):
+            slots = inputs["input_ids"] == image_token
+            states = outputs.hidden_states[layers][slots]
+            targets = self.targets(inputs["image_grid_thw"]).to(states.device)
+            if len(targets) != len(states):
+                raise ValueError(f"{len(states)} image slots for {len(targets)} place targets")
+            logits = self.head(states.to(self.head.weight.dtype)).split(tuple(PLACE_HEADS.values()), dim=-1)
+            total = states.new_zeros((), dtype=torch.float32)
+            for column, part in enumerate(logits):
+                if (targets[:, column] != IGNORE).any():
+                    total = total + F.cross_entropy(part.float(), targets[:, column], ignore_index=IGNORE)
+            return weight * total
+
+    return PlaceLoss()
+
+
 def encode_images(processor, data_dir, split: str, vision_config, count: int | None = None) -> list[tuple]:
     """The first `count` images of `data_dir/split.jsonl` as (pixel_values, image_grid_thw, targets [tokens, 7]
     in the connector's order, all scales (`token_targets`' 4 columns, the fourth numbering the objects (a shape
@@ -74,11 +128,7 @@ def encode_images(processor, data_dir, split: str, vision_config, count: int | N
         for _, h, w in grid.tolist():
             mh, mw = h // merge, w // merge
             order = connector_order(mh, mw, vision_config)
-            column, row = order % mw, order // mw
-            half = np.where(2 * column + 1 < mw, 0, np.where(2 * column + 1 > mw, 1, IGNORE))
-            half = np.where(row == 0, IGNORE, half)
-            place = np.stack([column.clip(max=MAX_GRID - 1), row.clip(max=MAX_GRID - 1), half], axis=1)
-            scale = np.concatenate([token_targets(record, mh, mw)[order], place], axis=1)
+            scale = np.concatenate([token_targets(record, mh, mw)[order], place_targets(mh, mw, vision_config)], axis=1)
             present = sorted(set(scale[:, 3].tolist()) - {0})
             renumber = np.zeros(len(record["shapes"]) + 1, dtype=np.int64)
             for index in present:

@@ -421,8 +421,14 @@ def prepare_output(config: TrainConfig, resume: bool, force: bool):
     out.mkdir(parents=True, exist_ok=True)
 
 
-def train(config: TrainConfig, *, resume: bool = False, force: bool = False, callbacks=()) -> TrainResult:
-    """Train as `config` says and write the trained Hub folder to `output_dir/model`."""
+def train(
+    config: TrainConfig, *, resume: bool = False, force: bool = False, callbacks=(), auxiliary_loss=None
+) -> TrainResult:
+    """Train as `config` says and write the trained Hub folder to `output_dir/model`. `auxiliary_loss`: a
+    torch module called as `auxiliary_loss(inputs, outputs)` on every training batch (the forward then returns
+    every layer's hidden states), whose result is added to the loss; its own parameters (e.g. a probe head)
+    train with the model at the base learning rate and are not saved with it. Not with `resume` (the module's
+    weights are not in the checkpoints)."""
     import yaml
     from transformers import set_seed
 
@@ -430,6 +436,8 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, cal
     from .parts import set_trainable
 
     check_navil_folder(config.model)
+    if resume and auxiliary_loss is not None:
+        raise ConfigError("--resume with an auxiliary loss: its weights are not in the checkpoints")
     args = training_arguments(config)
     if args.process_index == 0:
         prepare_output(config, resume, force)
@@ -453,6 +461,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, cal
     trainer = NaViLTrainer(
         model=model,
         learning_rates=config.learning_rates,
+        auxiliary_loss=auxiliary_loss,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
@@ -487,10 +496,12 @@ def part_param_groups(param_groups, named_parameters, learning_rates: dict) -> l
 
 class NaViLTrainer(Trainer):
     """transformers' Trainer; `learning_rates` sets a learning rate per part: the optimizer's param groups
-    are split by part, and the schedule scales each group from its own rate."""
+    are split by part, and the schedule scales each group from its own rate. `auxiliary_loss` (see `train`)
+    adds a term to each training batch's loss; its parameters form one more group at the base rate."""
 
-    def __init__(self, *args, learning_rates=None, **kwargs):
+    def __init__(self, *args, learning_rates=None, auxiliary_loss=None, **kwargs):
         self.part_learning_rates = dict(learning_rates or {})
+        self.auxiliary_loss = auxiliary_loss
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
@@ -503,7 +514,18 @@ class NaViLTrainer(Trainer):
             )
             for group in optimizer.param_groups:
                 logger.info("learning rate %g for %d tensors", group["lr"], len(group["params"]))
+        extra = [p for p in self.auxiliary_loss.parameters() if p.requires_grad] if self.auxiliary_loss else []
+        if fresh and extra:
+            optimizer.add_param_group({**optimizer.defaults, "params": extra, "weight_decay": 0.0})
         return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        if self.auxiliary_loss is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        inputs = {**inputs, "output_hidden_states": True}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        loss = loss + self.auxiliary_loss(inputs, outputs)
+        return (loss, outputs) if return_outputs else loss
 
 
 def save_trained(trainer, config: TrainConfig, processor) -> Path:

@@ -138,18 +138,26 @@ def test_learn_shapes_stages_arguments():
 
 @pytest.mark.slow
 def test_learn_shapes_stages_run(tmp_path, qwen3_folder):
-    """Each stage of `--stages` trains on its own data from the previous stage's model, then all kinds."""
+    """Each stage of `--stages` trains on its own data from the previous stage's model, then all kinds; with
+    `--place-loss 1` (the auxiliary place term in every stage); a place layer out of range is exit 2."""
     from navil_hf.tasks.shapes import read_jsonl
 
     work = tmp_path / "work"
     summary = _script("learn_shapes").main(["--quick", "--model", str(qwen3_folder), "--workdir", str(work),
-                                            "--stages", "one-shape:1,shape:1", "--steps", "3"])  # fmt: skip
+                                            "--stages", "one-shape:1,shape:1", "--steps", "3",
+                                            "--place-loss", "1"])  # fmt: skip
     shape = list(read_jsonl(work / "shapes-shape" / "train.jsonl"))
     assert {r["kind"] for r in shape} == {"shape"} and max(len(r["shapes"]) for r in shape) > 1
     for stage in ("one-shape", "shape", "all"):
         assert (work / f"run-{stage}" / "model" / "model.safetensors").is_file()
     assert summary["stages"] == [("one-shape", 1), ("shape", 1)]
     assert summary["trained_model"] == str(work / "run-all" / "model")
+    assert summary["place_loss"] == 1 and summary["place_weight"] == 1.0
+    for argv in (["--place-loss", "0"], ["--place-loss", "99", "--workdir", str(tmp_path / "bad")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main = _script("learn_shapes").parse_args if argv[1] == "0" else _script("learn_shapes").main
+            main(["--quick", "--model", str(qwen3_folder), *argv])
+        assert exit_info.value.code == 2
 
 
 @pytest.mark.slow

@@ -12,9 +12,16 @@ import pytest
 import torch
 
 from navil_hf.tasks.shapes import PALETTE, SHAPES, make_shapes_dataset, token_targets
-from navil_hf.tasks.vision_stage import HEADS, _llm_image_states, encode_images, train_vision_stage
+from navil_hf.tasks.vision_stage import (
+    HEADS,
+    _llm_image_states,
+    encode_images,
+    place_loss,
+    place_targets,
+    train_vision_stage,
+)
 from navil_hf.training.parts import parameter_part
-from navil_hf.training.train import apply_image_settings, load_model, load_processor
+from navil_hf.training.train import apply_image_settings, load_model, load_processor, parse_config, train
 
 RED, BLUE = 1 + list(PALETTE).index("red"), 1 + list(PALETTE).index("blue")
 SQUARE, CIRCLE = 1 + SHAPES.index("square"), 1 + SHAPES.index("circle")
@@ -157,3 +164,36 @@ def test_vision_stage_through_the_llm(tmp_path, qwen3_folder, shapes_data):
         train_vision_stage(plain, shapes_data, tmp_path / "bad", steps=1, through_llm=1)
     with pytest.raises(ValueError, match="count of decoder layers"):
         train_vision_stage(qwen3_folder, shapes_data, tmp_path / "bad", steps=1, through_llm=99)
+
+
+def test_place_loss_in_the_llm_stage(tmp_path, qwen3_folder, shapes_data):
+    """The place loss pairs every image slot of a training batch with the place of the region its token holds
+    (the vision stage's targets, in the connector's order), its head trains along, at weight 0 the trained
+    model is bit for bit the one trained without it, and the saved folder holds the model's weights only."""
+    config = load_model(qwen3_folder).config
+    processor = load_processor(qwen3_folder)
+    items = encode_images(processor, shapes_data, "train", config.vision_config)
+    grid = torch.cat([item[1] for item in items])
+    module = place_loss(config, 1)
+    torch.testing.assert_close(module.targets(grid), torch.cat([item[2][:, 4:] for item in items]), rtol=0, atol=0)
+    assert place_targets(3, 4, config.vision_config).shape == (12, 3)
+
+    def run(name, auxiliary):
+        raw = {"model": str(qwen3_folder), "output_dir": str(tmp_path / name), "train": "full", "seed": 0,
+               "data": {"train": str(shapes_data / "train.jsonl")},
+               "training": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+                            "save_steps": 3, "disable_tqdm": True}}  # fmt: skip
+        return load_model(train(parse_config(raw), force=True, auxiliary_loss=auxiliary).model_dir).state_dict()
+
+    plain = run("plain", None)
+    zero = run("zero", place_loss(config, 1, weight=0.0))
+    head = module.head.weight.detach().clone()
+    placed = run("placed", module)
+    assert plain.keys() == zero.keys() == placed.keys()
+    for key in plain:
+        torch.testing.assert_close(zero[key], plain[key], rtol=0, atol=0, msg=key)
+    changed = {parameter_part(k) for k in plain if not torch.equal(plain[k], placed[k])}
+    assert {"visual_experts", "text"} <= changed  # the place term reaches the LLM's first layer
+    assert not torch.equal(head, module.head.weight)  # the head trained along
+    with pytest.raises(ValueError, match="1 to"):
+        place_loss(config, config.text_config.num_hidden_layers + 1)
