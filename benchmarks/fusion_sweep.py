@@ -125,13 +125,16 @@ from navil_hf.research.fusion import (
     run_one,
 )
 from navil_hf.research.fusion_runs import (
+    add_compute,
     append_csv,
+    compute_winners,
     finished_runs,
     fit_variant,
     fitted_rows,
     minutes,
     plot_sweep,
     read_rows,
+    sample_flops,
     saved_runs,
     write_csv,
 )
@@ -142,6 +145,7 @@ from navil_hf.research.fusion_runs import (
 # (the smallest sizes first), ~35-45 min in all with the evaluations (more points and two accuracy
 # measurements per run) and other jobs on the cores.
 STEPS = 1200
+COMPUTE_SAMPLES = 256  # training records per stage whose mean FLOPs per sample price a run's training
 BUDGET_COLOR_STEPS = 150  # the color stage of every run of a --budgets sweep
 SECONDS_PER_STEP = {("late", "s"): 0.22, ("early", "s"): 0.17, ("late", "m"): 0.40, ("early", "m"): 0.36,
                     ("late", "l"): 0.73, ("early", "l"): 0.56}  # fmt: skip
@@ -368,7 +372,8 @@ def main(argv=None):
     train_records, test_records = list(read_jsonl(data / "train.jsonl")), list(read_jsonl(data / "test.jsonl"))
     from navil_hf.training.train import load_processor
 
-    eval_samples = encode_records(load_processor(args.tokenizer), data / "test.jsonl", args.eval_records)
+    processor = load_processor(args.tokenizer)
+    eval_samples = encode_records(processor, data / "test.jsonl", args.eval_records)
     scored = test_records[: args.acc_records]
     baselines = {
         "chance": chance_accuracy(scored),
@@ -422,6 +427,8 @@ def main(argv=None):
         # The runs before anything is fitted: `--refit` starts from here.
         runs_file.write_text(json.dumps({"runs": results, "seconds": trained_seconds}, indent=1, default=str))
 
+    results = with_compute(results, processor, data, color_data, args.batch)
+    winners = compute_winners(results)
     all_rows = [row for r in results for row in r["rows"]]
     write_csv(csv_file, all_rows)
     fits, fit_objects = {}, {}
@@ -456,6 +463,10 @@ def main(argv=None):
         "loss": "held-out cross-entropy (all four kinds), nats per assistant token",
         "fitted": "each run's last point, at the end of its annealed mixed stage" if args.budget_list
         else "the mixed stage's points (stage == 'mixed')",
+        "C": "training FLOPs, forward and backward, of both stages (navil_hf.research.accounting.count_flops: the "
+        "ViT, connector, LLM with its experts, attention, the LM head at labelled positions; the mean over the "
+        f"first {COMPUTE_SAMPLES} training records of each stage x the samples trained)",
+        "compute_winners": winners,
         "baselines": baselines, "runs": results, "unfinished": unfinished, "fits": fits,
         "seconds": trained_seconds if args.refit else round(time.perf_counter() - started, 1),
         "refit": args.refit,
@@ -464,10 +475,36 @@ def main(argv=None):
     plot = Path(args.plot) if args.plot else workdir / "fusion_sweep.png"
     plot_sweep(summary, fit_objects, plot)
     _print_table(results, baselines)
+    if winners:
+        _common.print_table("Which fusion is ahead at a training compute (lowest final loss of the runs that spent "
+                            "at most C)", ["C (FLOPs)", *args.variant_list, "ahead"],
+                            [[f"{w['C']:.3g}", *(f"{w[v][0]:.4f} ({w[v][1]})" if w.get(v) else "-"
+                                                 for v in args.variant_list), w["ahead"] or "-"] for w in winners])  # fmt: skip
     print(f"\n{len(all_rows)} points in {csv_file}; fits, curves: {workdir / 'results.json'}; "
           f"plot: {plot}; {minutes(summary['seconds'])}"
           + (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))  # fmt: skip
     return summary
+
+
+def with_compute(results, processor, data, color_data, batch):
+    """The runs with their training compute (`fusion_runs.add_compute`), FLOPs per sample from each (variant,
+    size)'s config (a trained run's config.json) over the first `COMPUTE_SAMPLES` records of each stage's
+    data; runs without a trained model are left as they are."""
+    from navil_hf.research.accounting import load_config
+    from navil_hf.tasks.heldout import encode_records
+
+    samples = {"mixed": encode_records(processor, data / "train.jsonl", COMPUTE_SAMPLES)}
+    color_file = color_data / "train.jsonl"
+    samples["color"] = encode_records(processor, color_file, COMPUTE_SAMPLES) if color_file.is_file() else []
+    per_sample, out = {}, []
+    for run in results:
+        model = Path(run.get("trained_model") or "")
+        key = (run["variant"], run["size_name"])
+        if key not in per_sample and (model / "config.json").is_file():
+            config = load_config(model)
+            per_sample[key] = {stage: sample_flops(config, s) if s else 0.0 for stage, s in samples.items()}
+        out.append(add_compute(run, per_sample[key], batch) if key in per_sample else run)
+    return out
 
 
 def _vision_layer_scale():

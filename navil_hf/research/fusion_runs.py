@@ -4,7 +4,9 @@ A sweep (`benchmarks/fusion_sweep.py`) writes every eval point to `runs.csv` as 
 (`append_csv`; `CSV_COLUMNS`) and each finished run to `runs/NAME/result.json` (`navil_hf.research.fusion`).
 `finished_runs` and `saved_runs` read them back for `--resume` and `--refit`; `fit_variant` fits one
 variant's CSV through `navil_hf.research.scaling` (`read_runs`, `fit_scaling_law`: the file and reader
-`navil scaling fit` uses); `plot_sweep` draws the comparison of the variants.
+`navil scaling fit` uses); `sample_flops`, `add_compute` and `compute_winners` put each run's training
+compute on one scale (the package's FLOP accounting, the ViT included) and say which variant is ahead at a
+given compute; `plot_sweep` draws the comparison of the variants.
 """
 
 from __future__ import annotations
@@ -137,6 +139,65 @@ def fitted_rows(results, variant) -> list[dict]:
     return [row for run in results if run["variant"] == variant for row in fitted_points(run)]
 
 
+def sample_flops(config, samples) -> float:
+    """Mean training FLOPs (forward and backward: `accounting.count_flops(training=True)`) per sample of
+    `samples` (encoded as `navil train` encodes them) for a model of `config`: each sample's own sequence, its
+    images' scales through the ViT (none in early fusion) and connector, and the LM head at its labelled
+    positions only (the training forward's logits). Packed rows attend within each sample, so a row's FLOPs
+    are the sum of its samples'."""
+    from .accounting import count_flops
+
+    if not samples:
+        raise ValueError("sample_flops needs at least one sample")
+    total = 0
+    for sample in samples:
+        labelled = int((sample["labels"] != -100).sum())
+        total += count_flops(config, grids=sample["image_grid_thw"].tolist(), num_scales=sample["num_scales"].tolist(),
+                             token_types=sample["mm_token_type_ids"], training=True, lm_head=labelled).total  # fmt: skip
+    return total / len(samples)
+
+
+def add_compute(run, per_sample: dict, batch: int) -> dict:
+    """`run` with `compute`: its training FLOPs so far, at each row (`C`) and in all (`total`, `color`,
+    `mixed`), from `per_sample` {"color": FLOPs per color-stage sample, "mixed": per mixed-stage sample}
+    (`sample_flops` of each stage's data) and the samples trained: `batch` x the steps of each stage."""
+    color_samples = run["color_steps"] * batch
+
+    def flops(samples):
+        color = min(samples, color_samples)
+        return color * per_sample["color"] + (samples - color) * per_sample["mixed"]
+
+    rows = [{**row, "C": flops(row["samples"])} for row in run["rows"]]
+    samples = rows[-1]["samples"] if rows else 0
+    return {**run, "rows": rows, "compute": {"per_sample": per_sample, "total": flops(samples),
+                                             "color": flops(min(samples, color_samples)),
+                                             "mixed": flops(samples) - flops(min(samples, color_samples))}}  # fmt: skip
+
+
+def compute_winners(runs, points: int = 8) -> list[dict]:
+    """Which variant is ahead at which training compute: at `points` budgets spaced geometrically from the
+    smallest to the largest total compute of the finished runs, each variant's lowest final held-out loss over
+    its runs that spent at most that budget (the compute frontier), and the variant with the lower one (None
+    while a variant has no run that cheap)."""
+    import numpy as np
+
+    ends = [(r["variant"], r["compute"]["total"], r["rows"][-1]["loss"], r["name"])
+            for r in runs if r.get("compute") and r["rows"] and r.get("finished", True)]  # fmt: skip
+    if not ends:
+        return []
+    variants = sorted({v for v, *_ in ends})
+    out = []
+    for budget in np.geomspace(min(c for _, c, *_ in ends), max(c for _, c, *_ in ends), points):
+        row = {"C": float(budget)}
+        for variant in variants:
+            within = [(loss, name) for v, c, loss, name in ends if v == variant and c <= budget * (1 + 1e-9)]
+            row[variant] = min(within) if within else None
+        losses = {v: row[v][0] for v in variants if row[v] is not None}
+        row["ahead"] = min(losses, key=losses.get) if len(losses) == len(variants) else None
+        out.append(row)
+    return out
+
+
 def write_csv(path, rows):
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -161,13 +222,14 @@ def minutes(seconds) -> str:
 
 def plot_sweep(summary, fits, path):
     """The comparison PNG of a sweep's `summary` (results.json): loss against D per run with each variant's
-    fitted curves (`fits`: {variant: ScalingFit}), and final accuracy against N with the baselines."""
+    fitted curves (`fits`: {variant: ScalingFit}), loss against training compute with each variant's frontier
+    (runs with `compute`, `add_compute`), and final accuracy against N with the baselines."""
     import numpy as np
 
     from .plots import figure
 
     try:
-        fig, (left, right) = figure(13, 5, 2, layout=None)
+        fig, (left, middle, right) = figure(19, 5.2, 3, layout=None)
     except UsageError as e:  # no matplotlib
         print(f"no plot: {e}")
         return
@@ -222,6 +284,7 @@ def plot_sweep(summary, fits, path):
                    "stage (solid late, dashed early)" if not budgets else "points: each run's annealed end; lines: "
                    "L(N, D) fit per variant (solid late, dashed early)", fontsize=8)  # fmt: skip
     left.legend(fontsize=7)
+    _plot_compute(middle, runs, colors, styles)
     for variant in ("late", "early"):
         chosen = [r for r in runs if r["variant"] == variant and r.get("final")]
         if any(r.get("anneal") for r in chosen):  # a --budgets sweep: each size's longest run
@@ -258,3 +321,39 @@ def plot_sweep(summary, fits, path):
                  fontsize=8)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _plot_compute(axes, runs, colors, styles):
+    """Held-out loss against training FLOPs: each run's measured points of its mixed stage (an annealed run:
+    its end, joined across the budgets of one size), and per variant the frontier, the lowest loss reached
+    for at most that compute."""
+    priced = [r for r in runs if r.get("compute") and r["rows"]]
+    if not priced:
+        axes.set_axis_off()
+        axes.set_title("no training compute recorded", fontsize=8)
+        return
+    groups = {}
+    for r in priced:
+        points = [p for p in fitted_points(r) if "C" in p] if not r.get("anneal") else [r["rows"][-1]]
+        groups.setdefault((r["variant"], r["size_name"]), []).extend(points)
+    for (variant, size), points in groups.items():
+        marker, line = styles[variant]
+        color = colors[size]
+        points.sort(key=lambda p: p["C"])
+        axes.plot([p["C"] for p in points], [p["loss"] for p in points], marker + line, color=color, ms=5, lw=0.8,
+                  mfc=color if variant == "late" else "none", label=f"{variant} {size}")  # fmt: skip
+    for variant, shade in (("late", "black"), ("early", "tab:red")):
+        ends = sorted((r["compute"]["total"], r["rows"][-1]["loss"]) for r in priced
+                      if r["variant"] == variant and r.get("finished", True))  # fmt: skip
+        frontier, best = [], float("inf")
+        for c, loss in ends:
+            if loss < best:
+                best = loss
+                frontier.append((c, loss))
+        if frontier:
+            axes.step([c for c, _ in frontier], [loss for _, loss in frontier], where="post", color=shade, lw=2.5,
+                      alpha=0.3, label=f"{variant}: frontier (best loss for <= C)")  # fmt: skip
+    axes.set(xscale="log", yscale="log", xlabel="C: training FLOPs, both stages (count_flops, ViT included)",
+             ylabel="held-out loss (nats / assistant token)")  # fmt: skip
+    axes.set_title("loss against training compute: each run's end (solid late, dashed early)", fontsize=8)
+    axes.legend(fontsize=6, ncol=2)

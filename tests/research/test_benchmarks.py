@@ -201,6 +201,52 @@ def test_learn_shapes_vision_stage_run(tmp_path, qwen3_folder):
     assert exit_info.value.code == 2
 
 
+def test_training_compute_of_sweep_runs(tmp_path, qwen3_folder):
+    """`sample_flops` is the mean of each sample's training FLOPs and prices the ViT; `add_compute` counts each
+    stage's samples at its own price; `compute_winners` compares each variant's best loss within a budget."""
+    import copy
+
+    from navil_hf.research.accounting import count_flops, load_config
+    from navil_hf.research.fusion_runs import add_compute, compute_winners, sample_flops
+    from navil_hf.tasks.heldout import encode_records
+    from navil_hf.tasks.shapes import make_shapes_dataset
+    from navil_hf.training.train import load_processor
+
+    make_shapes_dataset(tmp_path / "data", train=3, test=0, seed=2)
+    samples = encode_records(load_processor(qwen3_folder), tmp_path / "data" / "train.jsonl")
+    config = load_config(qwen3_folder)
+    each = [sample_flops(config, [sample]) for sample in samples]
+    assert sample_flops(config, samples) == pytest.approx(sum(each) / 3) and len(set(each)) > 1
+    full = count_flops(config, grids=samples[0]["image_grid_thw"].tolist(), token_types=samples[0]["mm_token_type_ids"],
+                       num_scales=samples[0]["num_scales"].tolist(), training=True)  # fmt: skip
+    assert 0 < each[0] < full.total  # the LM head at the labelled positions only
+    no_vit = copy.deepcopy(config)
+    no_vit.vision_config.num_hidden_layers = 0
+    bare = count_flops(no_vit, grids=samples[0]["image_grid_thw"].tolist(), token_types=samples[0]["mm_token_type_ids"],
+                       num_scales=samples[0]["num_scales"].tolist(), training=True).by_component()  # fmt: skip
+    vit = sum(full.by_component()[part] - bare[part] for part in ("vision", "vision_attention"))
+    assert vit > 0 and each[0] - sample_flops(no_vit, samples[:1]) == pytest.approx(vit)  # nothing else changes
+    with pytest.raises(ValueError, match="at least one"):
+        sample_flops(config, [])
+
+    run = {"name": "late-s-4", "variant": "late", "color_steps": 2,
+           "rows": [{"samples": 4, "loss": 2.0}, {"samples": 8, "loss": 1.0}, {"samples": 16, "loss": 0.5}]}  # fmt: skip
+    priced = add_compute(run, {"color": 10.0, "mixed": 100.0}, batch=4)
+    assert [row["C"] for row in priced["rows"]] == [40.0, 80.0, 880.0]
+    assert priced["compute"]["color"] == 80.0 and priced["compute"]["mixed"] == 800.0 == 880.0 - 80.0
+    assert "C" not in run["rows"][0]  # the run given is left as it was
+
+    def end(variant, name, total, loss):
+        return {"variant": variant, "name": name, "compute": {"total": total}, "rows": [{"loss": loss}]}
+
+    runs = [end("late", "a", 10, 1.0), end("early", "b", 20, 0.8), end("late", "c", 100, 0.5),
+            end("early", "d", 100, 0.6)]  # fmt: skip
+    winners = compute_winners(runs, points=3)
+    assert [w["C"] for w in winners] == pytest.approx([10, 10**1.5, 100])
+    assert [w["ahead"] for w in winners] == [None, "early", "late"]
+    assert winners[1]["late"] == (1.0, "a") and winners[2]["early"] == (0.6, "d")
+
+
 def test_fusion_sweep_budgets_arguments():
     """`--budgets`: one run per size, variant and budget (the shortest first), --color-steps + the budget steps
     each; with --steps, or a budget that is not a positive count, one usage line (exit 2)."""
@@ -291,7 +337,8 @@ def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch, qwen3_folder):
         config = json.loads((work / "runs" / run["name"] / "model" / "config.json").read_text())["vision_config"]
         assert config["token_order"] == "raster" and config["initializer_factor"] == VISION_LAYER_SCALE
         assert (work / "runs" / run["name"] / "color" / "model" / "config.json").is_file()
-        assert json.loads((work / "runs" / run["name"] / "result.json").read_text())["rows"] == run["rows"]
+        priced = [{k: v for k, v in row.items() if k != "C"} for row in run["rows"]]  # C: added from the FLOPs
+        assert json.loads((work / "runs" / run["name"] / "result.json").read_text())["rows"] == priced
     late, early = (
         {r["size_name"]: r["params"]["N"] for r in summary["runs"] if r["variant"] == v} for v in ("late", "early")
     )
@@ -312,7 +359,13 @@ def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch, qwen3_folder):
     assert fit_variant(tmp_path / "few.csv", 10, 0) == (None, {"skipped": f"no fit: {tmp_path / 'few.csv'}: 3 "
                                                                "runs; the 5-parameter fit needs at least 5"})  # fmt: skip
     assert (work / "fusion_sweep.png").stat().st_size > 0 and (work / "results.json").is_file()
-    assert "sweep ETA" in capsys.readouterr().out
+    for size in ("xs", "s"):  # the same samples: the ViT's FLOPs are the difference
+        late_c, early_c = by_name[f"late-{size}"]["compute"], by_name[f"early-{size}"]["compute"]
+        assert late_c["total"] > early_c["total"] > 0 and late_c["per_sample"]["color"] > 0
+        assert [p["C"] for p in by_name[f"late-{size}"]["rows"]][-1] == late_c["total"]
+    assert summary["compute_winners"] and all(w["ahead"] in ("late", "early", None) for w in summary["compute_winners"])
+    out = capsys.readouterr().out
+    assert "sweep ETA" in out and "Which fusion is ahead at a training compute" in out
 
     # A sweep stopped in its last run (early-s), at its final accuracy: what it finished stays on disk.
     measure, calls = fusion.exact_match, []
