@@ -396,3 +396,26 @@ def test_fusion_sweep_quick_run(tmp_path, capsys, monkeypatch, qwen3_folder):
     assert "1 runs (early-s)" in out and "3 finished already" in out
     assert not resumed["unfinished"] and all(r["final"] for r in resumed["runs"])
     assert [p["D"] for r in resumed["runs"] for p in r["rows"]] == [p["D"] for r in summary["runs"] for p in r["rows"]]
+
+
+def test_place_probe_run(tmp_path, capsys, qwen3_folder):
+    """`place_probe.py`: a probe accuracy per place target at the connector and after each decoder layer; a
+    folder that is not a NaViL, a dataset too small or none is a usage error (exit 2) before any loading."""
+    from navil_hf.research.accounting import load_config
+    from navil_hf.tasks.shapes import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", train=6, test=0, seed=3)
+    probe = _script("place_probe")
+    results = probe.main([str(qwen3_folder), "--data", str(tmp_path / "data"), "--train", "4", "--test", "2",
+                          "--steps", "5", "--batch", "3"])  # fmt: skip
+    layers = load_config(qwen3_folder).text_config.num_hidden_layers
+    states = results[str(qwen3_folder)]
+    assert list(states) == ["connector", *(f"after layer {i}" for i in range(layers + 1))]
+    assert all(set(v) == {"half", "column", "row"} and all(0 <= a <= 1 for a in v.values()) for v in states.values())
+    assert "Linear probes of each image token's place" in capsys.readouterr().out
+    for argv in ([str(tmp_path), "--data", str(tmp_path / "data")],
+                 [str(qwen3_folder), "--data", str(tmp_path / "data"), "--train", "6"],
+                 [str(qwen3_folder), "--data", str(tmp_path)]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            probe.main(argv)
+        assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err.strip().splitlines()[-1]
