@@ -428,7 +428,7 @@ def train(
     torch module called as `auxiliary_loss(inputs, outputs)` on every training batch (the forward then returns
     every layer's hidden states), whose result is added to the loss; its own parameters (e.g. a probe head)
     train with the model at the base learning rate and are not saved with it. Not with `resume` (the module's
-    weights are not in the checkpoints)."""
+    weights are not in the checkpoints), nor with gradient accumulation or several processes."""
     import yaml
     from transformers import set_seed
 
@@ -439,6 +439,9 @@ def train(
     if resume and auxiliary_loss is not None:
         raise ConfigError("--resume with an auxiliary loss: its weights are not in the checkpoints")
     args = training_arguments(config)
+    if auxiliary_loss is not None and (args.gradient_accumulation_steps > 1 or args.world_size > 1):
+        # the Trainer scales the model's loss for these, and would not scale the added term alike
+        raise ConfigError("an auxiliary loss trains in one process without gradient accumulation")
     if args.process_index == 0:
         prepare_output(config, resume, force)
     set_seed(config.seed)

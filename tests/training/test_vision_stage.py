@@ -21,7 +21,14 @@ from navil_hf.tasks.vision_stage import (
     train_vision_stage,
 )
 from navil_hf.training.parts import parameter_part
-from navil_hf.training.train import apply_image_settings, load_model, load_processor, parse_config, train
+from navil_hf.training.train import (
+    ConfigError,
+    apply_image_settings,
+    load_model,
+    load_processor,
+    parse_config,
+    train,
+)
 
 RED, BLUE = 1 + list(PALETTE).index("red"), 1 + list(PALETTE).index("blue")
 SQUARE, CIRCLE = 1 + SHAPES.index("square"), 1 + SHAPES.index("circle")
@@ -197,3 +204,10 @@ def test_place_loss_in_the_llm_stage(tmp_path, qwen3_folder, shapes_data):
     assert not torch.equal(head, module.head.weight)  # the head trained along
     with pytest.raises(ValueError, match="1 to"):
         place_loss(config, config.text_config.num_hidden_layers + 1)
+    raw = {"model": str(qwen3_folder), "output_dir": str(tmp_path / "accumulated"),
+           "data": {"train": str(shapes_data / "train.jsonl")},
+           "training": {"max_steps": 1, "gradient_accumulation_steps": 2}}  # fmt: skip
+    with pytest.raises(ConfigError, match="without gradient accumulation"):
+        train(parse_config(raw), auxiliary_loss=module)
+    with pytest.raises(ConfigError, match="resume"):
+        train(parse_config(raw), resume=True, auxiliary_loss=module)
