@@ -117,6 +117,7 @@ from navil_hf.errors import UsageError
 from navil_hf.research.fusion import (
     COLOR_TASKS,
     LR_BASE_HIDDEN,
+    LR_SCALINGS,
     QUICK_SIZES,
     SIZES,
     VARIANTS,
@@ -179,8 +180,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=RECIPE["batch"], help="samples per packed row")
     parser.add_argument("--lr", type=float, default=RECIPE["lr"], help="AdamW learning rate (constant after warm-up) "
                         f"at LLM width {LR_BASE_HIDDEN}")  # fmt: skip
-    parser.add_argument("--lr-scaling", choices=("sqrt", "none"), default=RECIPE["lr_scaling"],
-                        help=f"sqrt (default): lr x sqrt({LR_BASE_HIDDEN} / hidden) per size; none: --lr for all")  # fmt: skip
+    parser.add_argument("--lr-scaling", default=RECIPE["lr_scaling"], metavar="RULE or VARIANT:RULE,...",
+                        help=f"sqrt (default): lr x sqrt({LR_BASE_HIDDEN} / hidden) per size; linear: lr x "
+                        f"{LR_BASE_HIDDEN} / hidden; none: --lr for all; per variant, e.g. late:linear,early:sqrt "
+                        "(a variant not named: sqrt)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=RECIPE["warmup"], help="linear warm-up steps")
     parser.add_argument("--train", type=int, default=None, help="training records of all kinds (default: mixed "
                         "steps x batch, one epoch; the color stage gets color steps x batch of its own)")  # fmt: skip
@@ -238,6 +241,7 @@ def parse_args(argv=None):
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not args.variant_list or any(v not in VARIANTS for v in args.variant_list):
         parser.error(f"--variants: expected some of {', '.join(VARIANTS)}, got {args.variants!r}")
+    args.lr_rules = lr_rules(parser, args.lr_scaling)
     if not args.visual_experts:
         from configuration_navil import NaViLTextConfig
 
@@ -247,6 +251,22 @@ def parse_args(argv=None):
     args.jobs = args.jobs or (1 if args.quick else min(2, cores))
     args.threads = args.threads or (1 if args.quick else max(1, cores // args.jobs))
     return args
+
+
+def lr_rules(parser, text) -> dict[str, str]:
+    """{variant: learning-rate scaling} from `--lr-scaling`: one rule for both, or VARIANT:RULE,... (sqrt for
+    a variant not named); a usage error for anything else."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if len(items) == 1 and ":" not in items[0]:
+        items = [f"{variant}:{items[0]}" for variant in VARIANTS]
+    rules = dict.fromkeys(VARIANTS, "sqrt")
+    for item in items or [""]:
+        variant, _, rule = item.partition(":")
+        if variant not in VARIANTS or rule not in LR_SCALINGS:
+            parser.error(f"--lr-scaling: expected a rule ({', '.join(LR_SCALINGS)}) or VARIANT:RULE,... with VARIANT "
+                         f"one of {', '.join(VARIANTS)}, got {text!r}")  # fmt: skip
+        rules[variant] = rule
+    return rules
 
 
 # -------------------------------------------------------------------------------------------- the sweep
@@ -351,7 +371,7 @@ def main(argv=None):
         {"name": f"{variant}-{size}" + (f"-{budget}" if budget else ""), "variant": variant, "size_name": size,
          "size": args.size_table[size], "steps": args.color_steps + budget if budget else args.steps,
          "color_steps": args.color_steps, "color_task": args.color_task,
-         "lr": run_lr(args.size_table[size], args.lr, args.lr_scaling),
+         "lr": run_lr(args.size_table[size], args.lr, args.lr_rules[variant]),
          **({"anneal": True, "budget": budget} if budget else {})}
         for size in args.size_table for budget in budgets for variant in args.variant_list
     ]  # fmt: skip
@@ -450,7 +470,7 @@ def main(argv=None):
         "command": "python benchmarks/fusion_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": _common.machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "tokenizer": args.tokenizer,
         "visual_experts": args.visual_experts, "jobs": args.jobs, "threads_per_job": args.threads,
-        "settings": {k: getattr(args, k) for k in ("batch", "lr", "lr_scaling", "warmup", "steps", "budget_list",
+        "settings": {k: getattr(args, k) for k in ("batch", "lr", "lr_scaling", "lr_rules", "warmup", "steps", "budget_list",
                                                    "color_steps",
                                                    "color_task", "token_order", "train", "test", "evals", "color_evals",
                                                    "eval_records", "eval_batch", "acc_records", "bootstrap",

@@ -62,9 +62,15 @@ def eval_steps(steps: int, evals: int, warmup: int, color_steps: int = 0, color_
     return dict(sorted(points.items()))
 
 
+LR_SCALINGS = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}  # lr x (LR_BASE_HIDDEN / hidden) ** power
+
+
 def run_lr(size: dict, lr: float, scaling: str) -> float:
-    """The learning rate of a run of `size`: `lr` at LLM width LR_BASE_HIDDEN, x sqrt(64 / hidden) (`sqrt`)."""
-    return lr * (LR_BASE_HIDDEN / size["hidden"]) ** 0.5 if scaling == "sqrt" else lr
+    """The learning rate of a run of `size`: `lr` at LLM width LR_BASE_HIDDEN, x sqrt(64 / hidden) (`sqrt`),
+    x 64 / hidden (`linear`), or `lr` at every width (`none`)."""
+    if scaling not in LR_SCALINGS:
+        raise ValueError(f"unknown learning-rate scaling {scaling!r} (one of {', '.join(LR_SCALINGS)})")
+    return lr * (LR_BASE_HIDDEN / size["hidden"]) ** LR_SCALINGS[scaling]
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -310,7 +310,14 @@ def plot_sweep(summary, fits, path):
     right.set_title("accuracy at the end of each run (greedy batch_chat; solid markers late, hollow early)", fontsize=8)
     right.legend(fontsize=6, ncol=2)
     settings = summary["settings"]
-    lr = f"lr {settings['lr']:g}" + (" x sqrt(64 / width)" if settings.get("lr_scaling") == "sqrt" else "")
+    rules = settings.get("lr_rules") or dict.fromkeys(("late", "early"), settings.get("lr_scaling", "none"))
+    scaled = {"sqrt": " x sqrt(64 / width)", "linear": " x 64 / width", "none": ""}
+    if len(set(rules.values())) == 1:
+        lr = f"lr {settings['lr']:g}" + scaled.get(next(iter(rules.values())), "")
+    else:
+        lr = "lr " + ", ".join(
+            f"{settings['lr']:g}{scaled.get(rule, '')} ({variant})" for variant, rule in rules.items()
+        )
     steps = f"runs of {settings['color_steps']} + {budgets} steps" if budgets else f"{settings.get('steps', '?')} steps"
     schedule = "cosine to 0 in the mixed stage, one point per run" if budgets else "constant"
     fig.suptitle(f"late vs early fusion on the shapes task: {steps} of {settings['batch']} "

@@ -261,6 +261,27 @@ def test_fusion_sweep_budgets_arguments():
         assert exit_info.value.code == 2
 
 
+def test_fusion_sweep_learning_rate_rules():
+    """`--lr-scaling`: one rule for both variants or one per variant (sqrt where none is named); each rule
+    scales --lr from LLM width 64; anything else is a usage error (exit 2)."""
+    from navil_hf.research.fusion import SIZES, run_lr
+
+    sweep = _script("fusion_sweep")
+    assert sweep.parse_args([]).lr_rules == {"late": "sqrt", "early": "sqrt"}
+    assert sweep.parse_args(["--lr-scaling", "linear"]).lr_rules == {"late": "linear", "early": "linear"}
+    assert sweep.parse_args(["--lr-scaling", "late:linear"]).lr_rules == {"late": "linear", "early": "sqrt"}
+    rules = sweep.parse_args(["--lr-scaling", "early:none, late:linear"]).lr_rules
+    assert rules == {"late": "linear", "early": "none"}
+    assert [run_lr(SIZES[s], 2e-3, "linear") for s in ("s", "m", "l")] == pytest.approx([2e-3, 1e-3, 2e-3 / 3])
+    assert run_lr(SIZES["m"], 2e-3, "sqrt") == pytest.approx(2e-3 / 2**0.5) and run_lr(SIZES["l"], 2e-3, "none") == 2e-3
+    with pytest.raises(ValueError, match="unknown learning-rate scaling"):
+        run_lr(SIZES["s"], 2e-3, "cubic")
+    for bad in ("cubic", "late:cubic", "middle:sqrt", ",", "late"):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.parse_args(["--lr-scaling", bad])
+        assert exit_info.value.code == 2, bad
+
+
 @pytest.mark.slow
 def test_fusion_sweep_budgets_run(tmp_path, monkeypatch, qwen3_folder):
     """A `--budgets` sweep: a run per size and budget, each measured at the switch and at its end only, its
