@@ -55,6 +55,8 @@ RECIPE = dict(
     eval_every=100, vision_preset=None, vision_steps=0, vision_lr=2e-3, vision_through_llm=None, questions=1,
     place_loss=None, place_weight=1.0,
 )  # fmt: skip
+# The benchmark's bars (issue 25), checked by `targets`.
+TARGET_EXACT_MATCH, TARGET_OVER_BLIND, TARGET_MINUTES = 0.85, 0.3, 30
 # The curriculum's first stage (`--first-stage`): `make_shapes_dataset` arguments besides train/test/seed.
 FIRST_STAGES = {
     "color": dict(kinds=("color",)),  # color questions about 1-3 shapes
@@ -327,7 +329,9 @@ def main(argv=None):
         "train_seconds": round(train_seconds, 1), "total_seconds": round(elapsed, 1),
         "threads": torch.get_num_threads(), "baselines": baselines,
         "blind_per_kind": task["blind"]["per_kind"],
-        "exact_match": flat_score(final), "position_check": mirror, "accuracy": accuracy, "curve": curve, "trained_model": source,
+        "exact_match": flat_score(final), "position_check": mirror,
+        "targets": targets(flat_score(final), task["blind"]["per_kind"], mirror, elapsed),
+        "accuracy": accuracy, "curve": curve, "trained_model": source,
         "answers": answers,
     }  # fmt: skip
     (workdir / "results.json").write_text(json.dumps(summary, indent=1))
@@ -338,8 +342,30 @@ def main(argv=None):
           + ", ".join(f"{k[4:]} {v:.2f}" for k, v in flat_score(final).items() if k.startswith("acc_")))  # fmt: skip
     print("position, original / mirrored (answer moved with the shape): " + "; ".join(
         f"{axis} {v['original']:.2f} / {v['mirrored']:.2f} (n={v['n']})" for axis, v in mirror.items()))  # fmt: skip
+    print("targets: " + "; ".join(f"{name} {'met' if t['met'] else 'NOT met'} ({t['value']:.3f} vs {t['bar']:.3f})"
+                                  for name, t in summary["targets"].items()))  # fmt: skip
     print(f"trained model: {source}; curve: {plot}; results: {workdir / 'results.json'}")
     return summary
+
+
+def targets(exact_match: dict, blind_per_kind: dict, mirror: dict, seconds: float) -> dict:
+    """The benchmark's bars, each {value, bar, met}: held-out exact match >= TARGET_EXACT_MATCH, every kind
+    >= its blind baseline + TARGET_OVER_BLIND, the minutes in all <= TARGET_MINUTES, and the mirror check:
+    the position questions asked about the mirrored images (the answer moved with the shape) must clear the
+    position bar too, so that position counts as read only where it moves with the shape."""
+    out = {"exact match": (exact_match["accuracy"], TARGET_EXACT_MATCH, True)}
+    for kind, blind in blind_per_kind.items():
+        if f"acc_{kind}" in exact_match:
+            out[kind] = (exact_match[f"acc_{kind}"], blind + TARGET_OVER_BLIND, True)
+    if mirror and "position" in blind_per_kind:
+        n = sum(v["n"] for v in mirror.values())
+        out["position, mirrored"] = (sum(v["mirrored"] * v["n"] for v in mirror.values()) / n,
+                                     blind_per_kind["position"] + TARGET_OVER_BLIND, True)  # fmt: skip
+    out["minutes"] = (seconds / 60, TARGET_MINUTES, False)
+    tie = 1e-9  # 0.46 + 0.3 is not exactly 0.76 in floating point
+    return {name: {"value": round(value, 4), "bar": round(bar, 4),
+                   "met": value >= bar - tie if above else value <= bar + tie}
+            for name, (value, bar, above) in out.items()}  # fmt: skip
 
 
 def position_check(model, processor, test_records, answers, data, out_dir, args) -> dict:

@@ -122,6 +122,20 @@ def test_learn_shapes_scratch_one_shape_stage(tmp_path, qwen3_folder):
         _script("learn_shapes").parse_args(["--scratch", json.dumps(size), "--vision-preset", "none"])
 
 
+def test_learn_shapes_targets():
+    """The benchmark's bars: overall, each kind over its blind baseline, the mirrored position questions over
+    the position bar (pooled over the axes), the minutes."""
+    targets = _script("learn_shapes").targets
+    bars = targets({"accuracy": 0.88, "acc_color": 1.0, "acc_position": 0.76}, {"color": 0.1, "position": 0.46},
+                   {"left-right": {"n": 20, "original": 0.7, "mirrored": 0.3},
+                    "top-bottom": {"n": 30, "original": 0.9, "mirrored": 0.9}}, 27 * 60)  # fmt: skip
+    assert bars["exact match"] == {"value": 0.88, "bar": 0.85, "met": True}
+    assert bars["color"]["met"] and bars["position"] == {"value": 0.76, "bar": 0.76, "met": True}
+    assert bars["position, mirrored"] == {"value": 0.66, "bar": 0.76, "met": False}  # (20 x 0.3 + 30 x 0.9) / 50
+    assert bars["minutes"] == {"value": 27.0, "bar": 30, "met": True}
+    assert not targets({"accuracy": 0.8}, {}, {}, 31 * 60)["minutes"]["met"]
+
+
 def test_learn_shapes_stages_arguments():
     """`--stages NAME:STEPS,...`: the curriculum's stages before the all-kinds one, in order; a stage that is
     unknown, twice, without a positive step count, or steps that leave none for the last stage: exit 2."""
@@ -188,6 +202,11 @@ def test_learn_shapes_vision_stage_run(tmp_path, qwen3_folder):
         r["kind"] == "position" for r in read_jsonl(work / "shapes" / "test.jsonl")
     )
     assert all(0 <= v["original"] <= 1 and 0 <= v["mirrored"] <= 1 for v in check.values())
+    bars = summary["targets"]
+    assert {"exact match", "minutes", "position, mirrored"} <= set(bars) and all(
+        set(t) == {"value", "bar", "met"} for t in bars.values()
+    )
+    assert bars["exact match"]["bar"] == 0.85 and bars["minutes"]["met"] == (bars["minutes"]["value"] <= 30)
     for split, turns in (("train", {2, 3}), ("test", {1})):
         assert {len(r["messages"]) // 2 for r in read_jsonl(work / "shapes" / f"{split}.jsonl")} <= turns | {1}
     assert max(len(r["messages"]) for r in read_jsonl(work / "shapes" / "train.jsonl")) == 6
