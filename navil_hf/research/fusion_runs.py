@@ -145,13 +145,14 @@ def sample_flops(config, samples) -> float:
     images' scales through the ViT (none in early fusion) and connector, and the LM head at its labelled
     positions only (the training forward's logits). Packed rows attend within each sample, so a row's FLOPs
     are the sum of its samples'."""
+    from ..training.collate import IGNORE_INDEX
     from .accounting import count_flops
 
     if not samples:
         raise ValueError("sample_flops needs at least one sample")
     total = 0
     for sample in samples:
-        labelled = int((sample["labels"] != -100).sum())
+        labelled = int((sample["labels"] != IGNORE_INDEX).sum())
         total += count_flops(config, grids=sample["image_grid_thw"].tolist(), num_scales=sample["num_scales"].tolist(),
                              token_types=sample["mm_token_type_ids"], training=True, lm_head=labelled).total  # fmt: skip
     return total / len(samples)
@@ -169,9 +170,9 @@ def add_compute(run, per_sample: dict, batch: int) -> dict:
 
     rows = [{**row, "C": flops(row["samples"])} for row in run["rows"]]
     samples = rows[-1]["samples"] if rows else 0
-    return {**run, "rows": rows, "compute": {"per_sample": per_sample, "total": flops(samples),
-                                             "color": flops(min(samples, color_samples)),
-                                             "mixed": flops(samples) - flops(min(samples, color_samples))}}  # fmt: skip
+    total, color = flops(samples), flops(min(samples, color_samples))
+    return {**run, "rows": rows, "compute": {"per_sample": per_sample, "total": total, "color": color,
+                                             "mixed": total - color}}  # fmt: skip
 
 
 def compute_winners(runs, points: int = 8) -> list[dict]:
@@ -181,21 +182,39 @@ def compute_winners(runs, points: int = 8) -> list[dict]:
     while a variant has no run that cheap)."""
     import numpy as np
 
-    ends = [(r["variant"], r["compute"]["total"], r["rows"][-1]["loss"], r["name"])
-            for r in runs if r.get("compute") and r["rows"] and r.get("finished", True)]  # fmt: skip
+    ends = _priced_ends(runs)
     if not ends:
         return []
     variants = sorted({v for v, *_ in ends})
+    frontiers = {variant: compute_frontier(runs, variant) for variant in variants}
     out = []
     for budget in np.geomspace(min(c for _, c, *_ in ends), max(c for _, c, *_ in ends), points):
         row = {"C": float(budget)}
         for variant in variants:
-            within = [(loss, name) for v, c, loss, name in ends if v == variant and c <= budget * (1 + 1e-9)]
-            row[variant] = min(within) if within else None
+            within = [(loss, name) for c, loss, name in frontiers[variant] if c <= budget * (1 + 1e-9)]
+            row[variant] = within[-1] if within else None  # the frontier's losses fall as C grows
         losses = {v: row[v][0] for v in variants if row[v] is not None}
         row["ahead"] = min(losses, key=losses.get) if len(losses) == len(variants) else None
         out.append(row)
     return out
+
+
+def _priced_ends(runs) -> list[tuple]:
+    """(variant, total compute, final loss, name) of each finished run with its compute (`add_compute`)."""
+    return [(r["variant"], r["compute"]["total"], r["rows"][-1]["loss"], r["name"])
+            for r in runs if r.get("compute") and r["rows"] and r.get("finished", True)]  # fmt: skip
+
+
+def compute_frontier(runs, variant) -> list[tuple]:
+    """(compute, loss, name) of the runs of `variant` on its compute frontier, by compute: each is the lowest
+    final loss reached for at most that much training compute."""
+    frontier, best = [], float("inf")
+    ends = sorted((e for e in _priced_ends(runs) if e[0] == variant), key=lambda e: (e[1], e[2]))
+    for _, compute, loss, name in ends:
+        if loss < best:
+            best = loss
+            frontier.append((compute, loss, name))
+    return frontier
 
 
 def write_csv(path, rows):
@@ -350,15 +369,9 @@ def _plot_compute(axes, runs, colors, styles):
         axes.plot([p["C"] for p in points], [p["loss"] for p in points], marker + line, color=color, ms=5, lw=0.8,
                   mfc=color if variant == "late" else "none", label=f"{variant} {size}")  # fmt: skip
     for variant, shade in (("late", "black"), ("early", "tab:red")):
-        ends = sorted((r["compute"]["total"], r["rows"][-1]["loss"]) for r in priced
-                      if r["variant"] == variant and r.get("finished", True))  # fmt: skip
-        frontier, best = [], float("inf")
-        for c, loss in ends:
-            if loss < best:
-                best = loss
-                frontier.append((c, loss))
+        frontier = compute_frontier(priced, variant)
         if frontier:
-            axes.step([c for c, _ in frontier], [loss for _, loss in frontier], where="post", color=shade, lw=2.5,
+            axes.step([c for c, *_ in frontier], [loss for _, loss, _ in frontier], where="post", color=shade, lw=2.5,
                       alpha=0.3, label=f"{variant}: frontier (best loss for <= C)")  # fmt: skip
     axes.set(xscale="log", yscale="log", xlabel="C: training FLOPs, both stages (count_flops, ViT included)",
              ylabel="held-out loss (nats / assistant token)")  # fmt: skip
