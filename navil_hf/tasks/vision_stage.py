@@ -69,7 +69,6 @@ def place_loss(config, layers: int, weight: float = 1.0):
     the same layer; without this term the LLM stage's updates to the shared text path (the line-break tokens
     a row's tokens count from are text tokens) wash out the column while the row survives."""
     import torch
-    import torch.nn.functional as F
 
     layer_count = config.text_config.num_hidden_layers
     if not 1 <= layers <= layer_count:
@@ -94,11 +93,7 @@ def place_loss(config, layers: int, weight: float = 1.0):
             if len(targets) != len(states):
                 raise ValueError(f"{len(states)} image slots for {len(targets)} place targets")
             logits = self.head(states.to(self.head.weight.dtype)).split(tuple(PLACE_HEADS.values()), dim=-1)
-            total = states.new_zeros((), dtype=torch.float32)
-            for column, part in enumerate(logits):
-                if (targets[:, column] != IGNORE).any():
-                    total = total + F.cross_entropy(part.float(), targets[:, column], ignore_index=IGNORE)
-            return weight * total
+            return weight * _column_losses(logits, targets, range(len(PLACE_HEADS)))
 
     return PlaceLoss()
 
@@ -218,10 +213,20 @@ def _loss(out):
         if prefix + "token" not in out:
             continue
         total = total + F.cross_entropy(out[prefix + "object"], out["object_targets"])
-        columns = [0, 1, 2, 4, 5, 6]
-        for column, logits in zip(columns, _split_token_logits(out[prefix + "token"])):
-            if (targets[:, column] != IGNORE).any():  # a batch of first rows only has no `half` to learn
-                total = total + F.cross_entropy(logits, targets[:, column], ignore_index=IGNORE)
+        total = total + _column_losses(_split_token_logits(out[prefix + "token"]), targets, [0, 1, 2, 4, 5, 6])
+    return total
+
+
+def _column_losses(logits, targets, columns):
+    """The sum over `columns` of the cross entropy of each logits tensor against that target column, in
+    float32, `IGNORE` left out; a column with no target at all adds nothing (a batch of first rows only has no
+    `half` to learn)."""
+    import torch.nn.functional as F
+
+    total = 0
+    for column, part in zip(columns, logits):
+        if (targets[:, column] != IGNORE).any():
+            total = total + F.cross_entropy(part.float(), targets[:, column], ignore_index=IGNORE)
     return total
 
 
